@@ -1,0 +1,48 @@
+# The two commands a newcomer needs:  `make demo`  and  `make test`.
+# Each builds the virtual environment (.venv) first when it is missing or stale.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lens_rl-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+
+.PHONY: setup demo test test-slow test-all lint format bench clean
+
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh $(VENV)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Main job on the embedded default (CPU, offline).
+demo: $(STAMP)
+	$(PY) scripts/quickstart.py
+
+## Default test suite (everything but `slow`), then lint.
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_generation.py --out benchmarks/results/generation.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

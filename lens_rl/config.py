@@ -1,0 +1,146 @@
+"""Script configuration in the TRL convention.
+
+Configs are dataclasses whose fields carry ``metadata={"help": ...}``. They are read with
+:class:`trl.TrlParser`: ``--config file.yaml`` sets values first, command-line flags override
+them. On top of TRL this module adds what TRL leaves out:
+
+- YAML values are type-checked against the field annotations (argparse converts only
+  command-line strings, so a YAML ``lr: fast`` would otherwise reach the code as a string);
+- unknown YAML keys and unknown flags are errors (TRL's default, kept);
+- each dataclass's own ``__post_init__`` checks combinations of values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination of values is invalid."""
+
+
+def _matches(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Return (ok, coerced value) for ``value`` against a field annotation."""
+    origin = get_origin(annotation)
+    if annotation is Any:
+        return True, value
+    if origin in (Union, types.UnionType):
+        for arg in get_args(annotation):
+            ok, coerced = _matches(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
+    if annotation is type(None):
+        return value is None, value
+    if origin is Literal:
+        return value in get_args(annotation), value
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, list | tuple):
+            return False, value
+        args = get_args(annotation)
+        if not args or (origin is tuple and len(args) != 1 and args[-1] is not Ellipsis):
+            return True, value
+        coerced = []
+        for item in value:
+            ok, c = _matches(item, args[0])
+            if not ok:
+                return False, value
+            coerced.append(c)
+        return True, type(value)(coerced) if origin is not Sequence else coerced
+    if origin is dict:
+        return isinstance(value, dict), value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if annotation is str:
+        return isinstance(value, str), value
+    if isinstance(annotation, type):
+        return isinstance(value, annotation), value
+    return True, value  # annotations we do not model (callables, forward refs) pass through
+
+
+def validate_types(obj: Any) -> None:
+    """Check every field of dataclass ``obj`` against its annotation; coerce int -> float.
+
+    Raises:
+        ConfigError: naming the field, the value, its type and the expected type.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if not f.init or f.name not in hints:
+            continue
+        value = getattr(obj, f.name)
+        ok, coerced = _matches(value, hints[f.name])
+        if not ok:
+            raise ConfigError(
+                f"{type(obj).__name__}.{f.name} = {value!r} ({type(value).__name__}) does not match "
+                f"the expected type {hints[f.name]}. Fix the value in the YAML file or on the command line."
+            )
+        if coerced is not value:
+            object.__setattr__(obj, f.name, coerced)
+
+
+class ValidatedConfig:
+    """Mixin for config dataclasses: type-check fields, then run :meth:`validate`.
+
+    Subclasses put cross-field checks in ``validate`` and raise :class:`ConfigError` with the
+    field names, the values and the fix.
+    """
+
+    def __post_init__(self) -> None:
+        validate_types(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check combinations of values; override in subclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a plain dict (for saving beside weights)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Parse ``--config x.yaml`` plus command-line overrides into the given dataclasses.
+
+    Args:
+        dataclass_types: the config dataclasses of a script, in order.
+        args: argv without the program name (``None``: ``sys.argv[1:]``); tests pass a list.
+
+    Returns:
+        One instance per dataclass type, type-checked (and, for :class:`ValidatedConfig`
+        subclasses, validated by ``validate``).
+
+    Raises:
+        ConfigError: an unknown YAML key or flag, a value of the wrong type, or an invalid
+            combination (the message says which field and how to fix it).
+    """
+    from trl import TrlParser
+
+    parser = TrlParser(list(dataclass_types))
+    try:
+        parsed = parser.parse_args_and_config(args=list(args) if args is not None else None)
+    except ConfigError:
+        raise
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            raise
+        raise ConfigError(
+            "Invalid command-line or YAML value; argparse printed the offending argument above."
+        ) from e
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    for obj in parsed:
+        if not isinstance(obj, ValidatedConfig):
+            validate_types(obj)
+    return tuple(parsed)

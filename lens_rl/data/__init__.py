@@ -1,0 +1,1 @@
+"""Data: offline corpora and (later) activation datasets."""

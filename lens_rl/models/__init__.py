@@ -1,0 +1,1 @@
+"""Models: the orig wrapper, the decoder and the encoder of a consistency lens."""

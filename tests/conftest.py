@@ -1,0 +1,68 @@
+"""Shared fixtures: an offline tokenizer and tiny models of several families.
+
+Everything is built locally (no hub): the tokenizer is a byte-level BPE trained on the
+``pydoc_data`` topics, and each model is created from a config under a fixed seed, saved
+with ``save_pretrained`` and loaded back with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Never touch the network, even when pytest is run by hand outside `make test`.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from lens_rl.data.corpus import pydoc_topics
+from lens_rl.models.tokenizer import train_bpe_tokenizer
+from lens_rl.testing.tiny_models import TINY_ARCHS, build_tiny_model
+
+VOCAB_SIZE = 512
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests with a stated reason on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; torch.cuda.is_available() is False here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """Byte-level BPE (vocab 512) trained offline on the pydoc topics, loaded from disk."""
+    return train_bpe_tokenizer(pydoc_topics(), tmp_path_factory.mktemp("tokenizer"), vocab_size=VOCAB_SIZE)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory, tokenizer):
+    """Build (and cache per session) a tiny model: ``factory(arch, n_layers=2, seed=0)``."""
+    cache: dict[tuple[str, int, int], torch.nn.Module] = {}
+
+    def factory(arch: str, n_layers: int = 2, seed: int = 0):
+        key = (arch, n_layers, seed)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{arch}-{n_layers}-{seed}")
+            cache[key] = build_tiny_model(
+                arch, path, len(tokenizer), seed=seed, n_layers=n_layers, eos_token_id=tokenizer.eos_token_id
+            )
+            cache[key].name_or_path_on_disk = str(path)
+        return cache[key]
+
+    return factory
+
+
+@pytest.fixture(params=["gpt2", "llama", "qwen2"])
+def arch(request: pytest.FixtureRequest) -> str:
+    """The three architecture families every lens check runs on."""
+    return request.param
+
+
+ALL_ARCHS = TINY_ARCHS

@@ -1,0 +1,131 @@
+"""The lens encoder: generated text embeddings -> reconstructed activation ``Â``.
+
+It reads the decoder's ``generated_text_embeddings`` (so gradients flow back into the decoder
+through the straight-through estimator), optionally wrapped in a soft prompt split at a
+``<text>`` marker, runs its base LM only up to ``output_layer`` (later blocks, the final norm
+and the LM head are skipped), takes the last position and projects it to the activation space.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lens_rl.config import ConfigError, ValidatedConfig
+from lens_rl.models.decoder import _identity_linear
+from lens_rl.models.surgery import num_layers, run_until
+
+TEXT_MARKER = "<text>"
+
+
+@dataclass
+class EncoderConfig(ValidatedConfig):
+    """Options of the lens encoder (saved beside its weights as ``encoder_config.json``)."""
+
+    prompt: str = field(
+        default="",
+        metadata={"help": "Soft prompt around the text, split at one `<text>` marker; empty: no prompt."},
+    )
+    output_layer: int = field(
+        default=-1,
+        metadata={"help": "Block whose output is read at the last position (negative from the end)."},
+    )
+    add_current_token: bool = field(
+        default=False,
+        metadata={"help": "Append the embedding of the token at A's position (needs current_token_ids)."},
+    )
+    trainable_base: bool = field(default=False, metadata={"help": "Train the encoder's base LM."})
+    trainable_projection: bool = field(default=True, metadata={"help": "Train the output projection."})
+    trainable_prompt: bool = field(default=True, metadata={"help": "Train the soft-prompt embeddings."})
+
+    def validate(self) -> None:
+        """A non-empty prompt must contain the marker exactly once."""
+        if self.prompt and self.prompt.count(TEXT_MARKER) != 1:
+            raise ConfigError(
+                f"EncoderConfig.prompt must be empty or contain exactly one {TEXT_MARKER!r}, got {self.prompt!r}."
+            )
+
+
+class Encoder(nn.Module):
+    """Consistency-lens encoder.
+
+    Attributes:
+        base: the causal LM it reads with (own copy, or frozen weights shared with the orig).
+        proj: ``d -> d`` projection to the activation space, identity-initialised.
+        prompt_left_emb / prompt_right_emb: soft prompt around the text (possibly empty).
+    """
+
+    base: PreTrainedModel
+    proj: nn.Linear
+    prompt_left_emb: nn.Parameter
+    prompt_right_emb: nn.Parameter
+
+    def __init__(
+        self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: EncoderConfig
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.base = base.train(False)
+        n = num_layers(base)
+        if not -n <= config.output_layer < n:
+            raise ConfigError(
+                f"EncoderConfig.output_layer={config.output_layer} is out of range for {n} blocks."
+            )
+        emb = base.get_input_embeddings().weight
+        self.proj = _identity_linear(emb.shape[1]).to(emb.dtype)
+        left, right = config.prompt.split(TEXT_MARKER) if config.prompt else ("", "")
+        ids_l = tokenizer(left, add_special_tokens=False)["input_ids"] if left else []
+        ids_r = tokenizer(right, add_special_tokens=False)["input_ids"] if right else []
+        self.prompt_left_emb = nn.Parameter(emb[ids_l].detach().clone())
+        self.prompt_right_emb = nn.Parameter(emb[ids_r].detach().clone())
+        for p in self.base.parameters():
+            p.requires_grad_(config.trainable_base)
+        self.proj.requires_grad_(config.trainable_projection)
+        self.prompt_left_emb.requires_grad_(config.trainable_prompt)
+        self.prompt_right_emb.requires_grad_(config.trainable_prompt)
+
+    @classmethod
+    def from_base(
+        cls,
+        base: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: EncoderConfig,
+        share_weights: bool = False,
+    ) -> Encoder:
+        """Build on a deep copy of ``base`` or (``share_weights``, frozen base only) on ``base`` itself."""
+        if share_weights and config.trainable_base:
+            raise ConfigError("share_weights=True needs EncoderConfig.trainable_base=False.")
+        return cls(base if share_weights else copy.deepcopy(base), tokenizer, config)
+
+    def train(self, mode: bool = True) -> Encoder:
+        """Train mode for the lens parts; the base keeps dropout off."""
+        super().train(mode)
+        self.base.train(False)
+        return self
+
+    def forward(
+        self, embeddings: torch.Tensor, current_token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Reconstruct ``Â`` ``(B, d)`` from text embeddings ``(B, T, d)``.
+
+        Args:
+            embeddings: the decoder's ``generated_text_embeddings`` (or any token embeddings).
+            current_token_ids: ``(B,)`` token at A's position; required with ``add_current_token``.
+        """
+        b = embeddings.shape[0]
+        parts = [
+            self.prompt_left_emb.unsqueeze(0).expand(b, -1, -1),
+            embeddings.to(self.prompt_left_emb.dtype),
+            self.prompt_right_emb.unsqueeze(0).expand(b, -1, -1),
+        ]
+        if self.config.add_current_token:
+            if current_token_ids is None:
+                raise ValueError("EncoderConfig.add_current_token=True needs current_token_ids (B,).")
+            parts.append(self.base.get_input_embeddings().weight[current_token_ids].unsqueeze(1))
+        seq = torch.cat(parts, dim=1)
+        hidden = run_until(self.base, self.config.output_layer, inputs_embeds=seq, use_cache=False)
+        return self.proj(hidden[:, -1])

@@ -1,0 +1,159 @@
+"""Architecture lookup and the one hook mechanism used to read and write the residual stream.
+
+The decoder's multi-layer patching, the orig model's activation replacement and the
+encoder's read-out all go through :func:`hooked`: forward (pre-)hooks registered on the HF
+decoder blocks inside a context manager that always removes them, even when the forward
+raises. Values are replaced out of place (``torch.where``), so autograd sees a clean graph.
+
+Block lookup is by attribute path, not a hand-copied layer loop, so every architecture
+whose blocks live at a known path works the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+# model_type -> dotted path of the ModuleList of decoder blocks inside *ForCausalLM.
+SUPPORTED_ARCHS: dict[str, str] = {
+    "gpt2": "transformer.h",
+    "llama": "model.layers",
+    "qwen2": "model.layers",
+}
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model family has not been checked by the lens alignment tests."""
+
+
+def _check_supported(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_ARCHS:
+        raise UnsupportedArchitectureError(
+            f"Model type {model_type!r} is not supported; supported: {sorted(SUPPORTED_ARCHS)}. "
+            "Adding one needs its block path in lens_rl.models.surgery.SUPPORTED_ARCHS, plain "
+            "(unscaled) input embeddings, and a green `pytest -m alignment` run on a tiny config."
+        )
+    return model_type
+
+
+def get_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks (``transformer.h`` / ``model.layers``) of a causal LM."""
+    path = SUPPORTED_ARCHS[_check_supported(model)]
+    mod: Any = model
+    for part in path.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+def num_layers(model: nn.Module) -> int:
+    """Number of decoder blocks."""
+    return len(get_blocks(model))
+
+
+def replace_rows(hidden: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Return ``hidden`` with ``hidden[b, positions[b]] = values[b]``, out of place.
+
+    Args:
+        hidden: ``(B, S, d)``.
+        positions: ``(B,)`` long, each in ``[0, S)``.
+        values: ``(B, d)``.
+    """
+    seq = hidden.shape[1]
+    if positions.numel() and int(positions.max()) >= seq:
+        raise IndexError(f"position {int(positions.max())} is outside a sequence of length {seq}.")
+    mask = torch.arange(seq, device=hidden.device)[None, :] == positions.to(hidden.device)[:, None]  # (B, S)
+    return torch.where(mask[..., None], values.to(hidden.dtype)[:, None, :], hidden)
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _with_first(output: Any, new: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return new
+    return (new,) + tuple(output[1:])
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early (after the last block needed)."""
+
+
+@contextmanager
+def hooked(
+    model: nn.Module,
+    *,
+    input_edits: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    output_edits: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    capture: dict[int, list[torch.Tensor]] | None = None,
+    stop_after: int | None = None,
+) -> Iterator[None]:
+    """Edit or read block inputs/outputs of ``model`` for the duration of the ``with`` body.
+
+    Args:
+        input_edits: block index -> function mapping the block's input hidden states
+            ``(B, S, d)`` to new ones (the decoder's slot patching).
+        output_edits: block index -> function mapping the block's output hidden states
+            (the residual stream after the block) to new ones (the orig model's replacement).
+        capture: block index -> list that receives the block's output hidden states (after
+            any output edit).
+        stop_after: raise :class:`StopForward` after this block's output is captured, to skip
+            the remaining blocks; the caller catches it (see :func:`run_until`).
+
+    All hooks are removed on exit, including when the forward raises.
+    """
+    blocks = get_blocks(model)
+    n = len(blocks)
+    for idx in [*(input_edits or {}), *(output_edits or {}), *(capture or {})]:
+        if not 0 <= idx < n:
+            raise IndexError(f"block index {idx} out of range for a model with {n} blocks.")
+    with ExitStack() as stack:
+        for idx, fn in (input_edits or {}).items():
+
+            def pre_hook(mod, args, kwargs, fn=fn):
+                if args:
+                    return (fn(args[0]),) + tuple(args[1:]), kwargs
+                kwargs = dict(kwargs)
+                kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+                return args, kwargs
+
+            stack.callback(blocks[idx].register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
+        post_idx = (
+            set(output_edits or {}) | set(capture or {}) | ({stop_after} if stop_after is not None else set())
+        )
+        for idx in post_idx:
+
+            def post_hook(mod, args, output, idx=idx):
+                new = None
+                if output_edits and idx in output_edits:
+                    new = output_edits[idx](_first_tensor(output))
+                if capture is not None and idx in capture:
+                    capture[idx].append(new if new is not None else _first_tensor(output))
+                if stop_after == idx:
+                    raise StopForward
+                return _with_first(output, new) if new is not None else None
+
+            stack.callback(blocks[idx].register_forward_hook(post_hook).remove)
+        yield
+
+
+def run_until(model: nn.Module, layer: int, **forward_kwargs: Any) -> torch.Tensor:
+    """Run ``model`` only up to block ``layer`` and return that block's output ``(B, S, d)``.
+
+    ``layer`` may be negative (``-1`` is the last block). Blocks after it are skipped, and
+    so are the final norm and the LM head.
+    """
+    n = num_layers(model)
+    layer = layer % n
+    store: dict[int, list[torch.Tensor]] = {layer: []}
+    with hooked(model, capture=store, stop_after=layer):
+        try:
+            model(**forward_kwargs)
+        except StopForward:
+            pass
+    return store[layer][0]

@@ -1,0 +1,1 @@
+"""Pure tensor functions: the sampling policy, log-probs, entropies."""

@@ -1,0 +1,118 @@
+"""The one sampling policy of the project: temperature, top-k, top-p (and min-p).
+
+Every generator (the decoder's, the HF path, the parameters handed to vLLM) samples from
+``q = softmax(process_logits(logits))`` and every scorer computes ``log q`` with the same
+:meth:`SamplingPolicy.process_logits`, so importance weights compare like with like.
+
+The truncation rule is vLLM's (``vllm/v1/sample/ops/topk_topp_sampler.py``,
+``apply_top_k_top_p_pytorch``), which HF's ``TopKLogitsWarper``/``TopPLogitsWarper`` share:
+
+- temperature first: ``z = logits / T``;
+- top-k keeps every token whose logit is >= the k-th largest (ties at the threshold stay);
+- top-p sorts ascending, and removes a token iff the cumulative mass up to and including it
+  is ``<= 1 - top_p``; equivalently a token is kept iff the mass of the tokens ranked above
+  it is ``< top_p``. The most likely token is always kept, so the token that crosses the
+  threshold is kept too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SamplingPolicy:
+    """Temperature and truncation of the distribution tokens are sampled from.
+
+    Attributes:
+        temperature: divides the logits; must be > 0 (greedy decoding is not a policy with
+            log-probs; use a small temperature instead).
+        top_k: keep the k most likely tokens (ties at the k-th logit kept); 0 disables.
+        top_p: nucleus mass in (0, 1]; 1 disables.
+        min_p: drop tokens whose probability is below ``min_p`` times the top probability;
+            0 disables.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}.")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1) (0 disables it), got {self.min_p}.")
+
+    @property
+    def truncates(self) -> bool:
+        """Whether any truncation (top-k, top-p, min-p) is active."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+    def process_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Return ``logits / T`` in fp32 (or the input's wider dtype) with dropped tokens at -inf.
+
+        Args:
+            logits: raw model logits, shape ``(..., V)``. Not modified.
+        """
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        z = logits.to(dtype) / self.temperature
+        if not self.truncates:
+            return z
+        shape = z.shape
+        z = z.reshape(-1, shape[-1])
+        if self.min_p > 0.0:
+            probs = z.softmax(dim=-1)
+            thresh = self.min_p * probs.amax(dim=-1, keepdim=True)
+            z = z.masked_fill(probs < thresh, float("-inf"))
+        if self.top_k > 0 or self.top_p < 1.0:
+            z_sort, idx = z.sort(dim=-1, descending=False)
+            if self.top_k > 0 and self.top_k < shape[-1]:
+                kth = z_sort[:, shape[-1] - self.top_k].unsqueeze(1)
+                z_sort = z_sort.masked_fill(z_sort < kth, float("-inf"))
+            if self.top_p < 1.0:
+                cum = z_sort.softmax(dim=-1).cumsum(dim=-1)
+                drop = cum <= 1.0 - self.top_p
+                drop[:, -1] = False  # always keep the most likely token
+                z_sort = z_sort.masked_fill(drop, float("-inf"))
+            z = torch.empty_like(z_sort).scatter_(-1, idx, z_sort)
+        return z.reshape(shape)
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """``log q`` over the vocabulary, shape ``(..., V)``; -inf for dropped tokens."""
+        return F.log_softmax(self.process_logits(logits), dim=-1)
+
+    def vllm_kwargs(self) -> dict[str, float | int]:
+        """The same policy as keyword arguments for ``vllm.SamplingParams``."""
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k if self.top_k > 0 else -1,
+            "top_p": self.top_p,
+            "min_p": self.min_p,
+        }
+
+
+def gumbel_noise(
+    shape: torch.Size | tuple[int, ...], generator: torch.Generator, device, dtype
+) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(E)``, ``E ~ Exp(1)``, drawn from an explicit generator.
+
+    ``argmax(z + noise)`` is an exact sample from ``softmax(z)`` (the Gumbel-max trick), so a
+    generator seeded once yields the same tokens in every generator that draws in the same order.
+    """
+    e = torch.empty(shape, device=device, dtype=dtype).exponential_(generator=generator)
+    return -e.log()
+
+
+def entropy_from_log_probs(log_q: torch.Tensor) -> torch.Tensor:
+    """Entropy ``-sum q log q`` over the last axis, treating ``-inf`` entries as zero mass."""
+    q = log_q.exp()
+    return -(q * log_q.masked_fill(q == 0, 0.0)).sum(dim=-1)

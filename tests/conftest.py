@@ -66,3 +66,27 @@ def arch(request: pytest.FixtureRequest) -> str:
 
 
 ALL_ARCHS = TINY_ARCHS
+
+
+# ----------------------------------------------------------------------------- measured maxima
+_MEASURED: dict[str, float] = {}
+
+
+@pytest.fixture
+def record_max():
+    """Record a measured discrepancy; the worst value of each quantity is printed after the run."""
+
+    def record(name: str, value: float) -> float:
+        _MEASURED[name] = max(_MEASURED.get(name, 0.0), float(value))
+        return value
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Print the largest measured discrepancies next to their tolerances' names."""
+    if not _MEASURED:
+        return
+    terminalreporter.section("measured maxima (alignment checks)")
+    for name, value in sorted(_MEASURED.items()):
+        terminalreporter.write_line(f"{name:60s} {value:.3e}")

@@ -68,6 +68,10 @@ class OrigWrapper(nn.Module):
             "use_cache": False,
         }
 
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Clean logits ``(B, S, V)``, with the same padding-aware positions as the patched pass."""
+        return self.model(**self._inputs(input_ids, attention_mask)).logits
+
     @torch.no_grad()
     def capture(
         self,

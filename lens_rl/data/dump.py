@@ -1,0 +1,286 @@
+"""Activation dumps: capture ``A`` at block ``L`` over a corpus and store safetensors shards.
+
+Layout (one folder per model and layer, one per split)::
+
+    <output_dir>/<model name>/layer_<L>/<split>/
+        metadata.json                 model, layer, positions, seed, counts, dtype, shard list
+        stats.safetensors             per-feature mean and variance of A over the split
+        rank_<r>/shard_<start>.safetensors   A, input_ids, token_pos, index, a_prime_index
+
+Shard ``s`` (rows ``[s * shard_size, (s + 1) * shard_size)``) belongs to process
+``s % world_size``, so ``accelerate launch --num_processes N`` splits the work and each
+process writes its own folder. A shard is written to a temporary name and renamed when
+complete: rerunning the same command skips finished shards (resume after interruption).
+``A'`` is stored as an index into the same split (``a_prime_index``), not as a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lens_rl.config import ConfigError, ValidatedConfig
+from lens_rl.data.windows import WindowSet, build_windows, tokenize_corpus
+from lens_rl.utils.progress import progress_bar
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class CorpusConfig(ValidatedConfig):
+    """Where the text comes from: exactly one of a built-in corpus, a dataset name, or files."""
+
+    corpus: Literal["pydoc", "stdlib", "both"] | None = field(
+        default=None, metadata={"help": "Built-in offline corpus: pydoc topics, stdlib sources, or both."}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A `datasets` dataset name or local folder (must be cached offline)."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name to read."})
+    data_files: list[str] | None = field(
+        default=None, metadata={"help": "Local .txt, .jsonl/.json or .parquet files."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+
+    def validate(self) -> None:
+        """Exactly one source."""
+        given = [n for n in ("corpus", "dataset_name", "data_files") if getattr(self, n)]
+        if len(given) != 1:
+            raise ConfigError(
+                f"Give exactly one text source (corpus, dataset_name or data_files); got {given or 'none'}."
+            )
+
+
+def load_texts(cfg: CorpusConfig) -> list[str]:
+    """Read the documents of the configured source."""
+    if cfg.corpus:
+        from lens_rl.data.corpus import iter_corpus
+
+        return list(iter_corpus(cfg.corpus))
+    import datasets
+
+    if cfg.dataset_name:
+        ds = datasets.load_dataset(cfg.dataset_name, split=cfg.dataset_split)
+    else:
+        exts = {Path(f).suffix.lower() for f in cfg.data_files or []}
+        kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+        if len(exts) != 1 or next(iter(exts)) not in kinds:
+            raise ConfigError(
+                f"data_files must share one extension among {sorted(kinds)}, got {sorted(exts)}."
+            )
+        ds = datasets.load_dataset(kinds[exts.pop()], data_files=list(cfg.data_files or []), split="train")
+    if cfg.text_column not in ds.column_names:
+        raise ConfigError(f"Column {cfg.text_column!r} not in the dataset's columns {ds.column_names}.")
+    return list(ds[cfg.text_column])
+
+
+@dataclass
+class DumpConfig(CorpusConfig):
+    """Options of ``scripts/dump_activations.py``."""
+
+    model_name_or_path: str = field(default="", metadata={"help": "Local folder of the original model."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Local tokenizer folder (default: the model folder)."}
+    )
+    layer: int = field(
+        default=0, metadata={"help": "Block L whose output is A (negative counts from the end)."}
+    )
+    seq_len: int = field(default=64, metadata={"help": "Tokens per context window."})
+    min_pos: int = field(default=4, metadata={"help": "Smallest position P at which A is read."})
+    position_strategy: Literal["random", "last", "midpoint"] = field(
+        default="random", metadata={"help": "How P is chosen in [min_pos, seq_len - 1]."}
+    )
+    num_train: int = field(default=1024, metadata={"help": "Training samples."})
+    num_val: int = field(default=256, metadata={"help": "Validation samples."})
+    shard_size: int = field(default=4096, metadata={"help": "Samples per shard file."})
+    batch_size: int = field(default=64, metadata={"help": "Windows per forward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the window order, positions and A' choice."})
+    dtype: Literal["float32", "float16", "bfloat16"] = field(
+        default="float32", metadata={"help": "Storage dtype of A."}
+    )
+    model_dtype: Literal["float32", "float16", "bfloat16"] = field(
+        default="float32", metadata={"help": "Dtype the model runs in."}
+    )
+    output_dir: str = field(default="outputs/activations", metadata={"help": "Root folder of the dumps."})
+
+    def validate(self) -> None:
+        """Check the source, the model path and the sizes."""
+        super().validate()
+        if not self.model_name_or_path:
+            raise ConfigError("DumpConfig.model_name_or_path is required (a local model folder).")
+        for name in ("seq_len", "num_train", "shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"DumpConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.num_val < 0:
+            raise ConfigError(f"DumpConfig.num_val must be >= 0, got {self.num_val}.")
+        if not 0 <= self.min_pos < self.seq_len:
+            raise ConfigError(
+                f"DumpConfig.min_pos must be in [0, seq_len={self.seq_len}), got {self.min_pos}."
+            )
+
+
+def split_dir(output_dir: str | Path, model_name_or_path: str, layer: int, split: str) -> Path:
+    """``<output_dir>/<model folder name>/layer_<L>/<split>``."""
+    return Path(output_dir) / Path(model_name_or_path.rstrip("/")).name / f"layer_{layer}" / split
+
+
+def _shard_name(start: int) -> str:
+    return f"shard_{start:09d}.safetensors"
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # atomic: a shard file either is complete or does not exist
+
+
+def _dump_split(
+    orig,
+    windows: WindowSet,
+    cfg: DumpConfig,
+    layer: int,
+    out: Path,
+    rank: int,
+    world: int,
+    device,
+    show: bool,
+) -> None:
+    n = len(windows)
+    n_shards = math.ceil(n / cfg.shard_size)
+    mine = [s for s in range(n_shards) if s % world == rank]
+    rank_dir = out / f"rank_{rank}"
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in mine if not (rank_dir / _shard_name(s * cfg.shard_size)).exists()]
+    total = sum(min(cfg.shard_size, n - s * cfg.shard_size) for s in todo)
+    with progress_bar(f"dump {out.name} (rank {rank})", total=total, enabled=show) as advance:
+        for s in todo:
+            start, stop = s * cfg.shard_size, min((s + 1) * cfg.shard_size, n)
+            acts = []
+            for b in range(start, stop, cfg.batch_size):
+                e = min(b + cfg.batch_size, stop)
+                ids = windows.input_ids[b:e].to(device)
+                acts.append(
+                    orig.capture(ids, layer, windows.token_pos[b:e].to(device)).to(DTYPES[cfg.dtype]).cpu()
+                )
+                advance(e - b)
+            tensors = {
+                "A": torch.cat(acts),
+                "input_ids": windows.input_ids[start:stop].to(torch.int32),
+                "token_pos": windows.token_pos[start:stop],
+                "index": torch.arange(start, stop),
+                "a_prime_index": windows.a_prime_index[start:stop],
+            }
+            meta = {
+                "layer": str(layer),
+                "start": str(start),
+                "count": str(stop - start),
+                "format": str(FORMAT_VERSION),
+            }
+            _write_shard(rank_dir / _shard_name(start), tensors, meta)
+
+
+def _finalize_split(
+    out: Path, cfg: DumpConfig, layer: int, n: int, d_model: int, world: int, split: str
+) -> None:
+    shards = []
+    total = torch.zeros(d_model, dtype=torch.float64)
+    total_sq = torch.zeros(d_model, dtype=torch.float64)
+    for path in sorted(out.glob("rank_*/shard_*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            a = f.get_tensor("A").to(torch.float64)
+        total += a.sum(0)
+        total_sq += (a * a).sum(0)
+        shards.append(
+            {"file": str(path.relative_to(out)), "start": int(meta["start"]), "count": int(meta["count"])}
+        )
+    counted = sum(s["count"] for s in shards)
+    if counted != n:
+        raise RuntimeError(
+            f"{out}: shards hold {counted} samples, expected {n}; rerun the dump to finish it."
+        )
+    mean = total / max(n, 1)
+    var = total_sq / max(n, 1) - mean * mean
+    save_file({"mean": mean.float(), "var": var.clamp(min=0).float()}, str(out / "stats.safetensors"))
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "model_name_or_path": cfg.model_name_or_path,
+        "tokenizer_name_or_path": cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+        "layer": layer,
+        "d_model": d_model,
+        "seq_len": cfg.seq_len,
+        "min_pos": cfg.min_pos,
+        "position_strategy": cfg.position_strategy,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "num_samples": n,
+        "shard_size": cfg.shard_size,
+        "world_size": world,
+        "shards": sorted(shards, key=lambda s: s["start"]),
+        "config": asdict(cfg),
+    }
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=2))
+
+
+def run_dump(cfg: DumpConfig) -> dict[str, Path]:
+    """Dump train and val activations; returns the split folders. Works under ``accelerate launch``."""
+    import torch.cuda
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+
+    from lens_rl.models.orig import OrigWrapper
+
+    # On a machine without CUDA, `accelerate launch --multi_gpu` starts N processes that must run
+    # as MULTI_CPU (gloo); PartialState only picks that when told cpu=True.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, dtype=DTYPES[cfg.model_dtype]).to(state.device)
+    layer = cfg.layer % orig.n_layers
+    d_model = orig.model.get_input_embeddings().weight.shape[1]
+    stream = tokenize_corpus(load_texts(cfg), tok)
+    splits = build_windows(
+        stream,
+        cfg.seq_len,
+        cfg.num_train,
+        cfg.num_val,
+        min_pos=cfg.min_pos,
+        strategy=cfg.position_strategy,
+        seed=cfg.seed,
+    )
+    outs = {}
+    for split, windows in splits.items():
+        if len(windows) == 0:
+            continue
+        out = split_dir(cfg.output_dir, cfg.model_name_or_path, layer, split)
+        if state.is_main_process and (out / "metadata.json").exists():
+            prev = json.loads((out / "metadata.json").read_text())
+            if prev["config"] != asdict(cfg) | {"output_dir": prev["config"]["output_dir"]}:
+                raise ConfigError(f"{out} holds a dump made with a different config; use another output_dir.")
+        _dump_split(
+            orig,
+            windows,
+            cfg,
+            layer,
+            out,
+            state.process_index,
+            state.num_processes,
+            state.device,
+            show=state.is_main_process,
+        )
+        outs[split] = out
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for split, out in outs.items():
+            _finalize_split(out, cfg, layer, len(splits[split]), d_model, state.num_processes, split)
+    state.wait_for_everyone()
+    return outs

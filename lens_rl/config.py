@@ -110,6 +110,33 @@ class ValidatedConfig:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
+def _json_mapping(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"expected a JSON object, got {text!r}: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _accept_json_for_dict_fields(parser: Any, dataclass_types: Sequence[type]) -> None:
+    """Let ``dict`` fields (nested sub-configs) take a JSON object on the command line.
+
+    In YAML they are ordinary nested mappings; HfArgumentParser would call ``dict(text)``.
+    """
+    dict_fields = set()
+    for dc in dataclass_types:
+        for name, hint in typing.get_type_hints(dc).items():
+            if hint is dict or get_origin(hint) is dict or dict in get_args(hint):
+                dict_fields.add(name)
+    for action in parser._actions:
+        if action.dest in dict_fields:
+            action.type = _json_mapping
+
+
 def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = None) -> tuple[Any, ...]:
     """Parse ``--config x.yaml`` plus command-line overrides into the given dataclasses.
 
@@ -128,6 +155,7 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
     from trl import TrlParser
 
     parser = TrlParser(list(dataclass_types))
+    _accept_json_for_dict_fields(parser, dataclass_types)
     try:
         parsed = parser.parse_args_and_config(args=list(args) if args is not None else None)
     except ConfigError:

@@ -1,0 +1,154 @@
+"""A consistency lens: decoder + encoder, saved and loaded as one unit.
+
+Frozen base weights are not saved (they come from the model folder recorded in
+``lens_config.json``); trainable base weights, projections and prompts are. ``forward`` runs a
+caller-supplied function on the lens so that a DDP/DeepSpeed wrapper sees the whole loss
+computation pass through its forward (needed for gradient synchronisation).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from lens_rl.models.decoder import Decoder, DecoderConfig
+from lens_rl.models.encoder import Encoder, EncoderConfig
+
+LENS_CONFIG = "lens_config.json"
+LENS_WEIGHTS = "lens.safetensors"
+
+
+class ConsistencyLens(nn.Module):
+    """Decoder and encoder of one lens, plus the metadata needed to rebuild them.
+
+    Attributes:
+        decoder: activation -> text.
+        encoder: text -> activation.
+        meta: model path, layer, activation statistics and other facts saved with the weights.
+    """
+
+    decoder: Decoder
+    encoder: Encoder
+
+    def __init__(self, decoder: Decoder, encoder: Encoder, meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.encoder = encoder
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def build(
+        cls,
+        base: PreTrainedModel,
+        tokenizer,
+        decoder_config: DecoderConfig,
+        encoder_config: EncoderConfig,
+        share_base: bool = True,
+        meta: dict[str, Any] | None = None,
+    ) -> ConsistencyLens:
+        """Build a fresh lens on ``base`` (shared frozen weights where nothing in them trains)."""
+        dec_share = share_base and not (
+            decoder_config.trainable_base
+            or decoder_config.trainable_embeddings
+            or decoder_config.trainable_output_head
+        )
+        enc_share = share_base and not encoder_config.trainable_base
+        decoder = Decoder.from_base(base, tokenizer, decoder_config, share_weights=dec_share)
+        encoder = Encoder.from_base(base, tokenizer, encoder_config, share_weights=enc_share)
+        return cls(decoder, encoder, meta)
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(self, *args, **kwargs)``: the loss computation, inside the wrapper's forward."""
+        return fn(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ state
+    def _frozen_base_keys(self) -> set[str]:
+        keys = set()
+        for prefix, module in (("decoder.base.", self.decoder.base), ("encoder.base.", self.encoder.base)):
+            for name, p in module.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    keys.add(prefix + name)
+            for name, _ in module.named_buffers(remove_duplicate=False):
+                keys.add(prefix + name)
+        return keys
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102 - see module docstring
+        sd = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        frozen = {prefix + k for k in self._frozen_base_keys()}
+        # Empty tensors (an empty soft prompt) are dropped: savers see them as shared storage.
+        return type(sd)((k, v) for k, v in sd.items() if k not in frozen and v.numel() > 0)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: D102
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        frozen = self._frozen_base_keys()
+        tied = self._tied_aliases()
+        empty = {k for k, p in self.named_parameters(remove_duplicate=False) if p.numel() == 0}
+        missing = [k for k in result.missing_keys if k not in frozen and k not in tied and k not in empty]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"Lens state mismatch: missing {missing}, unexpected {result.unexpected_keys}. "
+                "Was it saved with another decoder/encoder config?"
+            )
+        return result
+
+    def _tied_aliases(self) -> set[str]:
+        """Names of parameters that alias another one (tied embeddings); savers keep one name."""
+        seen: dict[int, str] = {}
+        aliases = set()
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                aliases.add(name)
+            else:
+                seen[id(p)] = name
+        return aliases
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``lens_config.json`` and ``lens.safetensors`` (trainable and lens-only tensors)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        for alias in self._tied_aliases():
+            sd.pop(alias, None)
+        save_file(sd, str(path / LENS_WEIGHTS))
+        cfg = {
+            "decoder": self.decoder.config.to_dict(),
+            "encoder": self.encoder.config.to_dict(),
+            "shared_decoder_base": self.decoder.base is self.encoder.base
+            or not any(p.requires_grad for p in self.decoder.base.parameters()),
+            "meta": self.meta,
+        }
+        (path / LENS_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, base: PreTrainedModel | None = None, tokenizer=None, dtype=torch.float32
+    ) -> ConsistencyLens:
+        """Rebuild a saved lens; ``base`` defaults to the model folder recorded at save time."""
+        path = Path(path)
+        cfg = json.loads((path / LENS_CONFIG).read_text())
+        meta = cfg.get("meta", {})
+        model_path = meta.get("model_name_or_path")
+        if base is None:
+            if not model_path:
+                raise ValueError(f"{path}/{LENS_CONFIG} records no model_name_or_path; pass base=.")
+            base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(meta.get("tokenizer_name_or_path") or model_path)
+        lens = cls.build(
+            base,
+            tokenizer,
+            DecoderConfig(**cfg["decoder"]),
+            EncoderConfig(**cfg["encoder"]),
+            share_base=True,
+            meta=meta,
+        )
+        lens.load_state_dict(load_file(str(path / LENS_WEIGHTS)))
+        return lens

@@ -1,0 +1,1 @@
+"""Training: supervised lens training (sft_*) and, later, the GRPO stage."""

@@ -1,0 +1,128 @@
+"""Held-out evaluation of a lens over a whole split.
+
+Metrics (sums are accumulated over the split, then combined; with N processes each takes
+every N-th batch and the sums are reduced):
+
+- ``fve``: 1 - sum||A_train - A||^2 / sum||A - mean_val(A)||^2 over the whole set;
+- ``fve_recon``: the same for Â (differs from ``fve`` only with resample ablation);
+- ``nmse``: mean((A_train - A)^2) / mean(train feature variance);
+- ``baseline_mean_fve`` / ``baseline_mean_nmse``: the trivial predictor "train mean of A";
+- ``kl_recon`` / ``kl_train``: functional KL of the next-token distribution with Â / A_train;
+- ``lm_kl``: KL(P_orig || P_dec) on the explanations;
+- ``entropy``: the decoder's mean next-token entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from lens_rl.data.dataset import materialize
+from lens_rl.training.losses import entropy_from_logits
+from lens_rl.training.sft_losses import functional_kl, lm_kl, reconstruct
+
+
+@torch.no_grad()
+def evaluate_lens(
+    lens,
+    orig,
+    dataset,
+    *,
+    layer: int,
+    t_text: int,
+    train_mean: torch.Tensor,
+    train_var: torch.Tensor,
+    prefix_ids: torch.Tensor,
+    tokenizer,
+    batch_size: int,
+    seed: int,
+    resample_ablation: bool,
+    num_explanations: int = 8,
+    process_index: int = 0,
+    num_processes: int = 1,
+    reduce=None,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Evaluate on every sample of ``dataset``; return (metrics, sample explanations)."""
+    was_training = lens.training
+    lens.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    keys = [
+        "sse",
+        "sse_recon",
+        "sse_base",
+        "sum_a",
+        "sum_a2",
+        "n",
+        "kl_recon",
+        "kl_train",
+        "lm_kl",
+        "entropy",
+    ]
+    acc = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
+    d = None
+    sum_a = None
+    sum_a2 = None
+    samples: list[dict[str, Any]] = []
+    mean = train_mean.to(device)
+    for i, batch in enumerate(loader):
+        if i % num_processes != process_index:
+            continue
+        batch = materialize({k: v.to(device) for k, v in batch.items()}, orig, layer)
+        g = torch.Generator(device).manual_seed(seed + i)
+        gen, a_hat, a_train = reconstruct(
+            lens, batch, t_text, 1.0, g, resample_ablation, differentiable=False
+        )
+        a = batch["A"].double()
+        d = a.shape[1]
+        sum_a = a.sum(0) if sum_a is None else sum_a + a.sum(0)
+        sum_a2 = (a * a).sum(0) if sum_a2 is None else sum_a2 + (a * a).sum(0)
+        acc["n"] += a.shape[0]
+        acc["sse"] += (a_train.double() - a).pow(2).sum()
+        acc["sse_recon"] += (a_hat.double() - a).pow(2).sum()
+        acc["sse_base"] += (mean.double() - a).pow(2).sum()
+        acc["kl_recon"] += functional_kl(orig, batch, layer, a_hat).double().sum()
+        acc["kl_train"] += functional_kl(orig, batch, layer, a_train).double().sum()
+        acc["lm_kl"] += lm_kl(orig, prefix_ids, gen.hard_token_ids, gen.raw_lm_logits).double().mean(1).sum()
+        acc["entropy"] += entropy_from_logits(gen.raw_lm_logits).double().mean(1).sum()
+        if len(samples) < num_explanations and process_index == 0:
+            for b in range(min(a.shape[0], num_explanations - len(samples))):
+                p = int(batch["token_pos"][b])
+                ids = batch["input_ids"][b]
+                samples.append(
+                    {
+                        "index": int(batch["index"][b]),
+                        "position": p,
+                        "context": tokenizer.decode(ids[max(0, p - 15) : p]),
+                        "token": tokenizer.decode(ids[p : p + 1]),
+                        "explanation": tokenizer.decode(gen.hard_token_ids[b]),
+                        "sq_error": float(
+                            (a_train[b].double() - a[b]).pow(2).sum() / (a[b] - mean).pow(2).sum()
+                        ),
+                    }
+                )
+    if d is None:
+        raise ValueError("The evaluation set is empty.")
+    acc["sum_a"] = sum_a
+    acc["sum_a2"] = sum_a2
+    if reduce is not None:
+        acc = {k: reduce(v) for k, v in acc.items()}
+    n = acc["n"]
+    sst = (acc["sum_a2"] - acc["sum_a"] ** 2 / n).sum()  # sum ||A - mean_val||^2
+    var_mean = train_var.double().mean().to(device)
+    metrics = {
+        "fve": 1 - acc["sse"] / sst,
+        "fve_recon": 1 - acc["sse_recon"] / sst,
+        "baseline_mean_fve": 1 - acc["sse_base"] / sst,
+        "nmse": acc["sse"] / (n * d) / var_mean,
+        "baseline_mean_nmse": acc["sse_base"] / (n * d) / var_mean,
+        "kl_recon": acc["kl_recon"] / n,
+        "kl_train": acc["kl_train"] / n,
+        "lm_kl": acc["lm_kl"] / n,
+        "entropy": acc["entropy"] / n,
+        "num_samples": n,
+    }
+    lens.train(was_training)
+    return {k: float(v) for k, v in metrics.items()}, samples

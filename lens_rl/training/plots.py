@@ -1,0 +1,37 @@
+"""Training-curve PNG from a run's ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
+    """Plot train losses and eval FVE/KL against the optimizer step; return the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    panels = [
+        ("train losses", [k for k in ("train/loss", "train/mse", "train/lm", "train/kl")]),
+        ("eval reconstruction", ["eval/fve", "eval/baseline_mean_fve", "eval/nmse"]),
+        ("eval KL", ["eval/kl_recon", "eval/kl_train", "eval/lm_kl"]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, label=key.split("/")[1])
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -90,3 +90,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     terminalreporter.section("measured maxima (alignment checks)")
     for name, value in sorted(_MEASURED.items()):
         terminalreporter.write_line(f"{name:60s} {value:.3e}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer):
+    """A folder holding a tiny Llama (head size 64) and its tokenizer, as scripts expect."""
+    path = tmp_path_factory.mktemp("tiny-llama-dir")
+    build_tiny_model(
+        "llama_vllm", path, len(tokenizer), seed=0, n_layers=2, eos_token_id=tokenizer.eos_token_id
+    )
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,7 +1,7 @@
 """Held-out evaluation of a lens over a whole split.
 
 Metrics (sums are accumulated over the split, then combined; with N processes each takes
-every N-th batch and the sums are reduced):
+every N-th sample and the sums are reduced):
 
 - ``fve``: 1 - sum||A_train - A||^2 / sum||A - mean_val(A)||^2 over the whole set;
 - ``fve_recon``: the same for Â (differs from ``fve`` only with resample ablation);
@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from lens_rl.data.dataset import materialize
 from lens_rl.training.losses import entropy_from_logits
@@ -48,7 +48,9 @@ def evaluate_lens(
     """Evaluate on every sample of ``dataset``; return (metrics, sample explanations)."""
     was_training = lens.training
     lens.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    # Each process takes every N-th sample (a process may get none on a tiny set).
+    subset = Subset(dataset, list(range(process_index, len(dataset), num_processes)))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False)
     keys = [
         "sse",
         "sse_recon",
@@ -62,23 +64,20 @@ def evaluate_lens(
         "entropy",
     ]
     acc = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
-    d = None
-    sum_a = None
-    sum_a2 = None
+    d = train_mean.numel()
+    sum_a = torch.zeros(d, dtype=torch.float64, device=device)
+    sum_a2 = torch.zeros(d, dtype=torch.float64, device=device)
     samples: list[dict[str, Any]] = []
     mean = train_mean.to(device)
     for i, batch in enumerate(loader):
-        if i % num_processes != process_index:
-            continue
         batch = materialize({k: v.to(device) for k, v in batch.items()}, orig, layer)
-        g = torch.Generator(device).manual_seed(seed + i)
+        g = torch.Generator(device).manual_seed(seed + 1_000 * i + process_index)
         gen, a_hat, a_train = reconstruct(
             lens, batch, t_text, 1.0, g, resample_ablation, differentiable=False
         )
         a = batch["A"].double()
-        d = a.shape[1]
-        sum_a = a.sum(0) if sum_a is None else sum_a + a.sum(0)
-        sum_a2 = (a * a).sum(0) if sum_a2 is None else sum_a2 + (a * a).sum(0)
+        sum_a += a.sum(0)
+        sum_a2 += (a * a).sum(0)
         acc["n"] += a.shape[0]
         acc["sse"] += (a_train.double() - a).pow(2).sum()
         acc["sse_recon"] += (a_hat.double() - a).pow(2).sum()
@@ -103,7 +102,7 @@ def evaluate_lens(
                         ),
                     }
                 )
-    if d is None:
+    if len(dataset) == 0:
         raise ValueError("The evaluation set is empty.")
     acc["sum_a"] = sum_a
     acc["sum_a2"] = sum_a2

@@ -43,6 +43,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generation.py --out benchmarks/results/generation.json
+	$(PY) benchmarks/bench_sft.py --out benchmarks/results/sft.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,79 +1,110 @@
-"""The README's main job (``make demo``): build the embedded default and run the lens on it.
+"""The README's main job (``make demo``): the supervised lens end to end, offline on CPU.
 
-Today it runs what the toolkit has (the lens core): it builds, once and cached under
-``.cache/lens_rl``, an offline tokenizer and a tiny Llama-style model, captures activations
-from documentation sentences with the orig wrapper, and decodes them with the three
-generators, checking that they agree. Supervised and RL training join the same command as
-those stages land.
+1. Pretrain (once; cached in ``.cache/lens_rl``) a small Llama-style LM with its own BPE
+   tokenizer on text every Python installation carries (:mod:`lens_rl.pretrain`).
+2. Dump activations after block 1 on held-apart windows of the pydoc corpus
+   (``configs/dump_quickstart.yaml``; resumable, reused when already complete).
+3. Train a consistency lens (``configs/sft_quickstart.yaml``) with the same trainer
+   ``accelerate launch scripts/sft_lens.py`` runs, evaluate it on the validation split and
+   compare with the trivial mean-activation predictor.
+4. Show sample explanations and the metrics; everything lands in ``outputs/quickstart``.
+
+The RL stage joins this command when it lands.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-SENTENCES = [
-    "The with statement is used to wrap the execution of a block",
-    "A class definition defines a class object",
-    "The return statement leaves the current function call",
-    "Exceptions are raised by the raise statement",
-]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build the cached default, then capture, decode and cross-check activations."""
-    import torch
+    """Run the quickstart; returns 0 when the lens beats the mean-activation baseline."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache_dir", default=os.environ.get("LENS_RL_CACHE", ".cache/lens_rl"))
+    ap.add_argument("--output_dir", default="outputs/quickstart")
+    ap.add_argument("--sft_steps", type=int, default=None, help="Override max_steps of the SFT config.")
+    args = ap.parse_args(argv)
+
     from rich.console import Console
     from rich.table import Table
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lens_rl.data.corpus import pydoc_topics
-    from lens_rl.models import Decoder, DecoderConfig, Encoder, EncoderConfig, OrigWrapper
-    from lens_rl.models.tokenizer import train_bpe_tokenizer
-    from lens_rl.testing.tiny_models import build_tiny_model
+    from lens_rl.config import parse_args
+    from lens_rl.data.dump import DumpConfig, run_dump
+    from lens_rl.pretrain import pretrain_small_lm
+    from lens_rl.training.sft_config import SFTConfig
+    from lens_rl.training.sft_trainer import SFTTrainer
 
     console = Console()
-    root = Path(os.environ.get("LENS_RL_CACHE", ".cache/lens_rl"))
-    console.rule("lens_rl quickstart (lens core on a tiny offline model)")
-    tok_dir, model_dir = root / "tokenizer", root / "tiny-llama"
-    if (tok_dir / "tokenizer.json").exists():
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-    else:
-        tok = train_bpe_tokenizer(pydoc_topics(), tok_dir, vocab_size=512)
-    if (model_dir / "config.json").exists():
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    else:
-        base = build_tiny_model("llama", model_dir, len(tok), seed=0, eos_token_id=tok.eos_token_id)
-    console.print(f"tokenizer {tok_dir} ({len(tok)} tokens); model {model_dir} ({type(base).__name__})")
+    t0 = time.perf_counter()
+    cache, out = Path(args.cache_dir), Path(args.output_dir)
+    console.rule("[bold]lens_rl quickstart[/bold]: supervised consistency lens, offline on CPU")
 
-    orig = OrigWrapper(base)
-    tok.padding_side = "left"
-    enc = tok(SENTENCES, return_tensors="pt", padding=True, add_special_tokens=False)
-    layer = 0
-    positions = torch.full((len(SENTENCES),), enc["input_ids"].shape[1] - 1)
-    acts = orig.capture(enc["input_ids"], layer, positions, enc["attention_mask"])
-    console.print(f"captured A after block {layer}: shape {tuple(acts.shape)}")
+    console.rule("1/3 base model")
+    model_dir = pretrain_small_lm(cache / "base-llama-d128", log=console.print)
 
-    decoder = Decoder.from_base(base, tok, DecoderConfig(), share_weights=True)
-    encoder = Encoder.from_base(base, tok, EncoderConfig(output_layer=layer), share_weights=True)
-    seed, length = 0, 8
-    outs = {
-        name: getattr(decoder, name)(acts, length, generator=torch.Generator().manual_seed(seed))
-        for name in ("generate_soft", "generate_soft_kv_cached", "generate_soft_kv_cached_nondiff")
-    }
-    ref = outs["generate_soft"]
-    table = Table(title="explanations (untrained lens on an untrained model: gibberish is expected)")
-    table.add_column("context")
-    table.add_column("explanation")
-    for i, text in enumerate(SENTENCES):
-        table.add_row(text, repr(tok.decode(ref.hard_token_ids[i])))
+    console.rule("2/3 activations")
+    (dump_cfg,) = parse_args(
+        [DumpConfig],
+        [
+            "--config",
+            str(ROOT / "configs" / "dump_quickstart.yaml"),
+            "--model_name_or_path",
+            str(model_dir),
+            "--output_dir",
+            str(cache / "activations"),
+        ],
+    )
+    splits = run_dump(dump_cfg)
+    console.print(f"train: {splits['train']}\nval:   {splits['val']}")
+
+    console.rule("3/3 supervised lens")
+    sft_args = [
+        "--config",
+        str(ROOT / "configs" / "sft_quickstart.yaml"),
+        "--model_name_or_path",
+        str(model_dir),
+        "--train_data",
+        str(splits["train"]),
+        "--val_data",
+        str(splits["val"]),
+        "--output_dir",
+        str(out / "sft"),
+    ]
+    if args.sft_steps is not None:
+        sft_args += ["--max_steps", str(args.sft_steps)]
+    (sft_cfg,) = parse_args([SFTConfig], sft_args)
+    trainer = SFTTrainer(sft_cfg)
+    final = trainer.train()
+
+    table = Table(title="held-out explanations: context, the token at P, the lens's explanation")
+    for col in ("context", "token", "explanation", "rel. sq. error"):
+        table.add_column(col, overflow="fold")
+    for s in getattr(trainer, "last_samples", []):
+        table.add_row(
+            repr(s["context"][-40:]), repr(s["token"]), repr(s["explanation"]), f"{s['sq_error']:.2f}"
+        )
     console.print(table)
-    same = all(torch.equal(o.hard_token_ids, ref.hard_token_ids) for o in outs.values())
-    max_diff = max((o.raw_lm_logits - ref.raw_lm_logits).abs().max().item() for o in outs.values())
-    a_hat = encoder(ref.generated_text_embeddings.detach())
-    fve = 1 - (a_hat - acts).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum()
-    console.print(f"three generators: identical tokens = {same}; max |logit diff| = {max_diff:.2e}")
-    console.print(f"untrained reconstruction FVE = {fve.item():.3f} (training arrives with `sft_lens.py`)")
-    return 0 if same and max_diff <= 1e-5 else 1
+    metrics = Table(
+        title=f"held-out metrics ({int(final['num_samples'])} activations, layer {trainer.layer})"
+    )
+    metrics.add_column("metric")
+    metrics.add_column("lens", justify="right")
+    metrics.add_column("mean-activation baseline", justify="right")
+    metrics.add_row("FVE", f"{final['fve']:.3f}", f"{final['baseline_mean_fve']:.3f}")
+    metrics.add_row("normalised MSE", f"{final['nmse']:.3f}", f"{final['baseline_mean_nmse']:.3f}")
+    metrics.add_row("functional KL (Â)", f"{final['kl_recon']:.3f}", "")
+    metrics.add_row("LM KL of explanations", f"{final['lm_kl']:.3f}", "")
+    console.print(metrics)
+    summary = {"final": final, "seconds": round(time.perf_counter() - t0, 1), "run": str(out / "sft")}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"outputs: {out / 'sft'} (metrics.jsonl, explanations.jsonl, training_curves.png, lens/)")
+    console.print(f"done in {summary['seconds']:.0f} s")
+    return 0 if final["fve"] > final["baseline_mean_fve"] else 1

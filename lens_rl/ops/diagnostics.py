@@ -1,0 +1,216 @@
+"""Per-token scores and distribution diagnostics under the sampling policy.
+
+Everything here is a function of raw logits ``(..., V)`` (the model's output, before
+temperature), the realised tokens and a :class:`SamplingPolicy`:
+
+- ``logp``: log p(y) under the model's plain softmax (temperature 1, no truncation);
+- ``logq``: log q(y) under the sampling policy (temperature + truncation), -inf outside it;
+- ``rb_entropy``: H(q) at each step, the Rao-Blackwellised entropy estimate;
+- ``surprisal``: -log p(y) (the naive entropy estimate).
+
+With ``fp64=True`` the softmax/entropy math runs in float64 and stays in float64 through
+the sums. The vocabulary math is chunked over positions so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lens_rl.ops.sampling import SamplingPolicy
+
+_CHUNK = 256  # positions per chunk of vocabulary math
+
+
+def _chunks(n: int, size: int = _CHUNK):
+    for s in range(0, n, size):
+        yield slice(s, min(s + size, n))
+
+
+def token_scores(
+    logits: torch.Tensor, tokens: torch.Tensor, policy: SamplingPolicy, fp64: bool = False
+) -> dict[str, torch.Tensor]:
+    """``logp``, ``logq``, ``rb_entropy``, ``surprisal``: each ``tokens.shape``; keeps the graph.
+
+    Args:
+        logits: ``(N, T, V)`` raw logits; row ``t`` scores ``tokens[:, t]``.
+        tokens: ``(N, T)`` realised tokens.
+    """
+    dtype = torch.float64 if fp64 else torch.float32
+    outs: dict[str, list[torch.Tensor]] = {"logp": [], "logq": [], "rb_entropy": []}
+    for sl in _chunks(logits.shape[1]):
+        lg = logits[:, sl].to(dtype)
+        y = tokens[:, sl].unsqueeze(-1)
+        outs["logp"].append(F.log_softmax(lg, dim=-1).gather(-1, y).squeeze(-1))
+        log_q = policy.log_probs(lg)
+        outs["logq"].append(log_q.gather(-1, y).squeeze(-1))
+        q = log_q.exp()
+        outs["rb_entropy"].append(-(q * log_q.masked_fill(q == 0, 0.0)).sum(-1))
+    res = {k: torch.cat(v, dim=1) for k, v in outs.items()}
+    res["surprisal"] = -res["logp"]
+    return res
+
+
+@dataclass
+class TokenStepDiagnostics:
+    """Per-step diagnostics under q, each ``(N, T)``."""
+
+    rb_entropy: torch.Tensor
+    head_mass: torch.Tensor
+    tail_mass: torch.Tensor
+    two_point_entropy: torch.Tensor
+    top1_prob: torch.Tensor
+    margin: torch.Tensor
+    collision: torch.Tensor
+    renyi2: torch.Tensor
+    eff_support: torch.Tensor
+    logit_mean: torch.Tensor
+    logit_var: torch.Tensor
+    eos_prob: torch.Tensor | None
+
+
+@dataclass
+class SequenceDiagnostics:
+    """Per-sequence aggregates, each ``(N,)``."""
+
+    length: torch.Tensor
+    rb_entropy_sum: torch.Tensor
+    rb_entropy_mean: torch.Tensor
+    rb_entropy_max: torch.Tensor
+    rb_entropy_min: torch.Tensor
+    early_rb_entropy_mean: torch.Tensor
+    late_rb_entropy_mean: torch.Tensor
+    surprisal_sum: torch.Tensor
+    surprisal_mean: torch.Tensor
+    margin_mean: torch.Tensor
+    margin_sum: torch.Tensor
+    top1_mean: torch.Tensor
+    collision_mean: torch.Tensor
+    renyi2_mean: torch.Tensor
+    eff_support_mean: torch.Tensor
+    eos_prob_mean: torch.Tensor | None
+
+
+@dataclass
+class DiagnosticsPack:
+    """Both levels for a batch of sequences."""
+
+    step: TokenStepDiagnostics
+    seq: SequenceDiagnostics
+
+
+def _xlogx(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x * x.clamp(min=1e-300).log(), torch.zeros_like(x))
+
+
+class DistributionDiagnostics:
+    """Diagnostics of the sampling distribution q (tempered, truncated) at every step.
+
+    ``head_mass`` is the mass the truncation keeps under the tempered, untruncated
+    distribution softmax(logits / T); ``tail_mass = 1 - head_mass``. ``margin`` is the gap
+    between the two largest kept tempered logits (0 with a one-token support).
+    """
+
+    def __init__(
+        self, policy: SamplingPolicy, eos_token_id: int | None = None, early_window: int = 16
+    ) -> None:
+        self.policy = policy
+        self.eos_token_id = eos_token_id
+        self.early_window = early_window
+
+    @torch.no_grad()
+    def compute_from_logits(
+        self,
+        logits: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        surprisal: torch.Tensor | None = None,
+        fp64: bool = True,
+    ) -> DiagnosticsPack:
+        """Diagnostics for ``logits`` ``(N, T, V)``; ``mask`` ``(N, T)`` marks scored steps."""
+        dtype = torch.float64 if fp64 else torch.float32
+        n, t, _ = logits.shape
+        mask = torch.ones(n, t, dtype=torch.bool, device=logits.device) if mask is None else mask.bool()
+        names = [
+            "rb_entropy",
+            "head_mass",
+            "top1_prob",
+            "margin",
+            "collision",
+            "logit_mean",
+            "logit_var",
+            "eos",
+        ]
+        acc: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+        for sl in _chunks(t):
+            raw = logits[:, sl].to(dtype)
+            full = F.log_softmax(raw / self.policy.temperature, dim=-1)
+            z = self.policy.process_logits(raw)  # tempered, -inf outside the support
+            kept = torch.isfinite(z)
+            log_q = F.log_softmax(z, dim=-1)
+            q = log_q.exp()
+            acc["rb_entropy"].append(-(q * log_q.masked_fill(~kept, 0.0)).sum(-1))
+            acc["head_mass"].append((full.exp() * kept).sum(-1).clamp(max=1.0))
+            acc["top1_prob"].append(q.amax(-1))
+            top2 = z.topk(min(2, z.shape[-1]), dim=-1).values
+            margin = top2[..., 0] - top2[..., 1] if top2.shape[-1] > 1 else torch.zeros_like(top2[..., 0])
+            acc["margin"].append(torch.where(torch.isfinite(margin), margin, torch.zeros_like(margin)))
+            acc["collision"].append((q * q).sum(-1))
+            z0 = z.masked_fill(~kept, 0.0)
+            mean = (q * z0).sum(-1)
+            acc["logit_mean"].append(mean)
+            acc["logit_var"].append(((q * z0 * z0).sum(-1) - mean * mean).clamp(min=0))
+            if self.eos_token_id is not None:
+                acc["eos"].append(q[..., self.eos_token_id])
+        st = {k: torch.cat(v, dim=1) if v else None for k, v in acc.items()}
+        zero = torch.zeros_like(st["rb_entropy"])
+        m = mask.to(dtype)
+        head = st["head_mass"]
+        step = TokenStepDiagnostics(
+            rb_entropy=st["rb_entropy"] * m,
+            head_mass=head * m,
+            tail_mass=(1 - head) * m,
+            two_point_entropy=-(_xlogx(head) + _xlogx(1 - head)) * m,
+            top1_prob=st["top1_prob"] * m,
+            margin=st["margin"] * m,
+            collision=st["collision"] * m,
+            renyi2=-st["collision"].log() * m,
+            eff_support=st["rb_entropy"].exp() * m,
+            logit_mean=st["logit_mean"] * m,
+            logit_var=st["logit_var"] * m,
+            eos_prob=st["eos"] * m if st["eos"] is not None else None,
+        )
+        length = m.sum(1)
+        denom = length.clamp(min=1)
+
+        def mean_(x: torch.Tensor) -> torch.Tensor:
+            return (x * m).sum(1) / denom
+
+        pos = torch.arange(t, device=logits.device)[None, :]
+        early = m * (pos < self.early_window)
+        late = m * (pos >= self.early_window)
+        h = step.rb_entropy
+        early_mean = (h * early).sum(1) / early.sum(1).clamp(min=1)
+        late_mean = torch.where(late.sum(1) > 0, (h * late).sum(1) / late.sum(1).clamp(min=1), early_mean)
+        sur = surprisal.to(dtype) * m if surprisal is not None else zero
+        inf = torch.tensor(float("inf"), dtype=dtype, device=logits.device)
+        seq = SequenceDiagnostics(
+            length=length,
+            rb_entropy_sum=h.sum(1),
+            rb_entropy_mean=h.sum(1) / denom,
+            rb_entropy_max=torch.where(mask, h, -inf).amax(1).clamp(min=0),
+            rb_entropy_min=torch.where(mask, h, inf).amin(1).nan_to_num(posinf=0.0),
+            early_rb_entropy_mean=early_mean,
+            late_rb_entropy_mean=late_mean,
+            surprisal_sum=sur.sum(1),
+            surprisal_mean=sur.sum(1) / denom,
+            margin_mean=mean_(step.margin),
+            margin_sum=step.margin.sum(1),
+            top1_mean=mean_(step.top1_prob),
+            collision_mean=mean_(step.collision),
+            renyi2_mean=mean_(step.renyi2),
+            eff_support_mean=mean_(step.eff_support),
+            eos_prob_mean=mean_(step.eos_prob) if step.eos_prob is not None else None,
+        )
+        return DiagnosticsPack(step=step, seq=seq)

@@ -29,6 +29,55 @@ def _chunks(n: int, size: int = _CHUNK):
         yield slice(s, min(s + size, n))
 
 
+def _chunk_stats(
+    raw: torch.Tensor,
+    policy: SamplingPolicy,
+    dtype: torch.dtype,
+    tokens: torch.Tensor | None = None,
+    diagnostics: bool = False,
+    eos_token_id: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """All per-position quantities of one chunk ``(N, t, V)``, from ONE ``process_logits`` call."""
+    raw = raw.to(dtype)
+    z = policy.process_logits(raw)  # tempered, -inf outside the support
+    log_q = F.log_softmax(z, dim=-1)
+    q = log_q.exp()
+    kept = q > 0
+    out = {"rb_entropy": -(q * log_q.masked_fill(~kept, 0.0)).sum(-1)}
+    if tokens is not None:
+        y = tokens.unsqueeze(-1)
+        out["logp"] = F.log_softmax(raw, dim=-1).gather(-1, y).squeeze(-1)
+        out["logq"] = log_q.gather(-1, y).squeeze(-1)
+    if diagnostics:
+        full = F.log_softmax(raw / policy.temperature, dim=-1)
+        out["head_mass"] = (full.exp() * kept).sum(-1).clamp(max=1.0)
+        out["top1_prob"] = q.amax(-1)
+        top2 = z.topk(min(2, z.shape[-1]), dim=-1).values
+        margin = top2[..., 0] - top2[..., 1] if top2.shape[-1] > 1 else torch.zeros_like(top2[..., 0])
+        out["margin"] = torch.where(torch.isfinite(margin), margin, torch.zeros_like(margin))
+        out["collision"] = (q * q).sum(-1)
+        z0 = z.masked_fill(~kept, 0.0)
+        mean = (q * z0).sum(-1)
+        out["logit_mean"] = mean
+        out["logit_var"] = ((q * z0 * z0).sum(-1) - mean * mean).clamp(min=0)
+        if eos_token_id is not None:
+            out["eos"] = q[..., eos_token_id]
+    return out
+
+
+def _chunked(
+    logits, policy, dtype, tokens=None, diagnostics=False, eos_token_id=None
+) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    for sl in _chunks(logits.shape[1]):
+        res = _chunk_stats(
+            logits[:, sl], policy, dtype, None if tokens is None else tokens[:, sl], diagnostics, eos_token_id
+        )
+        for k, v in res.items():
+            parts.setdefault(k, []).append(v)
+    return {k: torch.cat(v, dim=1) for k, v in parts.items()}
+
+
 def token_scores(
     logits: torch.Tensor, tokens: torch.Tensor, policy: SamplingPolicy, fp64: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -38,17 +87,7 @@ def token_scores(
         logits: ``(N, T, V)`` raw logits; row ``t`` scores ``tokens[:, t]``.
         tokens: ``(N, T)`` realised tokens.
     """
-    dtype = torch.float64 if fp64 else torch.float32
-    outs: dict[str, list[torch.Tensor]] = {"logp": [], "logq": [], "rb_entropy": []}
-    for sl in _chunks(logits.shape[1]):
-        lg = logits[:, sl].to(dtype)
-        y = tokens[:, sl].unsqueeze(-1)
-        outs["logp"].append(F.log_softmax(lg, dim=-1).gather(-1, y).squeeze(-1))
-        log_q = policy.log_probs(lg)
-        outs["logq"].append(log_q.gather(-1, y).squeeze(-1))
-        q = log_q.exp()
-        outs["rb_entropy"].append(-(q * log_q.masked_fill(q == 0, 0.0)).sum(-1))
-    res = {k: torch.cat(v, dim=1) for k, v in outs.items()}
+    res = _chunked(logits, policy, torch.float64 if fp64 else torch.float32, tokens)
     res["surprisal"] = -res["logp"]
     return res
 
@@ -130,40 +169,26 @@ class DistributionDiagnostics:
     ) -> DiagnosticsPack:
         """Diagnostics for ``logits`` ``(N, T, V)``; ``mask`` ``(N, T)`` marks scored steps."""
         dtype = torch.float64 if fp64 else torch.float32
-        n, t, _ = logits.shape
-        mask = torch.ones(n, t, dtype=torch.bool, device=logits.device) if mask is None else mask.bool()
-        names = [
-            "rb_entropy",
-            "head_mass",
-            "top1_prob",
-            "margin",
-            "collision",
-            "logit_mean",
-            "logit_var",
-            "eos",
-        ]
-        acc: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-        for sl in _chunks(t):
-            raw = logits[:, sl].to(dtype)
-            full = F.log_softmax(raw / self.policy.temperature, dim=-1)
-            z = self.policy.process_logits(raw)  # tempered, -inf outside the support
-            kept = torch.isfinite(z)
-            log_q = F.log_softmax(z, dim=-1)
-            q = log_q.exp()
-            acc["rb_entropy"].append(-(q * log_q.masked_fill(~kept, 0.0)).sum(-1))
-            acc["head_mass"].append((full.exp() * kept).sum(-1).clamp(max=1.0))
-            acc["top1_prob"].append(q.amax(-1))
-            top2 = z.topk(min(2, z.shape[-1]), dim=-1).values
-            margin = top2[..., 0] - top2[..., 1] if top2.shape[-1] > 1 else torch.zeros_like(top2[..., 0])
-            acc["margin"].append(torch.where(torch.isfinite(margin), margin, torch.zeros_like(margin)))
-            acc["collision"].append((q * q).sum(-1))
-            z0 = z.masked_fill(~kept, 0.0)
-            mean = (q * z0).sum(-1)
-            acc["logit_mean"].append(mean)
-            acc["logit_var"].append(((q * z0 * z0).sum(-1) - mean * mean).clamp(min=0))
-            if self.eos_token_id is not None:
-                acc["eos"].append(q[..., self.eos_token_id])
-        st = {k: torch.cat(v, dim=1) if v else None for k, v in acc.items()}
+        st = _chunked(logits, self.policy, dtype, diagnostics=True, eos_token_id=self.eos_token_id)
+        return self._pack(st, mask, surprisal)
+
+    def score_and_diagnose(
+        self, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None, fp64: bool = False
+    ) -> tuple[dict[str, torch.Tensor], DiagnosticsPack]:
+        """:func:`token_scores` and :meth:`compute_from_logits` in one pass over the vocabulary."""
+        dtype = torch.float64 if fp64 else torch.float32
+        st = _chunked(logits, self.policy, dtype, tokens, diagnostics=True, eos_token_id=self.eos_token_id)
+        st["surprisal"] = -st["logp"]
+        scores = {k: st[k] for k in ("logp", "logq", "rb_entropy", "surprisal")}
+        detached = {k: v.detach() for k, v in st.items()}
+        return scores, self._pack(detached, mask, detached["surprisal"])
+
+    def _pack(self, st: dict[str, torch.Tensor], mask, surprisal) -> DiagnosticsPack:
+        dtype = st["rb_entropy"].dtype
+        n, t = st["rb_entropy"].shape
+        device = st["rb_entropy"].device
+        mask = torch.ones(n, t, dtype=torch.bool, device=device) if mask is None else mask.bool()
+        st.setdefault("eos", None)
         zero = torch.zeros_like(st["rb_entropy"])
         m = mask.to(dtype)
         head = st["head_mass"]
@@ -179,7 +204,7 @@ class DistributionDiagnostics:
             eff_support=st["rb_entropy"].exp() * m,
             logit_mean=st["logit_mean"] * m,
             logit_var=st["logit_var"] * m,
-            eos_prob=st["eos"] * m if st["eos"] is not None else None,
+            eos_prob=st["eos"] * m if st.get("eos") is not None else None,
         )
         length = m.sum(1)
         denom = length.clamp(min=1)
@@ -187,14 +212,14 @@ class DistributionDiagnostics:
         def mean_(x: torch.Tensor) -> torch.Tensor:
             return (x * m).sum(1) / denom
 
-        pos = torch.arange(t, device=logits.device)[None, :]
+        pos = torch.arange(t, device=device)[None, :]
         early = m * (pos < self.early_window)
         late = m * (pos >= self.early_window)
         h = step.rb_entropy
         early_mean = (h * early).sum(1) / early.sum(1).clamp(min=1)
         late_mean = torch.where(late.sum(1) > 0, (h * late).sum(1) / late.sum(1).clamp(min=1), early_mean)
         sur = surprisal.to(dtype) * m if surprisal is not None else zero
-        inf = torch.tensor(float("inf"), dtype=dtype, device=logits.device)
+        inf = torch.tensor(float("inf"), dtype=dtype, device=device)
         seq = SequenceDiagnostics(
             length=length,
             rb_entropy_sum=h.sum(1),

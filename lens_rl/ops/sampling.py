@@ -73,17 +73,11 @@ class SamplingPolicy:
             probs = z.softmax(dim=-1)
             thresh = self.min_p * probs.amax(dim=-1, keepdim=True)
             z = z.masked_fill(probs < thresh, float("-inf"))
-        if self.top_k > 0 or self.top_p < 1.0:
-            z_sort, idx = z.sort(dim=-1, descending=False)
-            if self.top_k > 0 and self.top_k < shape[-1]:
-                kth = z_sort[:, shape[-1] - self.top_k].unsqueeze(1)
-                z_sort = z_sort.masked_fill(z_sort < kth, float("-inf"))
-            if self.top_p < 1.0:
-                cum = z_sort.softmax(dim=-1).cumsum(dim=-1)
-                drop = cum <= 1.0 - self.top_p
-                drop[:, -1] = False  # always keep the most likely token
-                z_sort = z_sort.masked_fill(drop, float("-inf"))
-            z = torch.empty_like(z_sort).scatter_(-1, idx, z_sort)
+        if self.top_p < 1.0:
+            z = _top_k_top_p(z, self.top_k, self.top_p)
+        elif self.top_k > 0 and self.top_k < shape[-1]:
+            kth = z.topk(self.top_k, dim=-1).values[:, -1:]
+            z = z.masked_fill(z < kth, float("-inf"))  # ties at the k-th logit stay
         return z.reshape(shape)
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -98,6 +92,57 @@ class SamplingPolicy:
             "top_p": self.top_p,
             "min_p": self.min_p,
         }
+
+
+_CANDIDATES = 256  # nucleus candidates examined before falling back to a full sort
+
+
+def _nucleus_threshold_full(z: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Smallest kept logit per row ``(N, 1)`` by vLLM's rule (one ascending sort, inclusive
+    cumulative mass ``<= 1 - top_p`` dropped, the most likely token always kept)."""
+    z_sort, _ = z.sort(dim=-1, descending=False)
+    cum = z_sort.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= 1.0 - top_p
+    drop[:, -1] = False
+    return z_sort.masked_fill(drop, float("inf")).amin(dim=-1, keepdim=True)
+
+
+def _top_k_top_p(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus on ``z`` ``(N, V)``, without sorting the whole vocabulary when possible.
+
+    Token j is kept iff the mass of the tokens ranked above it is < top_p (so the token that
+    crosses the threshold is kept). The ``_CANDIDATES`` largest logits are examined first; a
+    row whose candidates hold >= top_p of the mass is decided by them (every other token has at
+    least that much mass above it); other rows fall back to vLLM's full-sort computation.
+
+    Ties: top-k keeps every token tied at the k-th logit (vLLM and HF do too). At the nucleus
+    boundary the engines keep an arbitrary subset of exactly tied tokens (their sort is not
+    stable), so we keep all of them: a token an engine sampled is always inside our support,
+    and q differs from the engine's only when such a tie occurs (by the tied tokens' mass).
+    """
+    n, v = z.shape
+    if 0 < top_k < v:
+        kth = z.topk(top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    k = min(v, _CANDIDATES)
+    vals = z.topk(k, dim=-1, sorted=True).values  # descending
+    p_sorted = (vals - torch.logsumexp(z, dim=-1, keepdim=True)).exp()
+    cum_incl = p_sorted.cumsum(dim=-1)
+    above = torch.nn.functional.pad(cum_incl[:, :-1], (1, 0))  # exclusive cumsum, no subtraction
+    keep = above < top_p
+    keep[:, 0] = True
+    thr = vals.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)
+    # Decided by the candidates only if they hold >= top_p and the boundary tie does not reach
+    # past the last candidate.
+    covered = (
+        (cum_incl[:, -1] >= top_p) & (thr[:, 0] > vals[:, -1])
+        if k < v
+        else torch.ones_like(thr[:, 0], dtype=torch.bool)
+    )
+    if not bool(covered.all()):
+        rows = (~covered).nonzero().squeeze(-1)
+        thr[rows] = _nucleus_threshold_full(z[rows], top_p)
+    return z.masked_fill(z < thr, float("-inf"))
 
 
 def gumbel_noise(

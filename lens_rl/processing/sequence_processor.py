@@ -437,23 +437,20 @@ class SequenceProcessor:
         diag_parts: list[DiagnosticsPack] = []
         for s in range(0, n, bs):
             rows = slice(s, min(s + bs, n))
-            if with_grad:
-                logits, tokens = self._logits(sequences, rows, None)
-                scores = token_scores(logits, tokens, self.policy, fp64=fp64)
-            else:
-                with torch.no_grad():
+            ctx = torch.enable_grad() if with_grad else torch.no_grad()
+            with ctx:
+                mapping = None
+                if not with_grad:
                     mapping = params_override if params_override is not None else self._zero_mapping()
-                    logits, tokens = self._logits(sequences, rows, mapping)
+                logits, tokens = self._logits(sequences, rows, mapping)
+                if return_diagnostics:  # one pass over the vocabulary for scores and diagnostics
+                    scores, pack = self.diagnostics.score_and_diagnose(logits, tokens, mask[rows], fp64=fp64)
+                    diag_parts.append(pack)
+                else:
                     scores = token_scores(logits, tokens, self.policy, fp64=fp64)
             m = mask[rows].to(scores["logp"].dtype)
             for k in parts:
                 parts[k].append(torch.where(m.bool(), scores[k], torch.zeros_like(scores[k])))
-            if return_diagnostics:
-                diag_parts.append(
-                    self.diagnostics.compute_from_logits(
-                        logits.detach(), mask[rows], scores["surprisal"].detach()
-                    )
-                )
         full = {k: torch.cat(v).view(b, g_count, -1) for k, v in parts.items()}
         rb_torch = full["rb_entropy"] if (with_grad and self.config.rb_requires_grad) else None
         res = LogprobResults(

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lens_rl.ops.sampling import SamplingPolicy
 
@@ -37,29 +36,36 @@ def _chunk_stats(
     diagnostics: bool = False,
     eos_token_id: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """All per-position quantities of one chunk ``(N, t, V)``, from ONE ``process_logits`` call."""
+    """All per-position quantities of one chunk ``(N, t, V)``, from ONE ``process_logits`` call.
+
+    Written with log-sum-exps and gathers instead of materialised log-softmaxes: the vocabulary
+    is traversed as few times as possible (this is the hot loop of teacher-forced scoring).
+    """
     raw = raw.to(dtype)
     z = policy.process_logits(raw)  # tempered, -inf outside the support
-    log_q = F.log_softmax(z, dim=-1)
-    q = log_q.exp()
-    kept = q > 0
-    out = {"rb_entropy": -(q * log_q.masked_fill(~kept, 0.0)).sum(-1)}
+    lse_z = torch.logsumexp(z, dim=-1, keepdim=True)
+    q = (z - lse_z).exp()  # 0 outside the support
+    z0 = z.masked_fill(q == 0, 0.0)
+    qz = q * z0
+    e_z = qz.sum(-1)
+    out = {"rb_entropy": lse_z.squeeze(-1) - e_z}  # H(q) = logsumexp(z) - E_q[z]
     if tokens is not None:
         y = tokens.unsqueeze(-1)
-        out["logp"] = F.log_softmax(raw, dim=-1).gather(-1, y).squeeze(-1)
-        out["logq"] = log_q.gather(-1, y).squeeze(-1)
+        out["logp"] = (raw.gather(-1, y) - torch.logsumexp(raw, dim=-1, keepdim=True)).squeeze(-1)
+        out["logq"] = (z.gather(-1, y) - lse_z).squeeze(-1)
     if diagnostics:
-        full = F.log_softmax(raw / policy.temperature, dim=-1)
-        out["head_mass"] = (full.exp() * kept).sum(-1).clamp(max=1.0)
-        out["top1_prob"] = q.amax(-1)
+        if policy.truncates:  # mass of the support under softmax(raw / T)
+            lse_full = torch.logsumexp(raw / policy.temperature, dim=-1, keepdim=True)
+            out["head_mass"] = (lse_z - lse_full).exp().squeeze(-1).clamp(max=1.0)
+        else:
+            out["head_mass"] = torch.ones_like(e_z)
         top2 = z.topk(min(2, z.shape[-1]), dim=-1).values
+        out["top1_prob"] = (top2[..., 0:1] - lse_z).exp().squeeze(-1)
         margin = top2[..., 0] - top2[..., 1] if top2.shape[-1] > 1 else torch.zeros_like(top2[..., 0])
         out["margin"] = torch.where(torch.isfinite(margin), margin, torch.zeros_like(margin))
         out["collision"] = (q * q).sum(-1)
-        z0 = z.masked_fill(~kept, 0.0)
-        mean = (q * z0).sum(-1)
-        out["logit_mean"] = mean
-        out["logit_var"] = ((q * z0 * z0).sum(-1) - mean * mean).clamp(min=0)
+        out["logit_mean"] = e_z
+        out["logit_var"] = ((qz * z0).sum(-1) - e_z * e_z).clamp(min=0)
         if eos_token_id is not None:
             out["eos"] = q[..., eos_token_id]
     return out

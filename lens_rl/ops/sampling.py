@@ -94,7 +94,7 @@ class SamplingPolicy:
         }
 
 
-_CANDIDATES = 256  # nucleus candidates examined before falling back to a full sort
+_CANDIDATES = (32, 512)  # candidate-set sizes tried before falling back to a full sort
 
 
 def _nucleus_threshold_full(z: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -111,8 +111,8 @@ def _top_k_top_p(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k then nucleus on ``z`` ``(N, V)``, without sorting the whole vocabulary when possible.
 
     Token j is kept iff the mass of the tokens ranked above it is < top_p (so the token that
-    crosses the threshold is kept). The ``_CANDIDATES`` largest logits are examined first; a
-    row whose candidates hold >= top_p of the mass is decided by them (every other token has at
+    crosses the threshold is kept). The ``_CANDIDATES`` largest logits are examined first (32, then
+    512); a row whose candidates hold >= top_p of the mass is decided by them (every other token has at
     least that much mass above it); other rows fall back to vLLM's full-sort computation.
 
     Ties: top-k keeps every token tied at the k-th logit (vLLM and HF do too). At the nucleus
@@ -124,24 +124,26 @@ def _top_k_top_p(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if 0 < top_k < v:
         kth = z.topk(top_k, dim=-1).values[:, -1:]
         z = z.masked_fill(z < kth, float("-inf"))
-    k = min(v, _CANDIDATES)
-    vals = z.topk(k, dim=-1, sorted=True).values  # descending
-    p_sorted = (vals - torch.logsumexp(z, dim=-1, keepdim=True)).exp()
-    cum_incl = p_sorted.cumsum(dim=-1)
-    above = torch.nn.functional.pad(cum_incl[:, :-1], (1, 0))  # exclusive cumsum, no subtraction
-    keep = above < top_p
-    keep[:, 0] = True
-    thr = vals.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)
-    # Decided by the candidates only if they hold >= top_p and the boundary tie does not reach
-    # past the last candidate.
-    covered = (
-        (cum_incl[:, -1] >= top_p) & (thr[:, 0] > vals[:, -1])
-        if k < v
-        else torch.ones_like(thr[:, 0], dtype=torch.bool)
-    )
-    if not bool(covered.all()):
-        rows = (~covered).nonzero().squeeze(-1)
-        thr[rows] = _nucleus_threshold_full(z[rows], top_p)
+    thr = torch.empty(n, 1, dtype=z.dtype, device=z.device)
+    todo = torch.arange(n, device=z.device)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    for k in _CANDIDATES:  # small candidate sets first; rows they cannot decide move on
+        if k >= v or todo.numel() == 0:
+            break
+        vals = z[todo].topk(k, dim=-1, sorted=True).values  # descending
+        p_sorted = (vals - lse[todo]).exp()
+        cum_incl = p_sorted.cumsum(dim=-1)
+        above = torch.nn.functional.pad(cum_incl[:, :-1], (1, 0))  # exclusive cumsum, no subtraction
+        keep = above < top_p
+        keep[:, 0] = True
+        t = vals.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)
+        # Decided if the candidates hold >= top_p of the mass and the boundary tie does not
+        # reach past the last candidate.
+        done = (cum_incl[:, -1] >= top_p) & (t[:, 0] > vals[:, -1])
+        thr[todo[done]] = t[done]
+        todo = todo[~done]
+    if todo.numel():
+        thr[todo] = _nucleus_threshold_full(z[todo], top_p)
     return z.masked_fill(z < thr, float("-inf"))
 
 

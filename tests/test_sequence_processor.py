@@ -111,8 +111,11 @@ def test_sampling_frequencies_match_q_and_rb_entropy(tmp_path, tokenizer):
     assert abs(neg_logq.mean() - rb) < 4 * se, (float(neg_logq.mean()), float(rb), float(se))
 
 
-def test_grad_and_nograd_agree_and_overrides(tiny_model_factory, tokenizer):
-    model = tiny_model_factory("gpt2")
+def test_grad_and_nograd_agree_and_overrides(tmp_path, tokenizer):
+    from lens_rl.testing.tiny_models import build_tiny_model
+
+    # A private model: session-shared ones may have been frozen by an OrigWrapper elsewhere.
+    model = build_tiny_model("gpt2", tmp_path / "gpt2", len(tokenizer), seed=0)
     sp = SequenceProcessor(
         model,
         tokenizer,

@@ -232,6 +232,20 @@ def _finalize_split(
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2))
 
 
+def dump_windows(cfg: DumpConfig, tokenizer) -> dict[str, WindowSet]:
+    """The train/val windows a dump config describes (shared by the dumper and on-the-fly data)."""
+    stream = tokenize_corpus(load_texts(cfg), tokenizer)
+    return build_windows(
+        stream,
+        cfg.seq_len,
+        cfg.num_train,
+        cfg.num_val,
+        min_pos=cfg.min_pos,
+        strategy=cfg.position_strategy,
+        seed=cfg.seed,
+    )
+
+
 def run_dump(cfg: DumpConfig) -> dict[str, Path]:
     """Dump train and val activations; returns the split folders. Works under ``accelerate launch``."""
     import torch.cuda
@@ -247,16 +261,7 @@ def run_dump(cfg: DumpConfig) -> dict[str, Path]:
     orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, dtype=DTYPES[cfg.model_dtype]).to(state.device)
     layer = cfg.layer % orig.n_layers
     d_model = orig.model.get_input_embeddings().weight.shape[1]
-    stream = tokenize_corpus(load_texts(cfg), tok)
-    splits = build_windows(
-        stream,
-        cfg.seq_len,
-        cfg.num_train,
-        cfg.num_val,
-        min_pos=cfg.min_pos,
-        strategy=cfg.position_strategy,
-        seed=cfg.seed,
-    )
+    splits = dump_windows(cfg, tok)
     outs = {}
     for split, windows in splits.items():
         if len(windows) == 0:

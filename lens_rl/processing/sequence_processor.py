@@ -556,13 +556,3 @@ def _concat_packs(packs: list[DiagnosticsPack]) -> DiagnosticsPack:
         step=cat([p.step for p in packs], TokenStepDiagnostics),
         seq=cat([p.seq for p in packs], SequenceDiagnostics),
     )
-
-
-__all__ = [
-    "BatchedSequences",
-    "DiagnosticsResults",
-    "GenerationConfig",
-    "LogprobResults",
-    "PrecisionConfig",
-    "SequenceProcessor",
-]

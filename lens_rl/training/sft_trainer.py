@@ -170,27 +170,14 @@ class SFTTrainer:
             acc.init_trackers("lens_rl_sft", config={k: str(v) for k, v in cfg.to_dict().items()})
 
     def _setup_on_the_fly(self, n_layers: int) -> None:
-        import yaml
-
         from lens_rl.config import parse_args
-        from lens_rl.data.dump import DumpConfig, load_texts
-        from lens_rl.data.windows import build_windows, tokenize_corpus
+        from lens_rl.data.dump import DumpConfig, dump_windows
 
         (dcfg,) = parse_args(
             [DumpConfig],
             ["--config", self.cfg.on_the_fly, "--model_name_or_path", self.cfg.model_name_or_path],
         )
-        del yaml
-        stream = tokenize_corpus(load_texts(dcfg), self.tokenizer)
-        splits = build_windows(
-            stream,
-            dcfg.seq_len,
-            dcfg.num_train,
-            dcfg.num_val,
-            min_pos=dcfg.min_pos,
-            strategy=dcfg.position_strategy,
-            seed=dcfg.seed,
-        )
+        splits = dump_windows(dcfg, self.tokenizer)
         self.layer = dcfg.layer % n_layers
         self.train_set = OnTheFlyDataset(splits["train"], self.layer)
         self.val_set = OnTheFlyDataset(splits["val"], self.layer) if len(splits["val"]) else None

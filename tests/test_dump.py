@@ -206,3 +206,33 @@ def test_two_process_dump_equals_single_process(dump, tiny_model_dir, tmp_path):
     a, b = ActivationDataset(splits["train"]), ActivationDataset(train2)
     torch.testing.assert_close(a.A, b.A, rtol=0, atol=0)
     assert torch.equal(a.input_ids, b.input_ids)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_local_files_as_corpus(tiny_model_dir, tmp_path, kind):
+    """Local .txt and .jsonl files go through `datasets` (offline) into the same windows."""
+    from lens_rl.data.corpus import pydoc_topics
+
+    texts = pydoc_topics()[:200]
+    path = tmp_path / f"corpus.{kind}"
+    if kind == "txt":
+        path.write_text("\n".join(t.replace("\n", " ") for t in texts))
+    else:
+        path.write_text("\n".join(json.dumps({"body": t}) for t in texts))
+    extra = {"text_column": "body"} if kind == "jsonl" else {}
+    cfg = DumpConfig(
+        model_name_or_path=str(tiny_model_dir),
+        data_files=[str(path)],
+        layer=0,
+        seq_len=16,
+        min_pos=2,
+        num_train=40,
+        num_val=8,
+        output_dir=str(tmp_path / "out"),
+        **extra,
+    )
+    splits = run_dump(cfg)
+    ds = ActivationDataset(splits["train"])
+    assert len(ds) == 40 and ds.metadata["config"]["data_files"] == [str(path)]
+    with pytest.raises(ConfigError, match="Column 'nope'"):
+        run_dump(DumpConfig(**{**cfg.to_dict(), "text_column": "nope"}))

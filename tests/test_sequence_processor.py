@@ -216,3 +216,20 @@ def test_config_errors(tiny_model_factory, tokenizer):
     sp = SequenceProcessor(model, tokenizer)
     with pytest.raises(KeyError, match="Unknown prompt dataset"):
         sp.sample_prompts("nope", "train", 1, 0)
+
+
+def test_stop_strings_end_rows_and_are_scored(tiny_model_factory, tokenizer):
+    """A row ends at the token that completes a stop string; that token is generated and scored."""
+    model = tiny_model_factory("llama")
+    cfg = GenerationConfig(max_new_tokens=30, num_return_sequences=6, stop_strings=["e"], seed=4)
+    sp = SequenceProcessor(model, tokenizer, cfg)
+    seqs, res, _ = sp.generate_with_logprobs(prompts=["The return statement"])
+    toks, lens = seqs.gen_tokens()[0], seqs.gen_lens[0]
+    ended = [i for i in range(6) if lens[i] < 30]
+    assert ended, "expected some rows to hit the stop string"
+    for i in ended:
+        text = tokenizer.decode(toks[i, : lens[i]])
+        assert "e" in text and "e" not in tokenizer.decode(toks[i, : lens[i] - 1])
+        assert res.token_logqs[0, i, lens[i] - 1] < 0  # the stop token is scored
+    diff = (res.token_logqs - seqs.sampler_logprobs)[seqs.gen_mask].abs().max()
+    assert diff <= HF_TOL

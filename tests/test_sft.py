@@ -258,3 +258,26 @@ def test_bf16_on_cpu_is_refused(tiny_model_dir, splits, tmp_path):
     )
     with pytest.raises(ValueError, match="needs a GPU"):
         SFTTrainer(cfg).setup()
+
+
+def test_tensorboard_tracking(tiny_model_dir, splits, tmp_path):
+    """report_to=tensorboard writes event files next to metrics.jsonl."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    cfg = SFTConfig(
+        model_name_or_path=str(tiny_model_dir),
+        train_data=str(splits["train"]),
+        val_data=str(splits["val"]),
+        output_dir=str(out),
+        per_device_batch_size=8,
+        max_steps=2,
+        eval_every=0,
+        save_every=0,
+        log_every=1,
+        t_text=3,
+        report_to="tensorboard",
+        plot=False,
+    )
+    SFTTrainer(cfg).train()
+    assert list(out.rglob("events.out.tfevents.*")), "no tensorboard event file"
+    assert any("train/loss" in m for m in _metrics(out))

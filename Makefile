@@ -44,6 +44,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generation.py --out benchmarks/results/generation.json
 	$(PY) benchmarks/bench_sft.py --out benchmarks/results/sft.json
+	$(PY) benchmarks/bench_scoring.py --model_dir .cache/lens_rl/base-llama-d128 --out benchmarks/results/scoring.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

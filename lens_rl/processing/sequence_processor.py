@@ -279,8 +279,11 @@ class SequenceProcessor:
         self, prompts: list[str], g_count: int, gen_batch_size: int, seed: int
     ) -> BatchedSequences:
         tok = self.tokenizer
-        tok.padding_side = "left"
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        side, tok.padding_side = tok.padding_side, "left"  # prompts are left-padded; restored below
+        try:
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = side
         p_len = enc["input_ids"].shape[1]
         pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos_token_id
         t_max = self.config.max_new_tokens

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lens_rl.ops.sampling import SamplingPolicy
 
@@ -28,7 +29,7 @@ def _chunks(n: int, size: int = _CHUNK):
         yield slice(s, min(s + size, n))
 
 
-def _chunk_stats(
+def _dense_stats(
     raw: torch.Tensor,
     policy: SamplingPolicy,
     dtype: torch.dtype,
@@ -36,7 +37,7 @@ def _chunk_stats(
     diagnostics: bool = False,
     eos_token_id: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """All per-position quantities of one chunk ``(N, t, V)``, from ONE ``process_logits`` call.
+    """All per-position quantities of rows ``(..., V)``, from ONE ``process_logits`` call.
 
     Written with log-sum-exps and gathers instead of materialised log-softmaxes: the vocabulary
     is traversed as few times as possible (this is the hot loop of teacher-forced scoring).
@@ -68,6 +69,105 @@ def _chunk_stats(
         out["logit_var"] = ((qz * z0).sum(-1) - e_z * e_z).clamp(min=0)
         if eos_token_id is not None:
             out["eos"] = q[..., eos_token_id]
+    return out
+
+
+_SPARSE_K = 32  # nucleus candidates of the sparse fast path
+
+
+def _sparse_stats(
+    raw: torch.Tensor,
+    policy: SamplingPolicy,
+    tokens: torch.Tensor | None,
+    diagnostics: bool,
+    eos_token_id: int | None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Fast path for nucleus policies: rows ``(M, V)`` whose support lies in their 32 largest
+    tempered logits are computed from those 32 values (q is 0 elsewhere). Returns the stats of
+    those rows and the boolean mask of rows it decided; the caller computes the rest densely.
+    Same rule as :meth:`SamplingPolicy.process_logits` (candidate path, tie-inclusive boundary).
+    """
+    zt = raw / policy.temperature
+    if policy.top_k > 0 and policy.top_k < zt.shape[-1]:
+        kth = zt.topk(policy.top_k, dim=-1).values[:, -1:]
+        zk = zt.masked_fill(zt < kth, float("-inf"))
+    else:
+        zk = zt
+    lse_k = torch.logsumexp(zk, dim=-1, keepdim=True)
+    k = min(_SPARSE_K, zk.shape[-1])
+    vals, idx = zk.topk(k, dim=-1, sorted=True)
+    p_sorted = (vals - lse_k).exp()
+    cum_incl = p_sorted.cumsum(dim=-1)
+    above = F.pad(cum_incl[:, :-1], (1, 0))
+    keep = above < policy.top_p
+    keep[:, 0] = True
+    thr = vals.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)
+    done = (cum_incl[:, -1] >= policy.top_p) & (thr[:, 0] > vals[:, -1])
+    if k == zk.shape[-1]:
+        done = torch.ones_like(done)
+    vals, idx, thr, zt_d, raw_d = vals[done], idx[done], thr[done], zt[done], raw[done]
+    kept = vals >= thr  # tie-inclusive, as process_logits
+    kv = vals.masked_fill(~kept, float("-inf"))
+    lse_z = torch.logsumexp(kv, dim=-1, keepdim=True)
+    q = (kv - lse_z).exp()
+    v0 = vals.masked_fill(~kept, 0.0)
+    qz = q * v0
+    e_z = qz.sum(-1)
+    out = {"rb_entropy": lse_z.squeeze(-1) - e_z}
+    if tokens is not None:
+        y = tokens[done].unsqueeze(-1)
+        z_y = zt_d.gather(-1, y)
+        out["logp"] = (raw_d.gather(-1, y) - torch.logsumexp(raw_d, dim=-1, keepdim=True)).squeeze(-1)
+        in_support = (z_y >= thr) & (z_y > float("-inf"))
+        if policy.top_k > 0:
+            in_support &= zk[done].gather(-1, y) > float("-inf")
+        out["logq"] = torch.where(in_support, z_y - lse_z, torch.full_like(z_y, float("-inf"))).squeeze(-1)
+    if diagnostics:
+        lse_full = torch.logsumexp(zt_d, dim=-1, keepdim=True) if policy.top_k > 0 else lse_k[done]
+        out["head_mass"] = (lse_z - lse_full).exp().squeeze(-1).clamp(max=1.0)
+        out["top1_prob"] = q[:, 0]
+        margin = vals[:, 0] - vals[:, 1] if k > 1 else torch.zeros_like(vals[:, 0])
+        out["margin"] = torch.where(
+            kept[:, 1] if k > 1 else torch.zeros_like(kept[:, 0]), margin, torch.zeros_like(margin)
+        )
+        out["collision"] = (q * q).sum(-1)
+        out["logit_mean"] = e_z
+        out["logit_var"] = ((qz * v0).sum(-1) - e_z * e_z).clamp(min=0)
+        if eos_token_id is not None:
+            out["eos"] = (q * (idx == eos_token_id)).sum(-1)
+    return out, done
+
+
+def _chunk_stats(
+    raw: torch.Tensor,
+    policy: SamplingPolicy,
+    dtype: torch.dtype,
+    tokens: torch.Tensor | None = None,
+    diagnostics: bool = False,
+    eos_token_id: int | None = None,
+    sparse: bool = True,
+) -> dict[str, torch.Tensor]:
+    """All per-position quantities of one chunk ``(N, t, V)``: the sparse nucleus fast path
+    where it applies (nucleus policies without min-p), the dense computation elsewhere."""
+    raw = raw.to(dtype)
+    shape = raw.shape[:-1]
+    flat = raw.reshape(-1, raw.shape[-1])
+    y = None if tokens is None else tokens.reshape(-1)
+    if not (sparse and policy.top_p < 1.0 and policy.min_p == 0.0):
+        res = _dense_stats(flat, policy, dtype, y, diagnostics, eos_token_id)
+        return {k: v.reshape(shape) for k, v in res.items()}
+    fast, done = _sparse_stats(flat, policy, y, diagnostics, eos_token_id)
+    if bool(done.all()):
+        return {k: v.reshape(shape) for k, v in fast.items()}
+    rest = _dense_stats(
+        flat[~done], policy, dtype, None if y is None else y[~done], diagnostics, eos_token_id
+    )
+    out = {}
+    for k, v in fast.items():
+        merged = torch.empty(flat.shape[0], dtype=v.dtype, device=v.device)
+        merged[done] = v
+        merged[~done] = rest[k]
+        out[k] = merged.reshape(shape)
     return out
 
 

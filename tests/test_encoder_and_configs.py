@@ -96,6 +96,8 @@ def test_model_dependent_errors(tiny_model_factory, tokenizer):
         Decoder.from_base(base, tokenizer, DecoderConfig(patch_all_layers=3))
     with pytest.raises(ConfigError, match="needs a frozen base"):
         Decoder.from_base(base, tokenizer, DecoderConfig(trainable_base=True), share_weights=True)
+    with pytest.raises(ConfigError, match="use_dropout=True would switch the shared"):
+        Decoder.from_base(base, tokenizer, DecoderConfig(use_dropout=True), share_weights=True)
     with pytest.raises(ConfigError, match="prompt_embeds"):
         Decoder.from_base(base, tokenizer, DecoderConfig(patch_all_layers=True)).prompt_embeds(
             torch.zeros(1, 64)

@@ -206,6 +206,11 @@ class Decoder(nn.Module):
             ]
             if trainable:
                 raise ConfigError(f"share_weights=True needs a frozen base, but {trainable} are set.")
+            if config.use_dropout:
+                raise ConfigError(
+                    "use_dropout=True would switch the shared (orig) model to train mode; "
+                    "use share_weights=False."
+                )
             return cls(base, tokenizer, config)
         return cls(copy.deepcopy(base), tokenizer, config)
 

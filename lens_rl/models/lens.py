@@ -58,6 +58,7 @@ class ConsistencyLens(nn.Module):
             decoder_config.trainable_base
             or decoder_config.trainable_embeddings
             or decoder_config.trainable_output_head
+            or decoder_config.use_dropout
         )
         enc_share = share_base and not encoder_config.trainable_base
         decoder = Decoder.from_base(base, tokenizer, decoder_config, share_weights=dec_share)

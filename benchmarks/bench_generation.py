@@ -5,6 +5,7 @@
    also ``max_memory_allocated``). The ratio soft / kv is the figure of merit.
 2. ``generate_soft_kv_cached_nondiff`` vs HF ``generate`` with the same sampling settings
    (temperature, top-p), same prompt embeddings, same number of new tokens: the time ratio.
+3. Group rollouts (``num_samples=G``: prefix once, KV cache expanded) vs repeated activations.
 
 Ratios are taken within one run, so machine noise mostly cancels.
 
@@ -178,6 +179,37 @@ def main() -> None:
         }
         row["nondiff_over_hf"] = row["nondiff_s"] / row["hf_generate_s"]
         results["rollout"].append(row)
+        print(json.dumps(row))
+
+    # Group rollouts: prefix encoded once + KV cache expanded over G, vs repeating the activation.
+    results["group"] = []
+    for g_count in (4, 16):
+        a_small = a[:2]
+
+        def grouped(g_count=g_count):
+            dec.generate_soft_kv_cached_nondiff(
+                a_small, 32, generator=gen_device.manual_seed(0), num_samples=g_count, return_logits=False
+            )
+
+        def repeated(g_count=g_count):
+            dec.generate_soft_kv_cached_nondiff(
+                a_small.repeat_interleave(g_count, 0),
+                32,
+                generator=gen_device.manual_seed(0),
+                return_logits=False,
+            )
+
+        grouped()
+        repeated()
+        row = {
+            "G": g_count,
+            "activations": 2,
+            "T": 32,
+            "grouped_s": _median_time(grouped, args.repeats),
+            "repeated_s": _median_time(repeated, args.repeats),
+        }
+        row["repeated_over_grouped"] = row["repeated_s"] / row["grouped_s"]
+        results["group"].append(row)
         print(json.dumps(row))
 
     out = Path(args.out)

@@ -149,3 +149,26 @@ def test_rows_are_independent(tiny_model_factory, tokenizer):
         alone = dec.fwd_tokens(a[b : b + 1], torch.tensor([[5, 6, 7]]))
         torch.testing.assert_close(batch.logprobs[b : b + 1], alone.logprobs, rtol=0, atol=1e-5)
     assert (batch.logprobs[0] - batch.logprobs[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["single", "multi_per_layer"])
+def test_group_expansion_equals_repeated_activations(arch, mode, tiny_model_factory, tokenizer, record_max):
+    """num_samples=G (prefix encoded once, KV cache expanded over the group) draws the same tokens
+    as repeating each activation G times, with logits and gradients equal to 1e-5."""
+    dec = _decoder(tiny_model_factory, tokenizer, arch, mode)
+    a = _activation(dec, 0, b=2)
+    g_count = 4
+    for name in ("generate_soft", "generate_soft_kv_cached", "generate_soft_kv_cached_nondiff"):
+        fn = getattr(dec, name)
+        grouped = fn(a, 12, generator=torch.Generator().manual_seed(1), num_samples=g_count)
+        repeated = fn(a.repeat_interleave(g_count, 0), 12, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(grouped.hard_token_ids, repeated.hard_token_ids), name
+        diff = (grouped.raw_lm_logits - repeated.raw_lm_logits).abs().max().item()
+        record_max("grouped (KV expanded) vs repeated logits", diff)
+        assert diff <= ATOL
+        if name != "generate_soft_kv_cached_nondiff":
+            g1 = torch.autograd.grad(_scalar(grouped, 2), a)[0]
+            g2 = torch.autograd.grad(_scalar(repeated, 2), a)[0]
+            assert ((g1 - g2).norm() / g2.norm()).item() <= GRAD_RTOL
+    # the G samples of one activation differ
+    assert not torch.equal(grouped.hard_token_ids[0], grouped.hard_token_ids[1])

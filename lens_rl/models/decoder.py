@@ -361,15 +361,27 @@ class Decoder(nn.Module):
         policy: SamplingPolicy | None = None,
         return_logprobs: bool = False,
         return_hidden: bool = False,
+        num_samples: int = 1,
     ) -> Generated:
-        """The one generation loop behind all three public generators."""
+        """The one generation loop behind all three public generators.
+
+        ``num_samples = G > 1`` returns ``B * G`` rows (row ``b * G + g``). With the KV cache the
+        prompt and activation are encoded once per activation and the cache is expanded over the
+        group; without it the activations are repeated. Both draw the same tokens as passing
+        ``activation.repeat_interleave(G, 0)``.
+        """
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}.")
         if gumbel_tau <= 0:
             raise ValueError(f"gumbel_tau must be > 0, got {gumbel_tau}.")
         if activation.dim() != 2:
             raise ValueError(f"activation must be (B, d), got shape {tuple(activation.shape)}.")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         policy = policy or SamplingPolicy()
+        expand_cache = use_cache and num_samples > 1
+        if num_samples > 1 and not use_cache:
+            activation = activation.repeat_interleave(num_samples, dim=0)
         slot, layer_values = self.projected(activation)
         prefix = self.prefix_embeds(slot)
         embs: list[torch.Tensor] = []
@@ -381,6 +393,9 @@ class Decoder(nn.Module):
             else:
                 seq = torch.cat([prefix, *[e.unsqueeze(1) for e in embs]], dim=1)
                 hidden, past = self._backbone(seq, layer_values, use_cache=use_cache)
+                if expand_cache:  # prefix encoded once per activation; the group shares it
+                    past.batch_repeat_interleave(num_samples)
+                    hidden = hidden.repeat_interleave(num_samples, dim=0)
             h_last = hidden[:, -1]
             logits = self._head(h_last)  # (B, V)
             ids, emb, log_q = self._sample_step(logits, policy, generator, gumbel_tau, differentiable)
@@ -408,6 +423,7 @@ class Decoder(nn.Module):
         policy: SamplingPolicy | None = None,
         return_logprobs: bool = False,
         return_hidden: bool = False,
+        num_samples: int = 1,
     ) -> Generated:
         """Reference generator: recompute the whole sequence at every step, differentiable. O(T^2)."""
         return self._generate(
@@ -420,6 +436,7 @@ class Decoder(nn.Module):
             policy=policy,
             return_logprobs=return_logprobs,
             return_hidden=return_hidden,
+            num_samples=num_samples,
         )
 
     def generate_soft_kv_cached(
@@ -432,6 +449,7 @@ class Decoder(nn.Module):
         policy: SamplingPolicy | None = None,
         return_logprobs: bool = False,
         return_hidden: bool = False,
+        num_samples: int = 1,
     ) -> Generated:
         """Same tokens and values as :meth:`generate_soft` in O(T), the KV cache kept in the graph.
 
@@ -448,6 +466,7 @@ class Decoder(nn.Module):
             policy=policy,
             return_logprobs=return_logprobs,
             return_hidden=return_hidden,
+            num_samples=num_samples,
         )
 
     def generate_soft_kv_cached_nondiff(
@@ -460,6 +479,7 @@ class Decoder(nn.Module):
         return_logprobs: bool = True,
         return_logits: bool = True,
         return_hidden: bool = False,
+        num_samples: int = 1,
     ) -> Generated:
         """Rollout generator: KV-cached, in inference mode (no graph), same tokens as the others.
 
@@ -478,6 +498,7 @@ class Decoder(nn.Module):
                 policy=policy,
                 return_logprobs=return_logprobs,
                 return_hidden=return_hidden,
+                num_samples=num_samples,
             )
         if not return_logits:
             out.raw_lm_logits = out.raw_lm_logits[..., :0]

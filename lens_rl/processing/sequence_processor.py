@@ -242,14 +242,14 @@ class SequenceProcessor:
         dec: Decoder = self.model
         b = activations.shape[0]
         t = self.config.max_new_tokens
-        acts = activations.to(self.device).repeat_interleave(g_count, dim=0)
-        if self.config.backend == "hf":
+        if self.config.backend == "hf":  # prefix encoded once per activation, cache expanded over G
             gen = dec.generate_soft_kv_cached_nondiff(
-                acts,
+                activations.to(self.device),
                 t,
                 generator=torch.Generator(self.device).manual_seed(seed),
                 policy=self.policy,
                 return_logits=False,
+                num_samples=g_count,
             )
             ids, logq = gen.hard_token_ids, gen.logprobs
         else:

@@ -183,8 +183,8 @@ def main() -> None:
 
     # Group rollouts: prefix encoded once + KV cache expanded over G, vs repeating the activation.
     results["group"] = []
+    a_small = a[:2]
     for g_count in (4, 16):
-        a_small = a[:2]
 
         def grouped(g_count=g_count):
             dec.generate_soft_kv_cached_nondiff(

@@ -137,12 +137,16 @@ def _accept_json_for_dict_fields(parser: Any, dataclass_types: Sequence[type]) -
             action.type = _json_mapping
 
 
-def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = None) -> tuple[Any, ...]:
+def parse_args(
+    dataclass_types: Sequence[type], args: Sequence[str] | None = None, typecheck: bool = True
+) -> tuple[Any, ...]:
     """Parse ``--config x.yaml`` plus command-line overrides into the given dataclasses.
 
     Args:
         dataclass_types: the config dataclasses of a script, in order.
         args: argv without the program name (``None``: ``sys.argv[1:]``); tests pass a list.
+        typecheck: type-check plain dataclasses' fields (off for TRL's large configs, which
+            validate themselves in ``__post_init__``).
 
     Returns:
         One instance per dataclass type, type-checked (and, for :class:`ValidatedConfig`
@@ -169,6 +173,6 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
     for obj in parsed:
-        if not isinstance(obj, ValidatedConfig):
+        if typecheck and not isinstance(obj, ValidatedConfig):
             validate_types(obj)
     return tuple(parsed)

@@ -57,7 +57,9 @@ def test_on_policy_ratio_top_p_08(tiny_model_factory, tokenizer, record_max):
     assert trl_ratio.mean() < 0.95
     # Per token, the full-softmax ratio IS the kept mass S_t (q = p / S_t on the nucleus).
     torch.testing.assert_close(trl_ratio, kept_mass.double(), rtol=0, atol=1e-5)
-    stats = mismatch_stats(ours, m, importance_weights(ours, "sequence_mask", clip_max=3.0, mask=m))
+    w = importance_weights(ours, "sequence_mask", clip_max=3.0, mask=m)
+    stats = mismatch_stats(ours, m, w, importance_weights(ours, "sequence_mask", clip_max=None, mask=m))
+    assert stats["clipped_or_masked_fraction"] == 0
     assert stats["outside_support"] == 0 and stats["seq_ess_fraction"] > 0.999
 
 

@@ -37,7 +37,7 @@ class VLLMBackend:
         model_path: str | Path,
         *,
         dtype: str = "float32",
-        max_model_len: int = 512,
+        max_model_len: int | None = None,
         seed: int = 0,
         gpu_memory_utilization: float = 0.3,
         cpu_kv_cache_gib: int = 1,
@@ -54,7 +54,7 @@ class VLLMBackend:
             model=self.model_path,
             dtype=dtype,
             enforce_eager=True,
-            max_model_len=max_model_len,
+            max_model_len=max_model_len,  # None: the model's max_position_embeddings
             enable_prompt_embeds=enable_prompt_embeds,
             logprobs_mode="processed_logprobs",
             seed=seed,

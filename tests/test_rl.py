@@ -208,3 +208,29 @@ def test_checkpoint_and_resume(tiny_model_dir, splits, tmp_path):
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6, msg=k)
     assert max(h.get("step", 0) for h in res["log_history"]) == 4
+
+
+def test_functional_kl_reward_and_encoder_cotraining(tiny_model_dir, splits, tmp_path):
+    """functional_kl_reward lowers the reward by the (positive) next-token KL; encoder_mse_weight
+    trains the encoder on the rollouts (its projection moves, its MSE is logged)."""
+    import torch
+
+    base = run_rl(_cfg(tiny_model_dir, splits, tmp_path / "a", max_steps=1))
+    with_kl = run_rl(_cfg(tiny_model_dir, splits, tmp_path / "b", max_steps=1, functional_kl_reward=1.0))
+
+    def first_reward(res):
+        return next(
+            h["rewards/reconstruction/mean"] for h in res["log_history"] if "rewards/reconstruction/mean" in h
+        )
+
+    assert first_reward(with_kl) < first_reward(base) - 1e-6  # same rollouts (same seed), reward minus KL
+    from safetensors.torch import load_file
+
+    co = run_rl(
+        _cfg(tiny_model_dir, splits, tmp_path / "c", max_steps=3, encoder_mse_weight=1.0, learning_rate=1e-2)
+    )
+    assert any("lens/encoder_mse" in h for h in co["log_history"])
+    w = load_file(str(tmp_path / "c" / "lens" / "lens.safetensors"))["encoder.proj.weight"]
+    assert (w - torch.eye(w.shape[0])).abs().max() > 1e-4
+    w0 = load_file(str(tmp_path / "a" / "lens" / "lens.safetensors"))["encoder.proj.weight"]
+    assert torch.equal(w0, torch.eye(w0.shape[0]))  # without it the encoder stays as it was

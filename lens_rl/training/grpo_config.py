@@ -57,6 +57,18 @@ class LensGRPOConfig(GRPOConfig):
             "help": "Weight tokens by q_train/q_sampler under the same policy (TRL's modes and clips)."
         },
     )
+    functional_kl_reward: float = field(
+        default=0.0,
+        metadata={
+            "help": "Add -w * KL(P(next | A) || P(next | Â)) to the reward (the original LM's next token)."
+        },
+    )
+    encoder_mse_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Also train the encoder on its normalised MSE over the rollouts (0: encoder frozen)."
+        },
+    )
     ref_kl_prefix: str = field(
         default="<|endoftext|>short explanation of something:",
         metadata={"help": "Text the frozen LM reads before the explanation for the beta-KL reference."},
@@ -82,6 +94,8 @@ class LensGRPOConfig(GRPOConfig):
             raise ConfigError("LensGRPOConfig.model_name_or_path is required (a local model folder).")
         if not self.train_data:
             raise ConfigError("LensGRPOConfig.train_data is required (a dump split folder).")
+        if self.functional_kl_reward < 0 or self.encoder_mse_weight < 0:
+            raise ConfigError("functional_kl_reward and encoder_mse_weight must be >= 0.")
         if self.t_text < 1:
             raise ConfigError(f"t_text must be >= 1, got {self.t_text}.")
         if self.multi_objective_aggregation != "sum_then_normalize":

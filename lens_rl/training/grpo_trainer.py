@@ -71,6 +71,11 @@ def _score(
     return out.logprobs, out.entropies
 
 
+def _encoder_mse(lens: ConsistencyLens, acts, ids, current_token, var_mean: float) -> torch.Tensor:
+    emb = lens.decoder.base.get_input_embeddings().weight[ids].detach()
+    return (lens.encoder(emb, current_token_ids=current_token) - acts).pow(2).mean() / var_mean
+
+
 class LensGRPOTrainer(GRPOTrainer):
     """GRPO on TRL for a consistency-lens decoder (see the module docstring)."""
 
@@ -133,7 +138,17 @@ class LensGRPOTrainer(GRPOTrainer):
             with torch.no_grad():
                 emb = lens.decoder.base.get_input_embeddings().weight[ids]
                 a_hat = lens.encoder(emb, current_token_ids=cur)
-            return (-(a_hat - a).pow(2).mean(-1) / trainer.var_mean).tolist()
+                reward = -(a_hat - a).pow(2).mean(-1) / trainer.var_mean
+                w_kl = trainer.lens_args.functional_kl_reward
+                if w_kl > 0:
+                    from lens_rl.training.sft_losses import functional_kl
+
+                    batch = {
+                        "input_ids": trainer.store.input_ids[idx].long().to(device),
+                        "token_pos": trainer.store.token_pos[idx].to(device),
+                    }
+                    reward = reward - w_kl * functional_kl(trainer.orig, batch, trainer.store.layer, a_hat)
+            return reward.tolist()
 
         return reconstruction
 
@@ -241,6 +256,7 @@ class LensGRPOTrainer(GRPOTrainer):
             "advantages": advantages,
             "num_items_in_batch": self.accelerator.gather(mask.sum()).sum(),
             "activation": acts,
+            "current_token": self.store.input_ids[idx, self.store.token_pos[idx]].long().to(device),
         }
         if self.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps:
             out["old_per_token_logps"] = logq_old
@@ -291,6 +307,19 @@ class LensGRPOTrainer(GRPOTrainer):
         use_vllm = self.use_vllm
         self.use_vllm = "importance_sampling_ratio" in inputs  # lets TRL apply our weights
         try:
-            return super()._compute_loss(model, inputs)
+            loss = super()._compute_loss(model, inputs)
         finally:
             self.use_vllm = use_vllm
+        w = self.lens_args.encoder_mse_weight
+        if w > 0:  # the encoder keeps learning to read the explanations the policy now writes
+            mse = model(
+                _encoder_mse,
+                inputs["activation"],
+                inputs["completion_ids"],
+                inputs["current_token"],
+                self.var_mean,
+            )
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["lens/encoder_mse"].append(float(mse.detach()))
+            loss = loss + w * mse
+        return loss

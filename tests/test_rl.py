@@ -234,3 +234,33 @@ def test_functional_kl_reward_and_encoder_cotraining(tiny_model_dir, splits, tmp
     assert (w - torch.eye(w.shape[0])).abs().max() > 1e-4
     w0 = load_file(str(tmp_path / "a" / "lens" / "lens.safetensors"))["encoder.proj.weight"]
     assert torch.equal(w0, torch.eye(w0.shape[0]))  # without it the encoder stays as it was
+
+
+def test_two_process_ddp_run(tiny_model_dir, splits, tmp_path):
+    """`accelerate launch` with 2 CPU processes forms one gloo group (not two solo runs)."""
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29547",
+        str(ROOT / "scripts" / "rl_lens.py"),
+        *_argv(tiny_model_dir, splits, out),
+    ]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["num_processes"] == 2
+    assert (out / "lens" / "lens.safetensors").exists()

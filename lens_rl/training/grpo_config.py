@@ -86,8 +86,12 @@ class LensGRPOConfig(GRPOConfig):
 
         requested_beta = self.beta
         self.gradient_checkpointing = False
-        if self.bf16 is None and not torch.cuda.is_available():
-            self.bf16 = False  # TRL defaults to bf16; on CPU the lens trains in fp32
+        if not torch.cuda.is_available():
+            if self.bf16 is None:
+                self.bf16 = False  # TRL defaults to bf16; on CPU the lens trains in fp32
+            # Without this, N processes started by `accelerate launch` on a CPU machine would each
+            # run alone (DistributedType.NO) instead of as one gloo group.
+            self.use_cpu = True
         super().__post_init__()
         self.beta = requested_beta
         if not self.model_name_or_path:

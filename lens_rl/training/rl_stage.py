@@ -108,6 +108,7 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
     after = evaluate()
     result = {
         "backend": backend_name,
+        "num_processes": state.num_processes,
         "before": before,
         "after": after,
         "log_history": trainer.state.log_history,

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_runner import accelerate_launch
 
 from lens_rl.config import ConfigError
 from lens_rl.data.dataset import ActivationDataset, DumpError
@@ -157,22 +155,7 @@ def test_two_process_dump_equals_single_process(dump, tiny_model_dir, tmp_path):
     """`accelerate launch` with 2 processes writes rank_0/rank_1 shards with identical content."""
     splits, _ = dump
     out = tmp_path / "dump2"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29517",
-        str(ROOT / "scripts" / "dump_activations.py"),
+    args = [
         "--model_name_or_path",
         str(tiny_model_dir),
         "--corpus",
@@ -194,9 +177,7 @@ def test_two_process_dump_equals_single_process(dump, tiny_model_dir, tmp_path):
         "--output_dir",
         str(out),
     ]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    accelerate_launch("dump_activations.py", args, num_processes=2, port=29517, timeout=300)
     train2 = Path(str(splits["train"]).replace(str(Path(splits["train"]).parents[2]), str(out)))
     assert sorted(p.parent.name for p in train2.glob("rank_*/*.safetensors")) == [
         "rank_0",

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from script_runner import accelerate_launch
 
 from lens_rl.config import ConfigError, parse_args
 from lens_rl.data.dump import DumpConfig, run_dump
@@ -121,25 +119,10 @@ def test_accelerate_launch_from_a_saved_lens(tiny_model_dir, splits, tmp_path):
     )
     lens.save_pretrained(tmp_path / "sft_lens")
     out = tmp_path / "rl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(ROOT / "scripts" / "rl_lens.py"),
-        *_argv(tiny_model_dir, splits, out, sft_lens=tmp_path / "sft_lens", val_data=splits["val"]),
-    ]
-    res = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    accelerate_launch(
+        "rl_lens.py",
+        _argv(tiny_model_dir, splits, out, sft_lens=tmp_path / "sft_lens", val_data=splits["val"]),
     )
-    assert res.returncode == 0, res.stderr[-3000:]
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["backend"] == "hf" and "fve" in final["before"] and "fve" in final["after"]
     assert (out / "lens" / "lens.safetensors").exists()
@@ -239,28 +222,7 @@ def test_functional_kl_reward_and_encoder_cotraining(tiny_model_dir, splits, tmp
 def test_two_process_ddp_run(tiny_model_dir, splits, tmp_path):
     """`accelerate launch` with 2 CPU processes forms one gloo group (not two solo runs)."""
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29547",
-        str(ROOT / "scripts" / "rl_lens.py"),
-        *_argv(tiny_model_dir, splits, out),
-    ]
-    res = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"}
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    accelerate_launch("rl_lens.py", _argv(tiny_model_dir, splits, out), num_processes=2, port=29547)
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["num_processes"] == 2
     assert (out / "lens" / "lens.safetensors").exists()

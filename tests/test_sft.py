@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_runner import accelerate_launch
 
 from lens_rl.config import ConfigError
 from lens_rl.data.dataset import ActivationDataset, DumpError
@@ -59,33 +57,8 @@ def _args(model_dir, splits, out, **kw) -> list[str]:
     return [x for k, v in base.items() for x in (f"--{k}", v)]
 
 
-def _launch(args: list[str], num_processes: int = 1, port: int = 29531) -> subprocess.CompletedProcess:
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    launch += (
-        ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(port)]
-        if num_processes > 1
-        else ["--num_processes", "1"]
-    )
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    res = subprocess.run(
-        [*launch, str(ROOT / "scripts" / "sft_lens.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return res
+def _launch(args: list[str], num_processes: int = 1, port: int = 29531):
+    return accelerate_launch("sft_lens.py", args, num_processes=num_processes, port=port)
 
 
 def _metrics(out: Path) -> list[dict]:

@@ -1,0 +1,41 @@
+"""Run a project script under the real `accelerate launch` (1 process, or N CPU processes over gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def accelerate_launch(
+    script: str, args: list[str], num_processes: int = 1, port: int = 29531, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Launch ``scripts/<script>`` and assert it exits 0 (the tail of stderr is the message)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    if num_processes > 1:  # on a CPU machine lens_rl turns these into one gloo group
+        cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(port)]
+    else:
+        cmd += ["--num_processes", "1"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [*cmd, str(ROOT / "scripts" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res

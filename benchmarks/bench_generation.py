@@ -18,14 +18,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from timing import median_time
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lens_rl.data.corpus import pydoc_topics
@@ -49,19 +48,6 @@ def _saved_bytes(fn) -> tuple[object, int]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, sum(seen.values())
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -136,7 +122,7 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             step()  # warm-up
-            row[f"{name}_s"] = _median_time(step, args.repeats)
+            row[f"{name}_s"] = median_time(step, args.repeats)
             row[f"{name}_saved_MiB"] = saved / 2**20
             if torch.cuda.is_available():
                 row[f"{name}_cuda_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
@@ -174,8 +160,8 @@ def main() -> None:
         hf()
         row = {
             "T": T,
-            "nondiff_s": _median_time(ours, args.repeats),
-            "hf_generate_s": _median_time(hf, args.repeats),
+            "nondiff_s": median_time(ours, args.repeats),
+            "hf_generate_s": median_time(hf, args.repeats),
         }
         row["nondiff_over_hf"] = row["nondiff_s"] / row["hf_generate_s"]
         results["rollout"].append(row)
@@ -205,8 +191,8 @@ def main() -> None:
             "G": g_count,
             "activations": 2,
             "T": 32,
-            "grouped_s": _median_time(grouped, args.repeats),
-            "repeated_s": _median_time(repeated, args.repeats),
+            "grouped_s": median_time(grouped, args.repeats),
+            "repeated_s": median_time(repeated, args.repeats),
         }
         row["repeated_over_grouped"] = row["repeated_s"] / row["grouped_s"]
         results["group"].append(row)

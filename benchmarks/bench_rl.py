@@ -16,23 +16,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-
-
-def _time(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+from timing import median_time
 
 
 def main() -> None:
@@ -97,7 +86,7 @@ def main() -> None:
                 return_logits=False,
             )
 
-        row = {"G": g_count, "hf_tokens_per_s": tokens / _time(hf, args.repeats)}
+        row = {"G": g_count, "hf_tokens_per_s": tokens / median_time(hf, args.repeats, warmup=True)}
         if vllm is not None:
 
             def vl(g_count=g_count):
@@ -110,7 +99,7 @@ def main() -> None:
                     ignore_eos=True,
                 )
 
-            row["vllm_tokens_per_s"] = tokens / _time(vl, args.repeats)
+            row["vllm_tokens_per_s"] = tokens / median_time(vl, args.repeats, warmup=True)
             row["vllm_over_hf"] = row["vllm_tokens_per_s"] / row["hf_tokens_per_s"]
         report["rollouts"].append(row)
         print(json.dumps(row))
@@ -153,7 +142,7 @@ def main() -> None:
         opt.zero_grad()
 
     split = {
-        name: _time(fn, args.repeats)
+        name: median_time(fn, args.repeats, warmup=True)
         for name, fn in (("rollout", rollout), ("scoring", scoring), ("update", update))
     }
     total = sum(split.values())

@@ -15,16 +15,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from timing import median_time
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 
@@ -126,13 +125,9 @@ def main() -> None:
         tokens = args.n * args.gen
         times = {}
         for mode in ("bare", "processor"):
-            run_one(mode, model, seqs, 8)  # warm-up
-            ts = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                run_one(mode, model, seqs, 8)
-                ts.append(time.perf_counter() - t0)
-            times[mode] = statistics.median(ts)
+            times[mode] = median_time(
+                lambda mode=mode: run_one(mode, model, seqs, 8), args.repeats, warmup=True
+            )
         memory = {}
         for mode in ("bare", "processor"):
             res = subprocess.run(

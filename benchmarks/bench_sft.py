@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from timing import median_time
 
 from lens_rl.data.dump import DumpConfig, run_dump
 from lens_rl.data.windows import build_windows, tokenize_corpus
@@ -31,15 +31,6 @@ from lens_rl.models.orig import OrigWrapper
 from lens_rl.pretrain import pretrain_small_lm
 from lens_rl.training.losses import normalized_mse
 from lens_rl.training.sft_losses import functional_kl
-
-
-def _time(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -154,7 +145,7 @@ def main() -> None:
     }
     for fn in parts.values():
         fn()  # warm-up
-    split = {name: _time(fn, args.repeats) for name, fn in parts.items()}
+    split = {name: median_time(fn, args.repeats) for name, fn in parts.items()}
     parts_sum = sum(v for k, v in split.items() if k != "full_step")
     split["fractions_of_parts_sum"] = {k: v / parts_sum for k, v in split.items() if k != "full_step"}
     split.update({"batch": args.batch, "t_text": args.t_text})

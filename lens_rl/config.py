@@ -110,6 +110,20 @@ class ValidatedConfig:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
+def sub_config(value: dict | str, cls: type[T], name: str) -> T:
+    """Build the nested config ``cls`` from a YAML mapping or a JSON string, refusing unknown keys."""
+    import json
+
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip() else {}
+    unknown = sorted(set(value) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]
+    if unknown:
+        raise ConfigError(
+            f"Unknown {name} option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}."  # type: ignore[attr-defined]
+        )
+    return cls(**value)
+
+
 def _json_mapping(text: str) -> dict:
     import json
 

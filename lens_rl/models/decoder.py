@@ -329,8 +329,9 @@ class Decoder(nn.Module):
         generator: torch.Generator,
         gumbel_tau: float,
         differentiable: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample one token per row by Gumbel-max; return (ids, embeddings, log q of the ids).
+        want_logq: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Sample one token per row by Gumbel-max; return (ids, embeddings, log q of the ids or None).
 
         Forward: the exact embedding row of the sampled token (hard one-hot). Backward (when
         ``differentiable``): the gradient of ``softmax((z + g) / tau) @ W_E`` flows into the
@@ -346,7 +347,7 @@ class Decoder(nn.Module):
             y_soft = F.softmax(scores / gumbel_tau, dim=-1)
             # (y_soft - y_soft.detach()) is exactly 0 forward; backward it carries d/dy_soft.
             emb = emb + (y_soft - y_soft.detach()).to(w_e.dtype) @ w_e
-        log_q = F.log_softmax(z, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
+        log_q = F.log_softmax(z, dim=-1).gather(-1, ids[:, None]).squeeze(-1) if want_logq else None
         return ids, emb, log_q
 
     def _generate(
@@ -398,7 +399,9 @@ class Decoder(nn.Module):
                     hidden = hidden.repeat_interleave(num_samples, dim=0)
             h_last = hidden[:, -1]
             logits = self._head(h_last)  # (B, V)
-            ids, emb, log_q = self._sample_step(logits, policy, generator, gumbel_tau, differentiable)
+            ids, emb, log_q = self._sample_step(
+                logits, policy, generator, gumbel_tau, differentiable, want_logq=return_logprobs
+            )
             embs.append(emb)
             logits_l.append(logits)
             ids_l.append(ids)

@@ -17,9 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from lens_rl.ops.sampling import SamplingPolicy
+from lens_rl.ops.sampling import SamplingPolicy, nucleus_candidates, top_k_mask
 
 _CHUNK = 256  # positions per chunk of vocabulary math
 
@@ -88,23 +87,10 @@ def _sparse_stats(
     Same rule as :meth:`SamplingPolicy.process_logits` (candidate path, tie-inclusive boundary).
     """
     zt = raw / policy.temperature
-    if policy.top_k > 0 and policy.top_k < zt.shape[-1]:
-        kth = zt.topk(policy.top_k, dim=-1).values[:, -1:]
-        zk = zt.masked_fill(zt < kth, float("-inf"))
-    else:
-        zk = zt
+    zk = top_k_mask(zt, policy.top_k)
     lse_k = torch.logsumexp(zk, dim=-1, keepdim=True)
-    k = min(_SPARSE_K, zk.shape[-1])
-    vals, idx = zk.topk(k, dim=-1, sorted=True)
-    p_sorted = (vals - lse_k).exp()
-    cum_incl = p_sorted.cumsum(dim=-1)
-    above = F.pad(cum_incl[:, :-1], (1, 0))
-    keep = above < policy.top_p
-    keep[:, 0] = True
-    thr = vals.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)
-    done = (cum_incl[:, -1] >= policy.top_p) & (thr[:, 0] > vals[:, -1])
-    if k == zk.shape[-1]:
-        done = torch.ones_like(done)
+    vals, idx, thr, done = nucleus_candidates(zk, policy.top_p, _SPARSE_K, lse_k)
+    k = vals.shape[-1]
     vals, idx, thr, zt_d, raw_d = vals[done], idx[done], thr[done], zt[done], raw[done]
     kept = vals >= thr  # tie-inclusive, as process_logits
     kv = vals.masked_fill(~kept, float("-inf"))

@@ -107,13 +107,48 @@ def _nucleus_threshold_full(z: torch.Tensor, top_p: float) -> torch.Tensor:
     return z_sort.masked_fill(drop, float("inf")).amin(dim=-1, keepdim=True)
 
 
+def top_k_mask(z: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``z`` ``(N, V)`` with every token below the k-th largest logit at -inf (ties at it stay)."""
+    if not 0 < top_k < z.shape[-1]:
+        return z
+    kth = z.topk(top_k, dim=-1).values[:, -1:]
+    return z.masked_fill(z < kth, float("-inf"))
+
+
+def nucleus_candidates(
+    z: torch.Tensor, top_p: float, k: int, lse: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The nucleus rule on the ``k`` largest logits of each row of ``z`` ``(N, V)``.
+
+    Returns ``(vals, idx, thr, done)``: the candidates in descending order ``(N, k)``, their
+    token ids, the smallest kept logit ``(N, 1)`` (tie-inclusive: every token with a logit >=
+    ``thr`` is kept) and ``(N,)`` whether the candidates decide the row (they hold >= top_p of
+    the mass and the boundary tie does not reach past the last candidate; always true when
+    ``k`` covers the vocabulary). ``lse`` is ``logsumexp(z)`` when the caller already has it.
+    """
+    v = z.shape[-1]
+    k = min(k, v)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True) if lse is None else lse
+    vals, idx = z.topk(k, dim=-1, sorted=True)
+    p_sorted = (vals - lse).exp()
+    cum_incl = p_sorted.cumsum(dim=-1)
+    above = torch.nn.functional.pad(cum_incl[:, :-1], (1, 0))  # exclusive cumsum, no subtraction
+    keep = above < top_p
+    keep[:, 0] = True
+    thr = vals.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)
+    done = (cum_incl[:, -1] >= top_p) & (thr[:, 0] > vals[:, -1])
+    if k == v:
+        done = torch.ones_like(done)
+    return vals, idx, thr, done
+
+
 def _top_k_top_p(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k then nucleus on ``z`` ``(N, V)``, without sorting the whole vocabulary when possible.
 
     Token j is kept iff the mass of the tokens ranked above it is < top_p (so the token that
-    crosses the threshold is kept). The ``_CANDIDATES`` largest logits are examined first (32, then
-    512); a row whose candidates hold >= top_p of the mass is decided by them (every other token has at
-    least that much mass above it); other rows fall back to vLLM's full-sort computation.
+    crosses the threshold is kept). The ``_CANDIDATES`` largest logits are examined first (32,
+    then 512, :func:`nucleus_candidates`); rows they cannot decide fall back to vLLM's full-sort
+    computation.
 
     Ties: top-k keeps every token tied at the k-th logit (vLLM and HF do too). At the nucleus
     boundary the engines keep an arbitrary subset of exactly tied tokens (their sort is not
@@ -121,25 +156,14 @@ def _top_k_top_p(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     and q differs from the engine's only when such a tie occurs (by the tied tokens' mass).
     """
     n, v = z.shape
-    if 0 < top_k < v:
-        kth = z.topk(top_k, dim=-1).values[:, -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
+    z = top_k_mask(z, top_k)
     thr = torch.empty(n, 1, dtype=z.dtype, device=z.device)
     todo = torch.arange(n, device=z.device)
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     for k in _CANDIDATES:  # small candidate sets first; rows they cannot decide move on
         if k >= v or todo.numel() == 0:
             break
-        vals = z[todo].topk(k, dim=-1, sorted=True).values  # descending
-        p_sorted = (vals - lse[todo]).exp()
-        cum_incl = p_sorted.cumsum(dim=-1)
-        above = torch.nn.functional.pad(cum_incl[:, :-1], (1, 0))  # exclusive cumsum, no subtraction
-        keep = above < top_p
-        keep[:, 0] = True
-        t = vals.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)
-        # Decided if the candidates hold >= top_p of the mass and the boundary tie does not
-        # reach past the last candidate.
-        done = (cum_incl[:, -1] >= top_p) & (t[:, 0] > vals[:, -1])
+        _, _, t, done = nucleus_candidates(z[todo], top_p, k, lse[todo])
         thr[todo[done]] = t[done]
         todo = todo[~done]
     if todo.numel():

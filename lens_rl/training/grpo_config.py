@@ -10,25 +10,15 @@ with ``rollout_backend``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 from trl import GRPOConfig
 
-from lens_rl.config import ConfigError
+from lens_rl.config import ConfigError, sub_config
 from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
 from lens_rl.ops.sampling import SamplingPolicy
-
-
-def _sub(value: dict | str, cls: type, name: str):
-    if isinstance(value, str):
-        value = json.loads(value) if value.strip() else {}
-    unknown = sorted(set(value) - set(cls.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"Unknown {name} option(s) {unknown}.")
-    return cls(**value)
 
 
 @dataclass
@@ -109,5 +99,5 @@ class LensGRPOConfig(GRPOConfig):
         self.policy = SamplingPolicy(
             temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p, min_p=self.min_p or 0.0
         )
-        self.decoder_config = _sub(self.decoder, DecoderConfig, "decoder")
-        self.encoder_config = _sub(self.encoder, EncoderConfig, "encoder")
+        self.decoder_config = sub_config(self.decoder, DecoderConfig, "decoder")
+        self.encoder_config = sub_config(self.encoder, EncoderConfig, "encoder")

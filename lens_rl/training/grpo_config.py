@@ -38,7 +38,8 @@ class LensGRPOConfig(GRPOConfig):
     rollout_backend: Literal["auto", "hf", "vllm"] = field(
         default="auto",
         metadata={
-            "help": "auto: vLLM when installed and the decoder is single-layer, else the HF generator."
+            "help": "auto: vLLM on CUDA when installed and the decoder is single-layer, else the HF "
+            "generator (on CPU HF is faster). A trainable decoder base is synced to vLLM after each step."
         },
     )
     lens_importance_sampling: bool = field(

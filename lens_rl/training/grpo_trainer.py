@@ -165,6 +165,7 @@ class LensGRPOTrainer(GRPOTrainer):
                 return_logits=False,
             )
             return gen.hard_token_ids, gen.logprobs
+        self._sync_vllm_weights()
         with torch.no_grad():
             embeds = dec.prompt_embeds(acts)
         out = self.vllm_backend.generate(
@@ -178,6 +179,21 @@ class LensGRPOTrainer(GRPOTrainer):
         ids = torch.tensor([r[0] for r in out.token_ids], device=acts.device)
         lp = torch.tensor([r[0] for r in out.logprobs], device=acts.device, dtype=torch.float32)
         return ids, lp
+
+    def _sync_vllm_weights(self) -> None:
+        """Push the decoder base into the vLLM engine once per optimizer step, when it trains
+        (or differs from the engine's checkpoint: the first rollout always syncs a trainable
+        base, which a supervised stage may already have changed). A frozen base is never sent:
+        the projections and soft prompt reach vLLM through ``prompt_embeds``."""
+        base = self.lens.decoder.base
+        if not any(p.requires_grad for p in base.parameters()):
+            return
+        step = self.state.global_step
+        if getattr(self, "_vllm_synced_step", None) == step:
+            return
+        seconds = self.vllm_backend.sync_weights(base.state_dict().items())
+        self._vllm_synced_step = step
+        self._vllm_sync_seconds = seconds
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         device = self.accelerator.device
@@ -247,6 +263,8 @@ class LensGRPOTrainer(GRPOTrainer):
             ("eff_support", step.eff_support),
         ):
             metrics[f"lens/{key}"].append(self.accelerator.gather(val.float().mean()).mean().item())
+        if getattr(self, "_vllm_sync_seconds", None) is not None:
+            metrics["sampling/vllm_sync_seconds"].append(self._vllm_sync_seconds)
 
         out: dict[str, Any] = {
             "prompt_ids": torch.zeros(len(prompts), 0, dtype=torch.long, device=device),

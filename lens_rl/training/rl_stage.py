@@ -53,13 +53,14 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
             )
         backend_name = "hf"
         state.print("rollouts: HF generator (multi-layer patching is not expressible as vLLM prompt_embeds)")
-    if backend_name in ("auto", "vllm") and any(p.requires_grad for p in lens.decoder.base.parameters()):
-        if backend_name == "vllm":
-            raise ValueError(
-                "rollout_backend=vllm with a trainable decoder base needs weight sync (not yet built)."
-            )
+    if backend_name == "auto" and not torch.cuda.is_available():
         backend_name = "hf"
-        state.print("rollouts: HF generator (vLLM weight sync for a trainable base is not built yet)")
+        state.print(
+            "rollouts: HF generator (on CPU vLLM rollouts measured slower than HF: benchmarks/bench_rl.py; "
+            "set rollout_backend=vllm to use it anyway)"
+        )
+    if backend_name in ("auto", "vllm") and any(p.requires_grad for p in lens.decoder.base.parameters()):
+        state.print("rollouts: a trainable decoder base is synced to the vLLM engine after each optimizer step")
     vllm = None
     if backend_name in ("auto", "vllm"):
         try:

@@ -78,6 +78,19 @@ def _encoder_mse(lens: ConsistencyLens, acts, ids, current_token, feature_var: t
     return normalized_mse(lens.encoder(emb, current_token_ids=current_token), acts, feature_var)
 
 
+def _group_size(idx: torch.Tensor) -> int:
+    """The length of the runs of repeated indices if ``idx`` is made of equal-length runs of one
+    index each (TRL's ``RepeatSampler`` layout), else 1."""
+    n = idx.numel()
+    if n == 0:
+        return 1
+    change = torch.nonzero(idx[1:] != idx[:-1]).flatten()
+    g = int(change[0]) + 1 if change.numel() else n
+    if g > 1 and n % g == 0 and bool((idx.view(-1, g) == idx.view(-1, g)[:, :1]).all()):
+        return g
+    return 1
+
+
 class LensGRPOTrainer(GRPOTrainer):
     """GRPO on TRL for a consistency-lens decoder (see the module docstring)."""
 
@@ -153,16 +166,20 @@ class LensGRPOTrainer(GRPOTrainer):
         return reconstruction
 
     # ------------------------------------------------------------------ rollouts
-    def _rollouts(self, acts: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rollouts(self, acts: torch.Tensor, seed: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         args = self.lens_args
         dec = self.lens.decoder
         if self.vllm_backend is None:
+            # TRL's sampler hands over each activation num_generations times in a row: encode
+            # the prefix once per group and expand the KV cache over the group.
+            g = _group_size(idx)
             gen = dec.generate_soft_kv_cached_nondiff(
-                acts,
+                acts[::g],
                 args.t_text,
                 generator=torch.Generator(acts.device).manual_seed(seed),
                 policy=args.policy,
                 return_logits=False,
+                num_samples=g,
             )
             return gen.hard_token_ids, gen.logprobs
         self._sync_vllm_weights()
@@ -213,7 +230,7 @@ class LensGRPOTrainer(GRPOTrainer):
             + self.accelerator.process_index
         )
         seed %= 2**62
-        ids, sampler_lp = self._rollouts(acts, seed)
+        ids, sampler_lp = self._rollouts(acts, seed, idx)
         mask = torch.ones_like(ids, dtype=torch.long)
 
         # Scores of the sampled tokens under the current parameters (theta_old), same policy.

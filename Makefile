@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sft.py --out benchmarks/results/sft.json
 	$(PY) benchmarks/bench_scoring.py --model_dir .cache/lens_rl/base-llama-d128 --out benchmarks/results/scoring.json
 	$(PY) benchmarks/bench_rl.py --out benchmarks/results/rl.json
+	$(PY) benchmarks/bench_probe.py --model_dir .cache/lens_rl/base-llama-d128 --out benchmarks/results/probe.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

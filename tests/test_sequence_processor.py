@@ -147,8 +147,20 @@ def test_grad_and_nograd_agree_and_overrides(tmp_path, tokenizer):
     jvp = sum((p.grad.double() * v[n].double()).sum() for n, p in model.named_parameters())
     model.zero_grad()
     assert abs(float(fd) - float(jvp)) <= 1e-3 * abs(float(jvp)), (float(fd), float(jvp))
-    with pytest.raises(ValueError, match="only supported in the no-grad path"):
-        sp.teacher_force_logprobs(seqs, with_grad=True, params_override=sp.build_params_override(v, 0.0))
+    # With grad through an override theta + eta v (eta a tensor): d/d eta = the same derivative;
+    # the forward-mode tangents of log q (teacher_force_jvp) sum to d/d eta of sum log q.
+    eta_t = torch.tensor(0.0, requires_grad=True)
+    through = sp.teacher_force_logprobs(
+        seqs, with_grad=True, params_override=sp.build_params_override(v, eta_t)
+    )
+    (d_eta,) = torch.autograd.grad(through.sequence_logprobs.sum(), eta_t)
+    assert abs(float(d_eta) - float(jvp)) <= 1e-4 * abs(float(jvp)), (float(d_eta), float(jvp))
+    tang = sp.teacher_force_jvp(seqs, v)
+    res_q = sp.teacher_force_logprobs(
+        seqs, with_grad=True, params_override=sp.build_params_override(v, eta_t)
+    )
+    (d_eta_q,) = torch.autograd.grad(res_q.sequence_logqs.sum(), eta_t)
+    assert abs(float(tang.d_token_logqs.sum()) - float(d_eta_q)) <= 1e-4 * abs(float(d_eta_q))
 
 
 def test_fp64_scores_stay_fp64(tiny_model_factory, tokenizer):

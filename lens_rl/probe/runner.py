@@ -472,9 +472,15 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_probe(results, out / "probe.png")
-    console = Console()
+    console = Console(width=max(Console().width, 132))
     console.print(summary_table(results, "per_token"))
     console.print(summary_table(results, "per_sequence"))
+    low = [e["eta"] for e in results["entries"] if e["weights"]["ess_fraction"] < 0.1]
+    if low:
+        console.print(
+            f"[yellow]ESS/N < 0.1 at eta {low}: the SNIS ground truth rests on a few sequences there; "
+            "trust the resample column or use smaller eta / a larger E.[/yellow]"
+        )
     u = results["update"]
     console.print(
         f"update: loss {u['loss']:+.4f}, |g| {u['grad_norm_before_clip']:.3g} (clip x{u['clip_coef']:.3f}), "

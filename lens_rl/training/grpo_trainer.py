@@ -166,7 +166,9 @@ class LensGRPOTrainer(GRPOTrainer):
         return reconstruction
 
     # ------------------------------------------------------------------ rollouts
-    def _rollouts(self, acts: torch.Tensor, seed: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rollouts(
+        self, acts: torch.Tensor, seed: int, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         args = self.lens_args
         dec = self.lens.decoder
         if self.vllm_backend is None:

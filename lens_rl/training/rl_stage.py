@@ -60,7 +60,9 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
             "set rollout_backend=vllm to use it anyway)"
         )
     if backend_name in ("auto", "vllm") and any(p.requires_grad for p in lens.decoder.base.parameters()):
-        state.print("rollouts: a trainable decoder base is synced to the vLLM engine after each optimizer step")
+        state.print(
+            "rollouts: a trainable decoder base is synced to the vLLM engine after each optimizer step"
+        )
     vllm = None
     if backend_name in ("auto", "vllm"):
         try:

@@ -5,7 +5,8 @@ On the quickstart base model (pretrained if not cached) and a fresh single-layer
 1. rollout throughput (tokens/s): the decoder's HF generator vs vLLM with ``prompt_embeds``,
    for several group sizes G (B activations x G samples x T tokens);
 2. one RL step split into rollout (HF), scoring (no-grad ``fwd_tokens`` + diagnostics, the
-   importance weights' log q) and update (``fwd_tokens`` with grad + backward + AdamW step).
+   importance weights' log q) and update (``fwd_tokens`` with grad + backward + AdamW step);
+3. the vLLM weight sync of a trainable decoder base, against one vLLM rollout.
 
     python benchmarks/bench_rl.py --out benchmarks/results/rl.json
 """
@@ -103,6 +104,14 @@ def main() -> None:
             row["vllm_over_hf"] = row["vllm_tokens_per_s"] / row["hf_tokens_per_s"]
         report["rollouts"].append(row)
         print(json.dumps(row))
+
+    if vllm is not None:  # weight sync of a trainable base, against one vLLM rollout of G = first
+        base_sd = dec.base.state_dict()
+        sync = median_time(lambda: vllm.sync_weights(base_sd.items()), args.repeats, warmup=True)
+        g0 = report["rollouts"][0]
+        rollout_s = args.activations * g0["G"] * args.t / g0["vllm_tokens_per_s"]
+        report["vllm_sync"] = {"seconds": sync, "over_one_vllm_rollout": sync / rollout_s, "G": g0["G"]}
+        print(json.dumps(report["vllm_sync"]))
 
     # One step's parts, G = the first group size.
     g_count = int(args.groups.split(",")[0])

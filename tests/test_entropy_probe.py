@@ -424,3 +424,27 @@ def test_lens_policy_probe(tiny_model_dir, tmp_path):
             for key in ("truth", "prediction", "difference", "resample"):
                 assert torch.isfinite(torch.tensor(entry[norm][key]["value"] + entry[norm][key]["se"]))
     assert (tmp_path / "probe" / "probe.png").exists()
+
+
+def test_optimizer_state_is_loaded(toy, tmp_path):
+    """``optimizer_state``: the moments and step count of an earlier run shape v (it differs
+    from a fresh optimizer's), and v still equals a real step from that state."""
+    model = type(toy[0]).from_pretrained(toy[2]).eval()
+    cfg = _cfg()
+    subject = lm_subject(model, toy[1], cfg, pool=list(TOY_PROMPTS))
+    opt = build_optimizer(model, cfg.learning_rate, weight_decay=cfg.weight_decay)
+    ids = torch.arange(6).view(1, 6)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    idx = torch.arange(4)
+    seqs_u = subject.sp.generate_batched(subject.prompts(idx), G=4, seed=1)
+    rewards = subject.rewards(seqs_u, idx)
+    fresh, _ = compute_update_vector(subject, seqs_u, rewards, cfg)
+    cfg_state = _cfg(optimizer_state=str(tmp_path / "opt.pt"))
+    warm, info = compute_update_vector(subject, seqs_u, rewards, cfg_state)
+    check = info["verify_against_optimizer_step"]
+    assert check["max_abs_err"] <= 4 * check["rounding_scale"]
+    assert max(float((fresh[k] - warm[k]).abs().max()) for k in fresh) > 0.1

@@ -101,3 +101,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer):
     )
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dump(tiny_model_dir, tmp_path_factory):
+    """Activation dump of ``tiny_model_dir`` after block 1 (128 train / 32 val windows of 32
+    tokens): ``{"train": dir, "val": dir}``. Read-only for tests."""
+    from lens_rl.data.dump import DumpConfig, run_dump
+
+    return run_dump(
+        DumpConfig(
+            model_name_or_path=str(tiny_model_dir),
+            corpus="pydoc",
+            layer=1,
+            seq_len=32,
+            min_pos=4,
+            num_train=128,
+            num_val=32,
+            output_dir=str(tmp_path_factory.mktemp("tiny-dump")),
+        )
+    )

@@ -367,30 +367,17 @@ def test_config_errors(kw, match):
         _cfg(**kw)
 
 
-def test_lens_policy_probe(tiny_model_dir, tmp_path):
+def test_lens_policy_probe(tiny_model_dir, tiny_dump, tmp_path):
     """The probe on a lens decoder (activation prompts from a dump, reconstruction reward): the
     update vector matched a real optimizer step, the JVP primal equals the scored RB entropies,
     v moves only the decoder's trainable parameters, and every estimate is finite."""
     from transformers import AutoTokenizer
 
-    from lens_rl.data.dump import DumpConfig, run_dump
     from lens_rl.models import DecoderConfig, EncoderConfig
     from lens_rl.models.lens import ConsistencyLens
     from lens_rl.models.orig import OrigWrapper
     from lens_rl.probe.runner import run_entropy_probe
 
-    splits = run_dump(
-        DumpConfig(
-            model_name_or_path=str(tiny_model_dir),
-            corpus="pydoc",
-            layer=1,
-            seq_len=32,
-            min_pos=4,
-            num_train=64,
-            num_val=8,
-            output_dir=str(tmp_path / "dump"),
-        )
-    )
     orig = OrigWrapper.from_pretrained(tiny_model_dir)
     lens = ConsistencyLens.build(
         orig.model,
@@ -404,7 +391,7 @@ def test_lens_policy_probe(tiny_model_dir, tmp_path):
         policy="lens",
         model_name_or_path=str(tiny_model_dir),
         lens_path=str(tmp_path / "lens"),
-        activations=str(splits["train"]),
+        activations=str(tiny_dump["train"]),
         batch_size_e=48,
         batch_size_u=4,
         num_generations=4,

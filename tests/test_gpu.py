@@ -25,23 +25,12 @@ def test_bf16_generators_agree_on_gpu(tiny_model_factory, tokenizer):
     assert (outs[0].raw_lm_logits - outs[1].raw_lm_logits).abs().max() < 5e-2
 
 
-def test_sft_bf16_autocast_step(tiny_model_dir, tmp_path):
+def test_sft_bf16_autocast_step(tiny_model_dir, tiny_dump, tmp_path):
     """A short supervised run with mixed_precision=auto picks bf16 on CUDA and stays finite."""
-    from lens_rl.data.dump import DumpConfig, run_dump
     from lens_rl.training.sft_config import SFTConfig
     from lens_rl.training.sft_trainer import SFTTrainer
 
-    splits = run_dump(
-        DumpConfig(
-            model_name_or_path=str(tiny_model_dir),
-            corpus="pydoc",
-            layer=1,
-            seq_len=32,
-            num_train=64,
-            num_val=16,
-            output_dir=str(tmp_path / "d"),
-        )
-    )
+    splits = tiny_dump
     cfg = SFTConfig(
         model_name_or_path=str(tiny_model_dir),
         train_data=str(splits["train"]),

@@ -9,7 +9,6 @@ import pytest
 from script_runner import accelerate_launch
 
 from lens_rl.config import ConfigError, parse_args
-from lens_rl.data.dump import DumpConfig, run_dump
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.rl_stage import run_rl
 
@@ -17,19 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def splits(tiny_model_dir, tmp_path_factory):
-    return run_dump(
-        DumpConfig(
-            model_name_or_path=str(tiny_model_dir),
-            corpus="pydoc",
-            layer=1,
-            seq_len=32,
-            min_pos=4,
-            num_train=128,
-            num_val=32,
-            output_dir=str(tmp_path_factory.mktemp("rl-d")),
-        )
-    )
+def splits(tiny_dump):
+    return tiny_dump
 
 
 def _argv(model_dir, splits, out, **kw) -> list[str]:

@@ -245,6 +245,7 @@ def test_probe_end_to_end_against_enumeration(toy):
             rs = entry[norm]["resample"]
             assert rs["ci"][0] <= delta[norm] <= rs["ci"][1], (entry["eta"], norm, rs, delta[norm])
         assert 0.5 < entry["weights"]["ess_fraction"] <= 1.0
+        assert entry["weights"]["outside_support_fraction"] == 0.0
     assert res["consistency"]["max_abs_rb_jvp_primal_vs_scored"] <= 1e-6
     json.dumps(res)  # results are JSON-ready
 
@@ -435,3 +436,19 @@ def test_optimizer_state_is_loaded(toy, tmp_path):
     check = info["verify_against_optimizer_step"]
     assert check["max_abs_err"] <= 4 * check["rounding_scale"]
     assert max(float((fresh[k] - warm[k]).abs().max()) for k in fresh) > 0.1
+
+
+def test_snis_flags_tokens_that_leave_the_nucleus():
+    """A sampled token with q_new = 0 (it left the top-p set) gets weight 0 and is counted."""
+    from lens_rl.probe.estimators import weight_diagnostics
+
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    old = torch.full((4, 2), -0.5, dtype=torch.float64)
+    new = old.clone()
+    new[1, 1] = float("-inf")
+    rb = torch.ones(4, 2, dtype=torch.float64)
+    st = snis_terms(old, new, rb, rb * 2, mask)
+    diag = weight_diagnostics(st)
+    assert diag["outside_support_fraction"] == 0.25
+    assert diag["ess"] == pytest.approx(3.0)
+    assert float(snis_stat(st, "per_token")(torch.ones(1, 4, dtype=torch.float64))) == pytest.approx(1.0)

@@ -256,6 +256,7 @@ class SNISTerms:
     length: torch.Tensor
     weight: torch.Tensor  # sample weight
     clipped: torch.Tensor  # bool
+    outside_support: torch.Tensor  # bool: a sampled token left the new policy's nucleus (q_new = 0)
 
 
 def snis_terms(
@@ -271,6 +272,7 @@ def snis_terms(
     mf = mask.to(torch.float64)
     diff = torch.where(mask, logq_new.double() - logq_old.double(), torch.zeros_like(mf))
     lw = diff.sum(-1)
+    outside = torch.isneginf(lw)
     clipped = torch.zeros_like(lw, dtype=torch.bool)
     if clip_log_weight is not None:
         clipped = lw.abs() > clip_log_weight
@@ -283,6 +285,7 @@ def snis_terms(
         length=mf.sum(-1),
         weight=torch.ones(n, dtype=torch.float64) if weight is None else weight.double(),
         clipped=clipped,
+        outside_support=outside,
     )
 
 
@@ -301,7 +304,9 @@ def snis_stat(terms: SNISTerms, normalize: Normalize) -> Callable[[torch.Tensor]
 
 
 def weight_diagnostics(terms: SNISTerms) -> dict[str, float]:
-    """ESS ``(sum w)^2 / sum w^2`` (and as a fraction of N), clip fraction, max ``|log w|``."""
+    """ESS ``(sum w)^2 / sum w^2`` (and as a fraction of N), clip fraction, max finite
+    ``|log w|``, and the fraction of E whose sampled tokens left the new nucleus (a top-p/top-k
+    support change: tokens that ENTER the nucleus are never sampled, so SNIS is then biased)."""
     iw = torch.exp(terms.log_weight - terms.log_weight.max()) * terms.weight
     ess = float(iw.sum() ** 2 / iw.pow(2).sum())
     n = terms.log_weight.numel()
@@ -309,7 +314,10 @@ def weight_diagnostics(terms: SNISTerms) -> dict[str, float]:
         "ess": ess,
         "ess_fraction": ess / n,
         "clip_fraction": float(terms.clipped.double().mean()),
-        "max_abs_log_weight": float(terms.log_weight.abs().max()),
+        "max_abs_log_weight": float(terms.log_weight[torch.isfinite(terms.log_weight)].abs().max())
+        if torch.isfinite(terms.log_weight).any()
+        else float("inf"),
+        "outside_support_fraction": float(terms.outside_support.double().mean()),
     }
 
 

@@ -240,7 +240,7 @@ def _features(pack, mask: torch.Tensor) -> torch.Tensor:
         if name == "position":
             x = (torch.arange(t, dtype=torch.float64) / t).expand(mask.shape[0], t)
         else:
-            x = getattr(step, name).double().cpu().reshape(mask.shape)
+            x = torch.nan_to_num(getattr(step, name).double().cpu().reshape(mask.shape), 0.0, 0.0, 0.0)
         cols.append(torch.where(mask, x, torch.zeros_like(x)))
     return torch.stack(cols, -1)
 
@@ -262,6 +262,8 @@ def probe(subject: ProbeSubject, cfg: EntropyProbeConfig, show_progress: bool = 
     from lens_rl.utils.progress import progress_bar
 
     sp = subject.sp
+    if cfg.batch_size_u > subject.pool_size:
+        raise ValueError(f"batch_size_u={cfg.batch_size_u} exceeds the prompt pool ({subject.pool_size}).")
     subject.module.eval()
     timer = _Timer()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -269,8 +271,6 @@ def probe(subject: ProbeSubject, cfg: EntropyProbeConfig, show_progress: bool = 
         idx_e = torch.randint(0, subject.pool_size, (cfg.batch_size_e,), generator=gen)
         seqs_e = sp.generate_batched(subject.prompts(idx_e), G=1, seed=cfg.seed + 1)
     with timer.phase("sample_u"):
-        if cfg.batch_size_u > subject.pool_size:
-            raise ValueError(f"batch_size_u={cfg.batch_size_u} exceeds the pool ({subject.pool_size}).")
         idx_u = torch.randperm(subject.pool_size, generator=gen)[: cfg.batch_size_u]
         seqs_u = sp.generate_batched(subject.prompts(idx_u), G=cfg.num_generations, seed=cfg.seed + 2)
         rewards = subject.rewards(seqs_u, idx_u)
@@ -480,6 +480,12 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
         console.print(
             f"[yellow]ESS/N < 0.1 at eta {low}: the SNIS ground truth rests on a few sequences there; "
             "trust the resample column or use smaller eta / a larger E.[/yellow]"
+        )
+    moved = [e["eta"] for e in results["entries"] if e["weights"]["outside_support_fraction"] > 0]
+    if moved:
+        console.print(
+            f"[yellow]At eta {moved} some sampled tokens left the new top-p/top-k nucleus: the support "
+            "changed, so SNIS misses tokens that entered it; prefer smaller eta.[/yellow]"
         )
     u = results["update"]
     console.print(

@@ -4,8 +4,9 @@ policy.
 
 Overridden surface (everything else is TRL 1.16's ``GRPOTrainer``):
 
-- ``_generate_and_score_completions``: rollouts from activations (HF nondiff generator, or vLLM
-  with the decoder prompt as ``prompt_embeds``), rewards through TRL's reward-function machinery
+- ``_generate_and_score_completions``: rollouts from activations (HF nondiff generator with the
+  prefix encoded once per group, or vLLM with the decoder prompt as ``prompt_embeds`` and a
+  trainable base synced into the engine after each optimizer step), rewards through TRL's reward-function machinery
   (the reconstruction reward first), group advantages (TRL's ``sum_then_normalize`` rule),
   importance weights q_theta_old / q_sampler under the SAME sampling policy (fixing the top-p
   bias of TRL issue #6789), RB-entropy diagnostics, optional KL reference log-probs;

@@ -452,3 +452,75 @@ def test_snis_flags_tokens_that_leave_the_nucleus():
     assert diag["outside_support_fraction"] == 0.25
     assert diag["ess"] == pytest.approx(3.0)
     assert float(snis_stat(st, "per_token")(torch.ones(1, 4, dtype=torch.float64))) == pytest.approx(1.0)
+
+
+def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
+    """``trl_checkpoint``: the probe loads the RL run's lens weights and AdamW state (2 steps)
+    from ``checkpoint-2`` of ``run_rl``, and v still equals a real step from that state."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from lens_rl.config import parse_args
+    from lens_rl.models import DecoderConfig, EncoderConfig
+    from lens_rl.models.lens import ConsistencyLens
+    from lens_rl.models.orig import OrigWrapper
+    from lens_rl.probe.runner import load_trl_checkpoint, run_entropy_probe
+    from lens_rl.training.grpo_config import LensGRPOConfig
+    from lens_rl.training.rl_stage import run_rl
+
+    orig = OrigWrapper.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    meta = {"model_name_or_path": str(tiny_model_dir), "layer": 1}
+    lens = ConsistencyLens.build(
+        orig.model, tok, DecoderConfig(trainable_output_head=True), EncoderConfig(), meta=meta
+    )
+    lens.save_pretrained(tmp_path / "lens0")
+    args = {
+        "model_name_or_path": tiny_model_dir,
+        "sft_lens": tmp_path / "lens0",
+        "train_data": tiny_dump["train"],
+        "output_dir": tmp_path / "rl",
+        "max_steps": 2,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "learning_rate": 1e-2,
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "t_text": 4,
+        "rollout_backend": "hf",
+        "report_to": "none",
+        "disable_tqdm": "true",
+    }
+    (rl_cfg,) = parse_args(
+        [LensGRPOConfig], [x for k, v in args.items() for x in (f"--{k}", str(v))], typecheck=False
+    )
+    run_rl(rl_cfg)
+    ckpt = tmp_path / "rl" / "checkpoint-2"
+
+    loaded = ConsistencyLens.from_pretrained(tmp_path / "lens0", base=orig.model, tokenizer=tok)
+    load_trl_checkpoint(loaded, ckpt)
+    saved = load_file(str(ckpt / "model.safetensors"))
+    head = "lens.decoder.base.lm_head.weight"
+    assert head in saved
+    assert torch.equal(loaded.decoder.base.lm_head.weight, saved[head])
+    assert not torch.equal(lens.decoder.base.lm_head.weight, saved[head])  # the run moved it
+
+    cfg = EntropyProbeConfig(
+        policy="lens",
+        model_name_or_path=str(tiny_model_dir),
+        lens_path=str(tmp_path / "lens0"),
+        trl_checkpoint=str(ckpt),
+        activations=str(tiny_dump["train"]),
+        batch_size_e=16,
+        batch_size_u=4,
+        num_generations=4,
+        max_new_tokens=4,
+        learning_rate=1e-2,
+        etas=[1e-4],
+        resample_check=False,
+        output_dir=str(tmp_path / "probe"),
+    )
+    res = run_entropy_probe(cfg, show_progress=False)
+    assert res["update"]["optimizer_steps_before"] == 2
+    check = res["update"]["verify_against_optimizer_step"]
+    assert check["max_abs_err"] <= 4 * check["rounding_scale"]

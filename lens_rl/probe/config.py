@@ -63,6 +63,13 @@ class EntropyProbeConfig(ValidatedConfig):
         default=None,
         metadata={"help": "torch.save'd AdamW state_dict for the same parameter groups (None: fresh)."},
     )
+    trl_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "policy=lens: a checkpoint-N folder of scripts/rl_lens.py; its lens weights and AdamW "
+            "state (optimizer.pt) replace lens_path's weights and the fresh optimizer."
+        },
+    )
     verify_update: bool = field(default=True, metadata={"help": "Check v against a real optimizer.step()."})
 
     # ---- estimators
@@ -93,8 +100,10 @@ class EntropyProbeConfig(ValidatedConfig):
             raise ConfigError("model_name_or_path is required (a local model directory).")
         if self.policy == "lens" and (self.lens_path is None or self.activations is None):
             raise ConfigError("policy=lens needs lens_path (a saved lens) and activations (a dump split).")
-        if self.policy == "lm" and (self.lens_path or self.activations):
-            raise ConfigError("lens_path/activations are for policy=lens; set policy: lens.")
+        if self.policy == "lm" and (self.lens_path or self.activations or self.trl_checkpoint):
+            raise ConfigError("lens_path/activations/trl_checkpoint are for policy=lens; set policy: lens.")
+        if self.trl_checkpoint and self.optimizer_state:
+            raise ConfigError("Give trl_checkpoint (it holds optimizer.pt) or optimizer_state, not both.")
         for name in ("batch_size_e", "batch_size_u", "max_new_tokens", "gen_batch_size", "tf_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")

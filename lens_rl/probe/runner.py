@@ -68,13 +68,17 @@ NORMALIZATIONS = ("per_token", "per_sequence")
 @dataclass
 class ProbeSubject:
     """What the probe needs from a policy: the module v moves, a SequenceProcessor over it, a
-    prompt pool, and rewards for ``(B, G)`` responses to pool entries ``idx``."""
+    prompt pool, and rewards for ``(B, G)`` responses to pool entries ``idx``. The optimizer is
+    built on ``optimizer_module`` (default ``module``) with the trainer's parameter groups, so a
+    trainer's saved optimizer state loads into it; parameters outside ``module`` get no
+    gradient from the policy loss and do not move."""
 
     module: nn.Module
     sp: SequenceProcessor
     pool_size: int
     prompts: Callable[[torch.Tensor], Any]
     rewards: Callable[[BatchedSequences, torch.Tensor], torch.Tensor]
+    optimizer_module: nn.Module | None = None  # what the trainer's optimizer was built on
 
 
 def _text_reward(name: str) -> Callable[..., list[float]]:
@@ -201,10 +205,24 @@ def compute_update_vector(
     """v for one AdamW step on the GRPO loss over U (see :mod:`lens_rl.probe.update_vector`)."""
     module = subject.module
     opt = build_optimizer(
-        module, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.weight_decay
+        subject.optimizer_module or module,
+        cfg.learning_rate,
+        (cfg.adam_beta1, cfg.adam_beta2),
+        cfg.adam_epsilon,
+        cfg.weight_decay,
     )
-    if cfg.optimizer_state:
-        opt.load_state_dict(torch.load(cfg.optimizer_state, map_location="cpu", weights_only=True))
+    state_path = cfg.optimizer_state or (
+        str(Path(cfg.trl_checkpoint) / "optimizer.pt") if cfg.trl_checkpoint else None
+    )
+    if state_path:
+        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        try:
+            opt.load_state_dict(saved)
+        except ValueError as e:
+            raise ValueError(
+                f"{state_path} does not fit the probe's AdamW parameter groups ({e}); it must come from "
+                "an optimizer over the same trainable parameters, grouped as transformers.Trainer does."
+            ) from e
     module.zero_grad(set_to_none=True)
     res = subject.sp.teacher_force_logprobs(seqs_u, with_grad=True, compute_rb=False)
     adv = group_advantages(rewards, cfg.scale_rewards).flatten().to(res.token_logqs.device)
@@ -222,6 +240,9 @@ def compute_update_vector(
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
         "num_trainable_params": sum(p.numel() for p in trainable),
+        "optimizer_steps_before": max(
+            (int(st["step"]) for st in opt.state.values() if "step" in st), default=0
+        ),
     }
     if cfg.verify_update:
         info["verify_against_optimizer_step"] = verify_against_step(opt, direction)
@@ -464,6 +485,8 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
         store = ActivationDataset(cfg.activations)
         store.check_compatible(base.get_input_embeddings().weight.shape[1])
         subject = lens_subject(lens, tok, store, cfg)
+        if cfg.trl_checkpoint:
+            subject.optimizer_module = load_trl_checkpoint(lens, cfg.trl_checkpoint)
     results = probe(subject, cfg, show_progress=show_progress).results
     results["config"] = cfg.to_dict()
     results["versions"] = _versions()
@@ -495,6 +518,24 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
         + f"; one training step {results['training_step_s']:.1f} s"
     )
     return results
+
+
+def load_trl_checkpoint(lens, checkpoint: str | Path) -> nn.Module:
+    """Load a ``scripts/rl_lens.py`` checkpoint's weights into ``lens``; return the module the
+    trainer's optimizer was built on (``LensPolicy(lens)``: decoder and encoder), so that its
+    ``optimizer.pt`` loads into :func:`~lens_rl.probe.update_vector.build_optimizer`'s groups."""
+    from safetensors.torch import load_file
+
+    from lens_rl.training.grpo_trainer import LensPolicy
+
+    path = Path(checkpoint) / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: trl_checkpoint must be a checkpoint-N folder of rl_lens.py."
+        )
+    policy = LensPolicy(lens)
+    policy.load_state_dict(load_file(str(path)))
+    return policy
 
 
 def _versions() -> dict[str, str]:

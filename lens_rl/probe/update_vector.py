@@ -96,7 +96,7 @@ def build_optimizer(
         {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
         {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)  # empty groups kept, as Trainer
 
 
 def adamw_direction(optimizer: torch.optim.Optimizer) -> dict[nn.Parameter, torch.Tensor]:
@@ -156,6 +156,8 @@ def verify_against_step(
     max_err, max_v, scale = 0.0, 0.0, 0.0
     with torch.no_grad():
         for p, old in zip(params, before, strict=True):
+            if old.numel() == 0:
+                continue
             scale = max(scale, float(old.abs().max()) * torch.finfo(old.dtype).eps / lr_ref)
             moved = (p.detach().double() - old.double()) / lr_ref
             expect = direction[p].double() if p in direction else torch.zeros_like(moved)

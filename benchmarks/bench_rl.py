@@ -74,18 +74,23 @@ def main() -> None:
         except ImportError:
             vllm = None
     embeds = list(dec.prompt_embeds(acts).detach())
+
+    def hf_rollout(g_count: int):
+        """The trainer's HF rollout: prefix encoded once per activation, cache expanded over G."""
+        return dec.generate_soft_kv_cached_nondiff(
+            acts,
+            args.t,
+            generator=torch.Generator().manual_seed(0),
+            policy=policy,
+            num_samples=g_count,
+            return_logits=False,
+        )
+
     for g_count in [int(x) for x in args.groups.split(",")]:
         tokens = args.activations * g_count * args.t
 
         def hf(g_count=g_count):
-            dec.generate_soft_kv_cached_nondiff(
-                acts,
-                args.t,
-                generator=torch.Generator().manual_seed(0),
-                policy=policy,
-                num_samples=g_count,
-                return_logits=False,
-            )
+            hf_rollout(g_count)
 
         row = {"G": g_count, "hf_tokens_per_s": tokens / median_time(hf, args.repeats, warmup=True)}
         if vllm is not None:
@@ -116,28 +121,14 @@ def main() -> None:
     # One step's parts, G = the first group size.
     g_count = int(args.groups.split(",")[0])
     rep = acts.repeat_interleave(g_count, 0)
-    gen = dec.generate_soft_kv_cached_nondiff(
-        acts,
-        args.t,
-        generator=torch.Generator().manual_seed(0),
-        policy=policy,
-        num_samples=g_count,
-        return_logits=False,
-    )
+    gen = hf_rollout(g_count)
     ids = gen.hard_token_ids
     diag = DistributionDiagnostics(policy, tok.eos_token_id)
     opt = torch.optim.AdamW([p for p in lens.parameters() if p.requires_grad], lr=1e-4)
     adv = torch.randn(ids.shape[0], 1, generator=torch.Generator().manual_seed(1))
 
     def rollout():
-        dec.generate_soft_kv_cached_nondiff(
-            acts,
-            args.t,
-            generator=torch.Generator().manual_seed(0),
-            policy=policy,
-            num_samples=g_count,
-            return_logits=False,
-        )
+        hf_rollout(g_count)
 
     def scoring():
         with torch.no_grad():

@@ -27,11 +27,11 @@ from lens_rl.probe.runner import _features, _flat, compute_update_vector, lm_sub
 from lens_rl.probe.update_vector import (
     adamw_direction,
     build_optimizer,
-    group_advantages,
     pg_loss,
     verify_against_step,
 )
 from lens_rl.testing.toy_policy import TOY_PROMPTS, build_toy_policy, enumeration_batch
+from lens_rl.training.rewards import group_advantages
 
 T = 4
 NORMS = ("per_token", "per_sequence")
@@ -153,11 +153,15 @@ def test_group_advantages_and_loss_normalisations():
     """Advantages = r - group mean over the Bessel-corrected group std (+1e-4), as TRL; loss
     normalisations against hand computations."""
     r = torch.tensor([[1.0, 0.0, 0.5, 0.5], [2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
-    adv = group_advantages(r, "group")
+    adv, std = group_advantages(r, "group")
     std0 = torch.tensor([1.0, 0.0, 0.5, 0.5]).std()
     assert torch.allclose(adv[0], (r[0] - 0.5) / (std0 + 1e-4))
     assert torch.equal(adv[1], torch.zeros(4, dtype=torch.float64))
-    assert torch.allclose(group_advantages(r, "none"), r - r.mean(1, keepdim=True))
+    assert torch.allclose(std[0], std0.expand(4).double())
+    assert torch.allclose(group_advantages(r, "none")[0], r - r.mean(1, keepdim=True))
+    nan_r = torch.tensor([[1.0, float("nan"), 0.0]], dtype=torch.float64)  # unscorable -> 0
+    nan_adv, _ = group_advantages(nan_r, "none")
+    assert nan_adv.tolist() == [[0.5, 0.0, -0.5]]
     logq = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
     a = torch.tensor([1.0, -2.0])

@@ -48,7 +48,6 @@ from lens_rl.probe.estimators import (
 from lens_rl.probe.update_vector import (
     adamw_direction,
     build_optimizer,
-    group_advantages,
     named_direction,
     pg_loss,
     verify_against_step,
@@ -60,6 +59,7 @@ from lens_rl.processing.sequence_processor import (
     PrecisionConfig,
     SequenceProcessor,
 )
+from lens_rl.training.rewards import group_advantages, reconstruction_reward
 
 NORMALIZATIONS = ("per_token", "per_sequence")
 
@@ -141,8 +141,6 @@ def lm_subject(
 
 def lens_subject(lens, tokenizer, store, cfg: EntropyProbeConfig) -> ProbeSubject:
     """A lens decoder with activation prompts from a dump; reward = reconstruction."""
-    from lens_rl.training.rewards import reconstruction_reward
-
     dec = lens.decoder
     sp = SequenceProcessor(
         dec, tokenizer, _generation_config(cfg), PrecisionConfig(entropy_fp64=cfg.entropy_fp64)
@@ -225,7 +223,7 @@ def compute_update_vector(
             ) from e
     module.zero_grad(set_to_none=True)
     res = subject.sp.teacher_force_logprobs(seqs_u, with_grad=True, compute_rb=False)
-    adv = group_advantages(rewards, cfg.scale_rewards).flatten().to(res.token_logqs.device)
+    adv = group_advantages(rewards, cfg.scale_rewards)[0].flatten().to(res.token_logqs.device)
     mask = seqs_u.gen_mask.reshape(adv.shape[0], -1)
     loss = pg_loss(res.token_logqs.reshape(adv.shape[0], -1), mask, adv, cfg.loss_type, cfg.max_new_tokens)
     loss.backward()

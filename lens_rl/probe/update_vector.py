@@ -6,7 +6,8 @@ research on the original probe found three ways to get this wrong (a gradient B 
 large, weight decay read from the wrong place, a crash on unpacking); here:
 
 - the loss is the GRPO policy-gradient loss with TRL 1.16's normalisation for each
-  ``loss_type`` and TRL's group advantages (:func:`group_advantages`, :func:`pg_loss`);
+  ``loss_type`` (:func:`pg_loss`) on the trainer's group advantages
+  (:func:`lens_rl.training.rewards.group_advantages`);
 - the optimizer is built as transformers' ``Trainer.create_optimizer`` builds it (AdamW, one
   group with weight decay and one without, by ``Trainer.get_decay_parameter_names``);
 - gradients are clipped with the real ``torch.nn.utils.clip_grad_norm_``;
@@ -24,25 +25,9 @@ from typing import Literal
 
 import torch
 from torch import nn
-from trl.trainer.utils import nanstd
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ScaleRewards = Literal["group", "batch", "none"]
-
-
-def group_advantages(rewards: torch.Tensor, scale_rewards: ScaleRewards = "group") -> torch.Tensor:
-    """TRL's GRPO advantages for rewards ``(B, G)``: ``r - group mean``, divided by the group
-    (or batch) standard deviation (Bessel-corrected, ``+ 1e-4``) unless ``scale_rewards='none'``."""
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be (B, G), got shape {tuple(rewards.shape)}.")
-    adv = rewards - rewards.mean(dim=1, keepdim=True)
-    if scale_rewards == "group":
-        adv = adv / (nanstd(rewards, dim=1).unsqueeze(1) + 1e-4)
-    elif scale_rewards == "batch":
-        adv = adv / (nanstd(rewards.flatten()) + 1e-4)
-    elif scale_rewards != "none":
-        raise ValueError(f"scale_rewards must be group, batch or none, not {scale_rewards!r}.")
-    return adv
 
 
 def pg_loss(

@@ -35,7 +35,7 @@ from lens_rl.ops.diagnostics import DistributionDiagnostics
 from lens_rl.ops.importance import importance_weights, mismatch_stats, token_log_ratio
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.losses import normalized_mse
-from lens_rl.training.rewards import reconstruction_reward
+from lens_rl.training.rewards import group_advantages, reconstruction_reward
 
 
 class LensPolicy(nn.Module):
@@ -252,16 +252,8 @@ class LensGRPOTrainer(GRPOTrainer):
         unscorable = torch.isnan(rewards_per_func).all(dim=1)
         rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
         rewards[unscorable] = torch.nan
-        grouped = rewards.view(-1, num_generations)
-        mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
-        if self.scale_rewards == "batch":
-            std = nanstd(rewards).expand_as(rewards)
-        else:
-            std = nanstd(grouped, dim=1).repeat_interleave(num_generations)
-        advantages = rewards - mean
-        if self.scale_rewards != "none":
-            advantages = advantages / (std + 1e-4)
-        advantages = torch.nan_to_num(advantages, nan=0.0)
+        advantages, std = group_advantages(rewards.view(-1, num_generations), self.scale_rewards)
+        advantages, std = advantages.flatten(), std.flatten()
         local = slice(
             self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts)
         )

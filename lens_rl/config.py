@@ -70,15 +70,16 @@ def _matches(value: Any, annotation: Any) -> tuple[bool, Any]:
     return True, value  # annotations we do not model (callables, forward refs) pass through
 
 
-def validate_types(obj: Any) -> None:
-    """Check every field of dataclass ``obj`` against its annotation; coerce int -> float.
+def validate_types(obj: Any, only: set[str] | None = None) -> None:
+    """Check every field of dataclass ``obj`` (or those named in ``only``) against its
+    annotation; coerce int -> float.
 
     Raises:
         ConfigError: naming the field, the value, its type and the expected type.
     """
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        if not f.init or f.name not in hints:
+        if not f.init or f.name not in hints or (only is not None and f.name not in only):
             continue
         value = getattr(obj, f.name)
         ok, coerced = _matches(value, hints[f.name])

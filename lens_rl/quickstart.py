@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from lens_rl.config import parse_args
     from lens_rl.data.dump import DumpConfig, run_dump
     from lens_rl.pretrain import pretrain_small_lm
-    from lens_rl.training.sft_config import SFTConfig
-    from lens_rl.training.sft_trainer import SFTTrainer
+    from lens_rl.training.sft_config import LensSFTConfig
+    from lens_rl.training.sft_trainer import run_sft
 
     console = Console()
     t0 = time.perf_counter()
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.sft_steps is not None:
         sft_args += ["--max_steps", str(args.sft_steps)]
-    (sft_cfg,) = parse_args([SFTConfig], sft_args)
-    trainer = SFTTrainer(sft_cfg)
-    final = trainer.train()
+    (sft_cfg,) = parse_args([LensSFTConfig], sft_args, typecheck=False)
+    sft = run_sft(sft_cfg)
+    final, trainer = sft["final"], sft["trainer"]
 
     rl = None
     if args.rl_steps != 0:

@@ -1,7 +1,9 @@
-"""Supervised consistency-lens training.
+"""Supervised consistency-lens training (``LensSFTConfig`` / ``LensSFTTrainer`` on transformers.Trainer).
 
-accelerate launch scripts/sft_lens.py --config configs/sft_quickstart.yaml
-accelerate launch --config_file configs/accelerate/ddp.yaml scripts/sft_lens.py --config ... --resume
+accelerate launch scripts/sft_lens.py --config configs/sft_quickstart.yaml --model_name_or_path ... \
+    --train_data .../layer_1/train --val_data .../layer_1/val --output_dir outputs/sft
+accelerate launch --config_file configs/accelerate/ddp.yaml scripts/sft_lens.py ... \
+    --resume_from_checkpoint true        # or a checkpoint-N folder
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import sys
 def main(argv: list[str] | None = None) -> dict:
     """Parse the config and train; returns the final evaluation metrics."""
     from lens_rl.config import parse_args
-    from lens_rl.training.sft_config import SFTConfig
-    from lens_rl.training.sft_trainer import SFTTrainer
+    from lens_rl.training.sft_config import LensSFTConfig
+    from lens_rl.training.sft_trainer import run_sft
 
-    (cfg,) = parse_args([SFTConfig], argv)
-    return SFTTrainer(cfg).train()
+    (cfg,) = parse_args([LensSFTConfig], argv, typecheck=False)
+    return run_sft(cfg)["final"]
 
 
 if __name__ == "__main__":

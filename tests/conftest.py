@@ -121,3 +121,34 @@ def tiny_dump(tiny_model_dir, tmp_path_factory):
             output_dir=str(tmp_path_factory.mktemp("tiny-dump")),
         )
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer):
+    """A folder holding a tiny Qwen2 with TIED input/output embeddings and its tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-qwen2-tied-dir")
+    model = build_tiny_model(
+        "qwen2", path, len(tokenizer), seed=0, n_layers=2, eos_token_id=tokenizer.eos_token_id
+    )
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_dump(tiny_tied_model_dir, tmp_path_factory):
+    """Activation dump of ``tiny_tied_model_dir`` after block 1 (128 train / 32 val windows)."""
+    from lens_rl.data.dump import DumpConfig, run_dump
+
+    return run_dump(
+        DumpConfig(
+            model_name_or_path=str(tiny_tied_model_dir),
+            corpus="pydoc",
+            layer=1,
+            seq_len=32,
+            min_pos=4,
+            num_train=128,
+            num_val=32,
+            output_dir=str(tmp_path_factory.mktemp("tiny-tied-dump")),
+        )
+    )

@@ -53,12 +53,11 @@ def test_every_trainable_group_gets_a_gradient(arch, tiny_model_factory, tokeniz
                 p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0
             ):
                 missing.append(f"{module_name}.{name}")
-    # Blocks after the encoder's read-out layer and the encoder's final norm/head are skipped by
-    # design (output_layer=-1 is the last block, so only the final norm and the head remain).
-    unused = ("encoder.base.model.norm.", "encoder.base.transformer.ln_f.", "encoder.base.lm_head.")
-    skipped = {n for n in missing if n.startswith(unused)}
-    assert sorted(set(missing) - skipped) == []
-    assert skipped  # the final norm really is skipped (it is trainable and got no gradient)
+    # Every trainable tensor gets a gradient: the encoder's final norm and LM head (skipped, since
+    # output_layer=-1 reads the last block's output) are frozen at build time, not left trainable.
+    assert missing == []
+    unused = ("model.norm.", "transformer.ln_f.", "lm_head.")
+    assert any(n.startswith(unused) for n in enc.frozen_unused), enc.frozen_unused
     assert sum(p.requires_grad for p in dec.projection_parameters()) == 4  # 2 layers x (W, b)
 
 
@@ -125,3 +124,21 @@ def test_prompt_embeds_is_the_generation_prefix(tiny_model_factory, tokenizer):
         logits = base(inputs_embeds=dec.prompt_embeds(a)).logits[:, -1]
     gen = dec.generate_soft_kv_cached_nondiff(a, 1, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits, gen.raw_lm_logits[:, 0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("output_layer", [-1, 0])
+def test_encoder_trains_only_what_its_forward_reaches(arch, tiny_model_factory, tokenizer, output_layer):
+    """trainable_base marks trainable exactly the base tensors that receive a gradient: the
+    blocks up to output_layer (plus GPT-2's positions); the embedding table, later blocks, the
+    final norm and the head stay frozen (DDP refuses parameters that never get a gradient)."""
+    base = tiny_model_factory(arch, n_layers=3)
+    enc = Encoder.from_base(base, tokenizer, EncoderConfig(trainable_base=True, output_layer=output_layer))
+    emb = 4 * torch.randn(2, 5, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    enc(emb).pow(2).sum().backward()
+    trainable = {n for n, p in enc.base.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in enc.base.named_parameters() if p.grad is not None}
+    assert trainable == with_grad and trainable
+    last = output_layer % 3
+    for n in trainable:
+        assert ".h." not in n and ".layers." not in n or int(n.split(".")[2]) <= last, n
+    assert set(enc.frozen_unused) == {n for n, _ in enc.base.named_parameters()} - trainable

@@ -26,24 +26,23 @@ def test_bf16_generators_agree_on_gpu(tiny_model_factory, tokenizer):
 
 
 def test_sft_bf16_autocast_step(tiny_model_dir, tiny_dump, tmp_path):
-    """A short supervised run with mixed_precision=auto picks bf16 on CUDA and stays finite."""
-    from lens_rl.training.sft_config import SFTConfig
-    from lens_rl.training.sft_trainer import SFTTrainer
+    """A short supervised run with the default bf16=None picks bf16 on CUDA and stays finite."""
+    from lens_rl.training.sft_config import LensSFTConfig
+    from lens_rl.training.sft_trainer import run_sft
 
     splits = tiny_dump
-    cfg = SFTConfig(
+    cfg = LensSFTConfig(
         model_name_or_path=str(tiny_model_dir),
         train_data=str(splits["train"]),
         val_data=str(splits["val"]),
         output_dir=str(tmp_path / "o"),
         max_steps=3,
-        eval_every=0,
-        save_every=0,
-        per_device_batch_size=8,
+        eval_strategy="no",
+        save_strategy="no",
+        per_device_train_batch_size=8,
         t_text=4,
         plot=False,
     )
-    trainer = SFTTrainer(cfg)
-    final = trainer.train()
-    assert trainer.acc.mixed_precision == "bf16"
-    assert torch.isfinite(torch.tensor(final["fve"]))
+    result = run_sft(cfg)
+    assert cfg.bf16 and result["trainer"].accelerator.mixed_precision == "bf16"
+    assert torch.isfinite(torch.tensor(result["final"]["fve"]))

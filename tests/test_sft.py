@@ -1,8 +1,12 @@
-"""Supervised lens training: end-to-end under `accelerate launch`, exact resume, learning signal."""
+"""Supervised lens training on transformers.Trainer: real `accelerate launch` runs (1 and 2
+processes over gloo, tied and untied bases, trainable decoder AND encoder bases), the LR
+schedule under N processes, exact resume, checkpoints, learning signal and config errors."""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,28 +16,12 @@ from script_runner import accelerate_launch
 
 from lens_rl.config import ConfigError
 from lens_rl.data.dataset import ActivationDataset, DumpError
-from lens_rl.data.dump import DumpConfig, run_dump
 from lens_rl.models.lens import ConsistencyLens
-from lens_rl.training.sft_config import SFTConfig
-from lens_rl.training.sft_trainer import SFTTrainer
+from lens_rl.training.sft_config import LensSFTConfig
+from lens_rl.training.sft_trainer import build_sft, run_sft
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def splits(tiny_model_dir, tmp_path_factory):
-    cfg = DumpConfig(
-        model_name_or_path=str(tiny_model_dir),
-        corpus="pydoc",
-        layer=1,
-        seq_len=32,
-        min_pos=4,
-        num_train=256,
-        num_val=64,
-        shard_size=128,
-        output_dir=str(tmp_path_factory.mktemp("sft-dump")),
-    )
-    return run_dump(cfg)
+STEPS, WARMUP, LR = 20, 3, 1e-3
 
 
 def _args(model_dir, splits, out, **kw) -> list[str]:
@@ -42,37 +30,82 @@ def _args(model_dir, splits, out, **kw) -> list[str]:
         "train_data": str(splits["train"]),
         "val_data": str(splits["val"]),
         "output_dir": str(out),
-        "per_device_batch_size": "8",
-        "max_steps": "6",
-        "save_every": "3",
-        "eval_every": "3",
-        "log_every": "1",
+        "per_device_train_batch_size": "4",
+        "gradient_accumulation_steps": "2",
+        "max_steps": str(STEPS),
+        "learning_rate": str(LR),
+        "warmup_steps": str(WARMUP),
+        "save_steps": "10",
+        "eval_steps": "10",
+        "logging_steps": "1",
+        "save_total_limit": "3",
         "t_text": "4",
         "lm_weight": "0.1",
         "kl_weight": "1.0",
         "resample_ablation": "true",
-        "gradient_accumulation_steps": "2",
-        "save_total_limit": "5",
+        "decoder": '{"trainable_base": true}',
+        "encoder": '{"trainable_base": true}',
     } | {k: str(v) for k, v in kw.items()}
     return [x for k, v in base.items() for x in (f"--{k}", v)]
-
-
-def _launch(args: list[str], num_processes: int = 1, port: int = 29531):
-    return accelerate_launch("sft_lens.py", args, num_processes=num_processes, port=port)
 
 
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_end_to_end_then_resume_is_exact(tiny_model_dir, splits, tmp_path):
-    """`accelerate launch` 6 steps straight == 3 steps, interruption, `--resume` for 3 more.
+def _train_rows(out: Path) -> dict[int, dict]:
+    return {m["step"]: m for m in _metrics(out) if "loss" in m}
 
-    Tolerance: exact (0) for parameters and logged losses, measured on CPU fp32; the noise,
-    the data order and the optimizer state are all restored.
-    """
-    out = tmp_path / "run"
-    _launch(_args(tiny_model_dir, splits, out))
+
+_PORTS = iter(range(29541, 29600))
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tiny_model_dir, tiny_dump, tiny_tied_model_dir, tiny_tied_dump, tmp_path_factory):
+    """``runs(base, n)``: the output folder of a 20-step run under `accelerate launch` with ``n``
+    processes on the ``"tied"`` (Qwen2) or ``"untied"`` (Llama) base; launched once, cached."""
+    sources = {"untied": (tiny_model_dir, tiny_dump), "tied": (tiny_tied_model_dir, tiny_tied_dump)}
+    cache: dict[tuple[str, int], Path] = {}
+
+    def runs(base: str, n: int) -> Path:
+        if (base, n) not in cache:
+            model_dir, splits = sources[base]
+            out = tmp_path_factory.mktemp(f"sft-{base}-{n}p") / "run"
+            res = accelerate_launch("sft_lens.py", _args(model_dir, splits, out), n, next(_PORTS))
+            assert f"world size {n}" in res.stdout + res.stderr
+            cache[base, n] = out
+        return cache[base, n]
+
+    return runs
+
+
+@pytest.mark.parametrize("base", ["tied", "untied"])
+def test_two_processes_follow_the_one_process_lr_schedule(straight_runs, base):
+    """2-process DDP (gloo) with trainable decoder and encoder bases runs 20 optimizer steps;
+    the learning rate logged at every step equals the 1-process run's (exact: same formula, same
+    step count) and follows linear warm-up + cosine to 0 at step 20, computed here by hand
+    (tolerance 1e-12: float rounding of the formula)."""
+    one, two = _train_rows(straight_runs(base, 1)), _train_rows(straight_runs(base, 2))
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        t = step - 1  # the rate of the update taken at optimizer step `step`
+        expect = LR * (
+            t / WARMUP if t < WARMUP else 0.5 * (1 + math.cos(math.pi * (t - WARMUP) / (STEPS - WARMUP)))
+        )
+        assert one[step]["learning_rate"] == two[step]["learning_rate"], step
+        assert abs(one[step]["learning_rate"] - expect) < 1e-12, (step, one[step]["learning_rate"], expect)
+        # per-group rates: the multipliers (projection 1, base 0.1) ride on the same schedule
+        assert abs(two[step]["lr/projection"] - expect) < 1e-12
+        assert abs(two[step]["lr/base"] - 0.1 * expect) < 1e-12
+    for out in (straight_runs(base, 1), straight_runs(base, 2)):
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
+        assert all(math.isfinite(r["loss"]) for r in _train_rows(out).values())
+
+
+def test_run_outputs_and_saved_lens(straight_runs, tiny_tied_model_dir):
+    """A run leaves config, metrics, explanations, curves, checkpoints and a lens that reloads
+    with from_pretrained; the tied base's shared embedding is neither saved twice nor dropped."""
+    out = straight_runs("tied", 1)
     for name in (
         "config.json",
         "metrics.jsonl",
@@ -81,125 +114,168 @@ def test_end_to_end_then_resume_is_exact(tiny_model_dir, splits, tmp_path):
         "training_curves.png",
         "lens/lens.safetensors",
         "lens/lens_config.json",
+        "checkpoint-20/model.safetensors",
+        "checkpoint-20/optimizer.pt",
+        "checkpoint-20/trainer_state.json",
     ):
         assert (out / name).exists(), name
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
-    straight_weights = load_file(str(out / "lens" / "lens.safetensors"))
-    straight_metrics = _metrics(out)
     final = json.loads((out / "final_metrics.json").read_text())
     assert set(final) >= {"fve", "nmse", "kl_recon", "kl_train", "lm_kl", "baseline_mean_fve"}
+    assert final["num_samples"] == 32
+    assert any("eval_fve" in m and m["step"] == STEPS for m in _metrics(out))  # the final evaluation
     explanations = [json.loads(r) for r in (out / "explanations.jsonl").read_text().splitlines()]
     assert {"context", "position", "explanation", "step"} <= set(explanations[0])
-
-    # Simulate an interruption after step 3: drop what the run wrote later, then resume.
-    import shutil
-
-    shutil.rmtree(out / "checkpoints" / "step_00000006")
-    shutil.rmtree(out / "lens")
-    res = _launch([*_args(tiny_model_dir, splits, out), "--resume", "true"])
-    assert "resumed from" in res.stdout + res.stderr
-    resumed_weights = load_file(str(out / "lens" / "lens.safetensors"))
-    assert straight_weights.keys() == resumed_weights.keys()
-    for k, v in straight_weights.items():
-        torch.testing.assert_close(resumed_weights[k], v, rtol=0, atol=0, msg=k)
-    resumed_metrics = _metrics(out)
-    assert [m.get("train/loss") for m in resumed_metrics] == [m.get("train/loss") for m in straight_metrics]
-
-    # The saved lens reloads through from_pretrained and reproduces the final evaluation's FVE.
+    ckpt = load_file(str(out / "checkpoint-20" / "model.safetensors"))
+    # trainable decoder base saved; the encoder's unused embedding/final norm are frozen, not saved
+    assert any(k.startswith("lens.decoder.base.model.layers.0.") for k in ckpt)
+    assert not any(k.startswith("lens.encoder.base.model.norm") for k in ckpt)
+    assert "lens.encoder.base.model.embed_tokens.weight" not in ckpt
     lens = ConsistencyLens.from_pretrained(out / "lens")
-    assert lens.meta["layer"] == 1 and len(lens.meta["train_mean"]) == 128
+    assert lens.meta["layer"] == 1 and len(lens.meta["train_mean"]) == 64
+    lens_w = load_file(str(out / "lens" / "lens.safetensors"))
+    for k, v in lens.state_dict().items():
+        torch.testing.assert_close(v, lens_w[k], rtol=0, atol=0)
 
 
-def test_learning_signal(tiny_model_dir, splits, tmp_path):
-    """On a fixed small problem, 100 steps halve the MSE loss and raise held-out FVE by >= 0.5.
+@pytest.mark.parametrize(("base", "n"), [("tied", 1), ("untied", 1), ("untied", 2)])
+def test_resume_is_bit_exact(
+    straight_runs, tiny_model_dir, tiny_dump, tiny_tied_model_dir, tiny_tied_dump, tmp_path, base, n
+):
+    """10 steps, interruption, `--resume_from_checkpoint true`, 10 more == 20 straight.
 
-    Measured (seed 0, CPU): held-out FVE -1.74 untrained -> -0.17 after 100 steps (+1.57); the
-    random tiny model's activations carry little that 4 generated tokens can express, so the
-    lens approaches (but does not pass) the mean predictor here. Beating the mean baseline is
-    shown on the pretrained quickstart model (README, and the `slow` quickstart test).
-    """
-    out = tmp_path / "learn"
-    cfg = SFTConfig(
-        model_name_or_path=str(tiny_model_dir),
+    Tolerance: exact (0) for every lens tensor and every logged loss, measured on CPU fp32: the
+    Gumbel noise is seeded from the optimizer step, and data order, optimizer, scheduler and RNG
+    state come back from checkpoint-10 (the runs cross epoch boundaries at steps 8 and 16)."""
+    straight = straight_runs(base, n)
+    model_dir, splits = {
+        "untied": (tiny_model_dir, tiny_dump),
+        "tied": (tiny_tied_model_dir, tiny_tied_dump),
+    }[base]
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(straight / "checkpoint-10", out / "checkpoint-10")
+    rows = [r for r in (straight / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= 10]
+    (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
+    res = accelerate_launch(
+        "sft_lens.py", [*_args(model_dir, splits, out), "--resume_from_checkpoint", "true"], n, next(_PORTS)
+    )
+    assert "resuming from" in res.stdout + res.stderr and "checkpoint-10" in res.stdout + res.stderr
+    a = load_file(str(straight / "lens" / "lens.safetensors"))
+    b = load_file(str(out / "lens" / "lens.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    sa, sb = _train_rows(straight), _train_rows(out)
+    assert sorted(sb) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        for key in ("loss", "mse", "kl", "lm", "learning_rate"):
+            assert sa[step][key] == sb[step][key], (step, key)
+
+
+def test_resume_without_a_checkpoint_is_an_error(tiny_model_dir, tiny_dump, tmp_path):
+    cfg = _config(tiny_model_dir, tiny_dump, tmp_path / "empty", resume_from_checkpoint="true")
+    with pytest.raises(ConfigError, match="no checkpoint-N folder"):
+        run_sft(cfg)
+
+
+def _config(model_dir, splits, out, **kw) -> LensSFTConfig:
+    base = dict(
+        model_name_or_path=str(model_dir),
         train_data=str(splits["train"]),
         val_data=str(splits["val"]),
         output_dir=str(out),
-        per_device_batch_size=16,
+        per_device_train_batch_size=8,
+        max_steps=2,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=1,
+        t_text=3,
+        plot=False,
+    )
+    return LensSFTConfig(**(base | kw))
+
+
+def test_learning_signal(tiny_model_dir, tiny_dump, tmp_path):
+    """On a fixed small problem, 100 steps halve the MSE loss and raise held-out FVE by >= 0.5.
+
+    Measured (seed 0, CPU): held-out FVE about -1.7 untrained -> about -0.2 after 100 steps; the
+    random tiny model's activations carry little that 4 generated tokens can express, so the lens
+    approaches (but does not pass) the mean predictor here. Beating the mean baseline is shown on
+    the pretrained quickstart model (README, and the `slow` quickstart test).
+    """
+    cfg = _config(
+        tiny_model_dir,
+        tiny_dump,
+        tmp_path / "learn",
+        per_device_train_batch_size=16,
         max_steps=100,
-        eval_every=0,
-        save_every=0,
-        log_every=5,
+        logging_steps=5,
         t_text=4,
         learning_rate=1e-2,
         encoder={"trainable_base": True},
         decoder={"trainable_base": True},
         lr_base=0.5,
-        plot=False,
     )
-    trainer = SFTTrainer(cfg)
-    trainer.setup()
-    before = trainer.evaluate(0)
-    final = trainer.train()  # train() builds a fresh trainer state (same seed) and trains 40 steps
-    rows = [m for m in _metrics(out) if "train/mse" in m]
-    assert rows[-1]["train/mse"] < 0.5 * rows[0]["train/mse"], (rows[0]["train/mse"], rows[-1]["train/mse"])
-    print(
-        f"held-out FVE before {before['fve']:.3f}, after {final['fve']:.3f}; "
-        f"mean baseline {final['baseline_mean_fve']:.3f}"
-    )
-    assert final["fve"] >= before["fve"] + 0.5, (before["fve"], final["fve"])
+    trainer = build_sft(cfg)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    rows = [m for m in trainer.state.log_history if "mse" in m]
+    assert rows[-1]["mse"] < 0.5 * rows[0]["mse"], (rows[0]["mse"], rows[-1]["mse"])
+    print(f"held-out FVE before {before['eval_fve']:.3f}, after {after['eval_fve']:.3f}")
+    assert after["eval_fve"] >= before["eval_fve"] + 0.5, (before["eval_fve"], after["eval_fve"])
 
 
-def test_two_process_ddp_run(tiny_model_dir, splits, tmp_path):
-    """DDP with 2 CPU processes (gloo) trains, evaluates over both shards and saves one lens."""
-    out = tmp_path / "ddp"
-    _launch(
-        _args(tiny_model_dir, splits, out, max_steps=2, save_every=0, eval_every=0),
-        num_processes=2,
-        port=29533,
-    )
-    final = json.loads((out / "final_metrics.json").read_text())
-    assert final["num_samples"] == 64  # both processes' halves of the val set were reduced
-    assert torch.isfinite(torch.tensor(final["fve"]))
-
-
-def test_on_the_fly_matches_dump_statistics(tiny_model_dir, splits, tmp_path):
+def test_on_the_fly_matches_dump_statistics(tiny_model_dir, tiny_dump, tmp_path):
     """on_the_fly computes the same activations the dump stored (same windows and positions)."""
     dump_yaml = tmp_path / "dump.yaml"
     dump_yaml.write_text(
-        "corpus: pydoc\nlayer: 1\nseq_len: 32\nmin_pos: 4\nnum_train: 256\nnum_val: 64\nseed: 0\n"
+        "corpus: pydoc\nlayer: 1\nseq_len: 32\nmin_pos: 4\nnum_train: 128\nnum_val: 32\nseed: 0\n"
     )
-    cfg = SFTConfig(
-        model_name_or_path=str(tiny_model_dir),
-        on_the_fly=str(dump_yaml),
-        output_dir=str(tmp_path / "o"),
-        per_device_batch_size=8,
-        max_steps=2,
-        eval_every=0,
-        save_every=0,
-        t_text=3,
-        plot=False,
+    cfg = _config(
+        tiny_model_dir, tiny_dump, tmp_path / "o", train_data=None, val_data=None, on_the_fly=str(dump_yaml)
     )
-    trainer = SFTTrainer(cfg)
-    final = trainer.train()
-    dumped = ActivationDataset(splits["train"])
-    assert torch.equal(trainer.train_set.windows.input_ids[:5], dumped.input_ids[:5].long())
-    torch.testing.assert_close(trainer.train_mean, dumped.A[:256].double().mean(0).float(), rtol=0, atol=1e-5)
-    assert final["num_samples"] == 64
+    result = run_sft(cfg)
+    trainer = result["trainer"]
+    dumped = ActivationDataset(tiny_dump["train"])
+    assert torch.equal(trainer.train_dataset.windows.input_ids[:5], dumped.input_ids[:5].long())
+    torch.testing.assert_close(trainer.train_mean, dumped.A.double().mean(0).float(), rtol=0, atol=1e-5)
+    assert result["final"]["num_samples"] == 32
 
 
-def test_bad_dump_fails_before_training(tiny_model_dir, splits, tmp_path):
-    import shutil
-
+def test_bad_dump_fails_before_training(tiny_model_dir, tiny_dump, tmp_path):
     bad = tmp_path / "train"
-    shutil.copytree(splits["train"], bad)
+    shutil.copytree(tiny_dump["train"], bad)
     shard = next(bad.glob("rank_0/*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:64])
-    cfg = SFTConfig(
-        model_name_or_path=str(tiny_model_dir), train_data=str(bad), output_dir=str(tmp_path / "o")
-    )
+    cfg = _config(tiny_model_dir, {"train": bad, "val": tiny_dump["val"]}, tmp_path / "o")
     with pytest.raises(DumpError, match="cannot be read"):
-        SFTTrainer(cfg).setup()
-    assert not (tmp_path / "o" / "checkpoints").exists()
+        run_sft(cfg)
+    assert not list((tmp_path / "o").glob("checkpoint-*"))
+
+
+def test_out_of_range_layer_is_an_error(tiny_model_dir, tiny_dump, tmp_path):
+    """`layer: 2` on a 2-block model is refused (it used to wrap silently to block 0)."""
+    from lens_rl.data.dump import DumpConfig, run_dump
+
+    with pytest.raises(ConfigError, match=r"DumpConfig.layer=2 is out of range for a model with 2 blocks"):
+        run_dump(
+            DumpConfig(
+                model_name_or_path=str(tiny_model_dir),
+                corpus="pydoc",
+                layer=2,
+                num_train=8,
+                num_val=0,
+                output_dir=str(tmp_path),
+            )
+        )
+    dump_yaml = tmp_path / "dump.yaml"
+    dump_yaml.write_text("corpus: pydoc\nlayer: -3\nseq_len: 32\nnum_train: 32\nnum_val: 8\n")
+    cfg = _config(
+        tiny_model_dir, tiny_dump, tmp_path / "o", train_data=None, val_data=None, on_the_fly=str(dump_yaml)
+    )
+    with pytest.raises(ConfigError, match=r"layer=-3 \(in .*dump.yaml\) is out of range"):
+        build_sft(cfg)
 
 
 @pytest.mark.parametrize(
@@ -207,50 +283,60 @@ def test_bad_dump_fails_before_training(tiny_model_dir, splits, tmp_path):
     [
         (dict(), "exactly one of train_data"),
         (dict(train_data="x", on_the_fly="y"), "exactly one of train_data"),
-        (dict(train_data="x", mse_weight="0"), "nothing would be trained"),
-        (dict(train_data="x", gumbel_tau="linear:1->0@10"), "gumbel_tau must stay > 0"),
-        (dict(train_data="x", lm_weight="sometimes"), "cannot parse schedule"),
-        (dict(train_data="x", decoder={"bogus": 1}), r"Unknown decoder option\(s\) \['bogus'\]"),
-        (dict(train_data="x", decoder={"per_layer_projections": True}), "needs patch_all_layers"),
-        (dict(train_data="x", max_steps=0), "max_steps must be >= 1"),
+        (dict(train_data="x", eval_strategy="no", mse_weight="0"), "nothing would be trained"),
+        (dict(train_data="x", eval_strategy="no", gumbel_tau="linear:1->0@10"), "gumbel_tau must stay > 0"),
+        (dict(train_data="x", eval_strategy="no", lm_weight="sometimes"), "cannot parse schedule"),
+        (
+            dict(train_data="x", eval_strategy="no", decoder={"bogus": 1}),
+            r"Unknown decoder option\(s\) \['bogus'\]",
+        ),
+        (
+            dict(train_data="x", eval_strategy="no", decoder={"per_layer_projections": True}),
+            "needs patch_all_layers",
+        ),
+        (dict(train_data="x", eval_strategy="no", max_steps=0), "max_steps must be >= 1"),
+        (dict(train_data="x"), "eval_strategy='steps' needs a validation split"),
+        (dict(train_data="x", eval_strategy="no", t_text="8"), r"t_text = '8' \(str\)"),
+        (dict(train_data="x", eval_strategy="no", push_to_hub=True), "push_to_hub=True is not supported"),
+        (dict(train_data="x", eval_strategy="no", remove_unused_columns=True), "remove_unused_columns"),
+        (dict(train_data="x", eval_strategy="no", load_best_model_at_end=True), "load_best_model_at_end"),
+        (dict(train_data="x", eval_strategy="no", gradient_checkpointing=True), "gradient_checkpointing"),
+        (dict(train_data="x", eval_strategy="no", lr_base=-1.0), "lr_base must be >= 0"),
     ],
 )
 def test_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
-        SFTConfig(model_name_or_path="m", **kw)
+        LensSFTConfig(model_name_or_path="m", **kw)
 
 
-def test_bf16_on_cpu_is_refused(tiny_model_dir, splits, tmp_path):
+def test_bf16_on_cpu_is_refused():
     if torch.cuda.is_available():
         pytest.skip("checks the CPU refusal; this machine has CUDA")
-    cfg = SFTConfig(
-        model_name_or_path=str(tiny_model_dir),
-        train_data=str(splits["train"]),
-        output_dir=str(tmp_path),
-        mixed_precision="bf16",
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        LensSFTConfig(model_name_or_path="m", train_data="x", eval_strategy="no", bf16=True)
+
+
+def test_world_size_mismatch_is_detected():
+    """`accelerate launch --num_processes 2` without --multi_gpu starts one process on a CPU
+    machine; the launcher's command line is parsed to refuse that."""
+    from lens_rl.utils.launch import _requested_processes
+
+    launcher = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--num_processes", "2", "s.py"]
+    assert _requested_processes(launcher) == 2
+    assert (
+        _requested_processes(["python", "-m", "accelerate.commands.launch", "--num_processes=4", "s.py"]) == 4
     )
-    with pytest.raises(ValueError, match="needs a GPU"):
-        SFTTrainer(cfg).setup()
+    assert _requested_processes(["python", "train.py", "--num_processes", "2"]) is None
+    assert _requested_processes(["accelerate", "launch", "s.py"]) is None
+    assert (
+        _requested_processes(["accelerate", "launch", "s.py", "--num_processes", "3"]) is None
+    )  # the script's
 
 
-def test_tensorboard_tracking(tiny_model_dir, splits, tmp_path):
-    """report_to=tensorboard writes event files next to metrics.jsonl."""
+def test_tensorboard_tracking(tiny_model_dir, tiny_dump, tmp_path):
+    """report_to=tensorboard writes event files; metrics.jsonl gets the loss parts."""
     pytest.importorskip("tensorboard")
     out = tmp_path / "tb"
-    cfg = SFTConfig(
-        model_name_or_path=str(tiny_model_dir),
-        train_data=str(splits["train"]),
-        val_data=str(splits["val"]),
-        output_dir=str(out),
-        per_device_batch_size=8,
-        max_steps=2,
-        eval_every=0,
-        save_every=0,
-        log_every=1,
-        t_text=3,
-        report_to="tensorboard",
-        plot=False,
-    )
-    SFTTrainer(cfg).train()
+    run_sft(_config(tiny_model_dir, tiny_dump, out, report_to="tensorboard"))
     assert list(out.rglob("events.out.tfevents.*")), "no tensorboard event file"
-    assert any("train/loss" in m for m in _metrics(out))
+    assert any("loss" in m and "mse" in m for m in _metrics(out))

@@ -253,13 +253,14 @@ def run_dump(cfg: DumpConfig) -> dict[str, Path]:
     from transformers import AutoTokenizer
 
     from lens_rl.models.orig import OrigWrapper
+    from lens_rl.models.surgery import resolve_layer
 
     # On a machine without CUDA, `accelerate launch --multi_gpu` starts N processes that must run
     # as MULTI_CPU (gloo); PartialState only picks that when told cpu=True.
     state = PartialState(cpu=not torch.cuda.is_available())
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, dtype=DTYPES[cfg.model_dtype]).to(state.device)
-    layer = cfg.layer % orig.n_layers
+    layer = resolve_layer(cfg.layer, orig.n_layers, "DumpConfig.layer")
     d_model = orig.model.get_input_embeddings().weight.shape[1]
     splits = dump_windows(cfg, tok)
     outs = {}

@@ -84,9 +84,34 @@ class Encoder(nn.Module):
         self.prompt_right_emb = nn.Parameter(emb[ids_r].detach().clone())
         for p in self.base.parameters():
             p.requires_grad_(config.trainable_base)
+        self.frozen_unused: list[str] = []  # base parameters left frozen because no gradient reaches them
+        if config.trainable_base:
+            self._freeze_unused_base()
         self.proj.requires_grad_(config.trainable_projection)
         self.prompt_left_emb.requires_grad_(config.trainable_prompt)
         self.prompt_right_emb.requires_grad_(config.trainable_prompt)
+
+    def _freeze_unused_base(self) -> None:
+        """Keep trainable only the base parameters the encoder's forward reaches.
+
+        The encoder reads inputs_embeds (not token ids, unless ``add_current_token``) and stops
+        after ``output_layer``, so the embedding table, later blocks, the final norm and the LM
+        head never receive a gradient. Left trainable, they break DDP ("parameters that did not
+        receive grad") and fill checkpoints with untouched copies. The set is found with one tiny
+        forward and ``autograd.grad(allow_unused=True)`` rather than a per-family table, so it is
+        right for every architecture the block lookup supports.
+        """
+        params = [(n, p) for n, p in self.base.named_parameters() if p.requires_grad]
+        emb = self.base.get_input_embeddings().weight
+        x = torch.zeros(1, 2, emb.shape[1], dtype=emb.dtype, device=emb.device)
+        cur = torch.zeros(1, dtype=torch.long, device=emb.device)
+        with torch.enable_grad():
+            out = self.forward(x, current_token_ids=cur if self.config.add_current_token else None)
+            grads = torch.autograd.grad(out.sum(), [p for _, p in params], allow_unused=True)
+        self.frozen_unused = [n for (n, p), g in zip(params, grads, strict=True) if g is None]
+        for (_, p), g in zip(params, grads, strict=True):
+            if g is None:
+                p.requires_grad_(False)
 
     @classmethod
     def from_base(

@@ -8,6 +8,7 @@ computation pass through its forward (needed for gradient synchronisation).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -153,3 +154,44 @@ class ConsistencyLens(nn.Module):
         )
         lens.load_state_dict(load_file(str(path / LENS_WEIGHTS)))
         return lens
+
+
+class LensModule(nn.Module):
+    """The lens as a ``transformers.Trainer`` / TRL model: what both training stages hand over.
+
+    ``forward(fn, *args)`` runs ``fn(lens, *args)`` so that a DDP/DeepSpeed wrapper sees the
+    whole loss computation pass through its forward. The state dict is the lens's own (frozen
+    base weights excluded, one name per tied tensor, keys prefixed ``lens.``), and loading it
+    is always strict: a checkpoint that misses a trainable tensor, or holds one this lens does
+    not have, is an error naming the keys, never a silent partial load (Trainer asks for
+    ``strict=False``). ``config``/``generation_config`` are copies of the decoder base's, which
+    the trainers read (and write to).
+    """
+
+    _keys_to_ignore_on_save = None  # read by transformers' Trainer when saving a checkpoint
+    accepts_loss_kwargs = False  # the Trainer scales the loss by the accumulation steps itself
+
+    def __init__(self, lens: ConsistencyLens) -> None:
+        super().__init__()
+        self.lens = lens
+        # Copies: the trainers write to them (use_cache, special-token alignment), and the real
+        # base config may be the frozen original model's own.
+        self.config = copy.deepcopy(lens.decoder.base.config)
+        self.generation_config = copy.deepcopy(lens.decoder.base.generation_config)
+
+    def add_model_tags(self, tags: Any) -> None:
+        """TRL tags hub models; nothing to do for a lens."""
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(lens, *args, **kwargs)`` inside the (possibly DDP-wrapped) forward."""
+        return fn(self.lens, *args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102 - see the class docstring
+        sd = self.lens.state_dict()
+        for alias in self.lens._tied_aliases():
+            sd.pop(alias, None)
+        return {f"lens.{k}": v for k, v in sd.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: D102
+        inner = {k.removeprefix("lens."): v for k, v in state_dict.items()}
+        return self.lens.load_state_dict(inner, strict=True, assign=assign)

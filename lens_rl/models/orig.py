@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lens_rl.models.surgery import hooked, num_layers, replace_rows, run_until
+from lens_rl.models.surgery import hooked, num_layers, replace_rows, resolve_layer, run_until
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ class OrigWrapper(nn.Module):
         Row ``b``'s residual stream after block ``layer`` at ``positions[b]`` becomes
         ``new_activation[b]``. Gradients flow into ``new_activation`` (the model is frozen).
         """
-        layer = layer % self.n_layers
+        layer = resolve_layer(layer, self.n_layers)
         pos = positions.to(input_ids.device)
 
         def edit(h: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from lens_rl.config import ConfigError
+
 # model_type -> dotted path of the ModuleList of decoder blocks inside *ForCausalLM.
 SUPPORTED_ARCHS: dict[str, str] = {
     "gpt2": "transformer.h",
     "llama": "model.layers",
     "qwen2": "model.layers",
 }
+
+
+class LayerIndexError(ConfigError, IndexError):
+    """A block index outside the model (a config error, and an IndexError for callers that catch those)."""
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -53,6 +59,21 @@ def get_blocks(model: nn.Module) -> nn.ModuleList:
 def num_layers(model: nn.Module) -> int:
     """Number of decoder blocks."""
     return len(get_blocks(model))
+
+
+def resolve_layer(layer: int, n_layers: int, what: str = "layer", source: str = "") -> int:
+    """Return block index ``layer`` as a non-negative index, refusing values out of range.
+
+    Negative values count from the end (``-1`` is the last block). A value outside
+    ``[-n_layers, n_layers)`` is an error, never wrapped silently (``layer=4`` on a 4-block
+    model would otherwise become block 0).
+    """
+    if not -n_layers <= layer < n_layers:
+        raise LayerIndexError(
+            f"{what}={layer}{f' (in {source})' if source else ''} is out of range for a model with {n_layers} blocks "
+            f"(valid: {-n_layers} .. {n_layers - 1}; negative values count from the end)."
+        )
+    return layer % n_layers
 
 
 def replace_rows(hidden: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -148,8 +169,7 @@ def run_until(model: nn.Module, layer: int, **forward_kwargs: Any) -> torch.Tens
     ``layer`` may be negative (``-1`` is the last block). Blocks after it are skipped, and
     so are the final norm and the LM head.
     """
-    n = num_layers(model)
-    layer = layer % n
+    layer = resolve_layer(layer, num_layers(model))
     store: dict[int, list[torch.Tensor]] = {layer: []}
     with hooked(model, capture=store, stop_after=layer):
         try:

@@ -24,12 +24,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
 from lens_rl.data.dataset import ActivationDataset
-from lens_rl.models.lens import ConsistencyLens
+from lens_rl.models.lens import ConsistencyLens, LensModule
 from lens_rl.models.orig import OrigWrapper
 from lens_rl.ops.diagnostics import DistributionDiagnostics
 from lens_rl.ops.importance import importance_weights, mismatch_stats, token_log_ratio
@@ -38,33 +37,8 @@ from lens_rl.training.losses import normalized_mse
 from lens_rl.training.rewards import group_advantages, reconstruction_reward
 
 
-class LensPolicy(nn.Module):
-    """What TRL sees as ``model``: the lens, plus the few attributes GRPOTrainer reads."""
-
-    _keys_to_ignore_on_save = None  # read by transformers' Trainer when saving a checkpoint
-
-    def __init__(self, lens: ConsistencyLens) -> None:
-        super().__init__()
-        self.lens = lens
-        self.config = lens.decoder.base.config
-        self.generation_config = lens.decoder.base.generation_config
-
-    def add_model_tags(self, tags: Any) -> None:
-        """TRL tags hub models; nothing to do for a lens."""
-
-    def forward(self, fn, *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn(lens, ...)`` inside the (possibly DDP-wrapped) forward."""
-        return fn(self.lens, *args, **kwargs)
-
-    def state_dict(self, *args, **kwargs):  # noqa: D102 - the lens's own (frozen base excluded)
-        sd = self.lens.state_dict()
-        for alias in self.lens._tied_aliases():
-            sd.pop(alias, None)
-        return {f"lens.{k}": v for k, v in sd.items()}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: D102
-        inner = {k.removeprefix("lens."): v for k, v in state_dict.items()}
-        return self.lens.load_state_dict(inner, strict=strict, assign=assign)
+class LensPolicy(LensModule):
+    """What TRL sees as ``model``: the lens (see :class:`~lens_rl.models.lens.LensModule`)."""
 
 
 def _score(

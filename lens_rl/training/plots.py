@@ -15,9 +15,9 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     panels = [
-        ("train losses", [k for k in ("train/loss", "train/mse", "train/lm", "train/kl")]),
-        ("eval reconstruction", ["eval/fve", "eval/baseline_mean_fve", "eval/nmse"]),
-        ("eval KL", ["eval/kl_recon", "eval/kl_train", "eval/lm_kl"]),
+        ("train losses", ["loss", "mse", "lm", "kl"]),
+        ("eval reconstruction", ["eval_fve", "eval_baseline_mean_fve", "eval_nmse"]),
+        ("eval KL", ["eval_kl_recon", "eval_kl_train", "eval_lm_kl"]),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     for ax, (title, keys) in zip(axes, panels, strict=True):
@@ -25,7 +25,7 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, label=key.split("/")[1])
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, label=key.removeprefix("eval_"))
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=8)

@@ -23,8 +23,15 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
     from lens_rl.models.orig import OrigWrapper
     from lens_rl.training.evaluate import evaluate_lens
     from lens_rl.training.grpo_trainer import LensGRPOTrainer
+    from lens_rl.utils.launch import check_world_size, resolve_resume
 
+    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     state = PartialState(cpu=not torch.cuda.is_available())
+    check_world_size(state.num_processes)
+    state.print(
+        f"rl: world size {state.num_processes} ({state.distributed_type}); per-device batch "
+        f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
+    )
     tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     orig = OrigWrapper.from_pretrained(cfg.model_name_or_path).to(state.device)
     store = ActivationDataset(cfg.train_data)
@@ -107,7 +114,7 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
 
     before = evaluate()
     trainer = LensGRPOTrainer(cfg, lens, orig, tok, store, reward_funcs=reward_funcs, vllm_backend=vllm)
-    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     after = evaluate()
     result = {
         "backend": backend_name,

@@ -1,23 +1,59 @@
-"""Configuration of the supervised lens stage (``scripts/sft_lens.py``)."""
+"""Configuration of the supervised lens stage (``scripts/sft_lens.py``).
+
+:class:`LensSFTConfig` is a ``transformers.TrainingArguments`` with the lens fields added, so
+the stage speaks the Hugging Face dialect: ``per_device_train_batch_size``,
+``gradient_accumulation_steps``, ``max_steps``, ``learning_rate``, ``lr_scheduler_type``,
+``warmup_steps``, ``logging_steps``, ``eval_strategy``/``eval_steps``, ``save_steps``,
+``save_total_limit``, ``resume_from_checkpoint``, ``report_to``, ``seed``, ``optim``,
+``deepspeed``/``fsdp`` ... keep their meaning. A few defaults differ from
+``TrainingArguments`` (see the fields below, e.g. ``learning_rate`` 1e-3: the projections
+train from scratch); fields whose meaning cannot hold for a lens (the token-level evaluation
+loop, hub uploads, ...) are refused in ``__post_init__`` naming the field.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
 
-from lens_rl.config import ConfigError, ValidatedConfig, sub_config
+from transformers import TrainingArguments
+
+from lens_rl.config import ConfigError, sub_config, validate_types
 from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
 from lens_rl.training.schedules import parse_schedule
 
+# TrainingArguments fields that only steer the token-level evaluation loop the lens replaces
+# with its whole-set evaluation, or features a lens cannot use, with the value that is accepted.
+_REFUSED: dict[str, tuple[object, str]] = {
+    "remove_unused_columns": (False, "the lens batches are fixed records, not model inputs"),
+    "push_to_hub": (False, "nothing is uploaded; the lens is saved to <output_dir>/lens"),
+    "load_best_model_at_end": (False, "not supported by the lens trainer; pick a checkpoint-N folder"),
+    "gradient_checkpointing": (False, "not supported yet for the lens generators"),
+    "torch_compile": (False, "not supported by the lens generators"),
+    "use_liger_kernel": (False, "the lens computes its own logits"),
+    "neftune_noise_alpha": (None, "the lens feeds activations, not token embeddings"),
+    "label_smoothing_factor": (0.0, "the lens has no token labels"),
+    "label_names": (None, "the lens has no labels"),
+    "auto_find_batch_size": (False, "not supported by the lens trainer"),
+    "include_for_metrics": ([], "evaluation is the lens's whole-set evaluation"),
+    "batch_eval_metrics": (False, "evaluation is the lens's whole-set evaluation"),
+    "eval_accumulation_steps": (None, "evaluation is the lens's whole-set evaluation"),
+    "eval_do_concat_batches": (True, "evaluation is the lens's whole-set evaluation"),
+    "eval_use_gather_object": (False, "evaluation is the lens's whole-set evaluation"),
+    "prediction_loss_only": (False, "evaluation is the lens's whole-set evaluation"),
+    "bf16_full_eval": (False, "the evaluation runs in the training dtype"),
+    "fp16_full_eval": (False, "the evaluation runs in the training dtype"),
+}
+
 
 @dataclass
-class SFTConfig(ValidatedConfig):
-    """Supervised consistency-lens training.
+class LensSFTConfig(TrainingArguments):
+    """Supervised consistency-lens training (a ``TrainingArguments`` with lens fields).
 
     > Data: ``train_data``/``val_data`` are dump split folders (``.../layer_L/train``); or
     > ``on_the_fly`` names a dump YAML whose windows are used with activations computed live.
-    > Losses: each weight is a schedule string (see ``lens_rl.training.schedules``).
+    > Losses: each weight is a schedule string over optimizer steps (``lens_rl.training.schedules``).
     """
 
     # --- model and data
@@ -57,75 +93,114 @@ class SFTConfig(ValidatedConfig):
         default=False, metadata={"help": "A_train = Â + stopgrad(A' - Â') (the A' residual trick)."}
     )
 
-    # --- optimisation
-    learning_rate: float = field(default=1e-3, metadata={"help": "Base learning rate."})
+    # --- per-group learning-rate multipliers (AdamW groups by module ownership)
     lr_projection: float = field(default=1.0, metadata={"help": "LR multiplier of the projections."})
     lr_prompt: float = field(default=1.0, metadata={"help": "LR multiplier of the soft prompts."})
     lr_base: float = field(default=0.1, metadata={"help": "LR multiplier of trainable base weights."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (0 on 1-D tensors)."})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers.get_scheduler name."})
-    warmup_steps: int = field(default=0, metadata={"help": "LR warm-up steps."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 disables)."})
-    per_device_batch_size: int = field(default=16, metadata={"help": "Samples per process per micro-step."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
-    max_steps: int = field(default=100, metadata={"help": "Optimizer steps."})
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
-        default="auto", metadata={"help": "auto: bf16 on GPU, fp32 on CPU."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of data order, Gumbel noise and initialisation."})
 
-    # --- evaluation, logging, checkpoints
-    eval_every: int = field(
-        default=50, metadata={"help": "Evaluate every N optimizer steps (0: only at the end)."}
-    )
-    eval_batch_size: int = field(default=64, metadata={"help": "Samples per evaluation batch."})
+    # --- outputs
     num_explanations: int = field(
-        default=8, metadata={"help": "Sample explanations shown and saved per eval."}
-    )
-    log_every: int = field(default=10, metadata={"help": "Log training metrics every N optimizer steps."})
-    report_to: Literal["none", "tensorboard", "wandb"] = field(
-        default="none", metadata={"help": "Tracker (wandb runs offline unless WANDB_MODE says otherwise)."}
-    )
-    save_every: int = field(
-        default=50, metadata={"help": "Checkpoint every N optimizer steps (0: only at the end)."}
-    )
-    save_total_limit: int = field(default=2, metadata={"help": "Keep the last k checkpoints."})
-    output_dir: str = field(default="outputs/sft", metadata={"help": "Run folder."})
-    resume: bool = field(
-        default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."}
+        default=8, metadata={"help": "Sample explanations shown and saved per evaluation."}
     )
     plot: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
 
-    def validate(self) -> None:
+    # --- TrainingArguments fields whose default differs for a lens
+    output_dir: str | None = field(default="outputs/sft", metadata={"help": "Run folder."})
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "Base learning rate (projections train from scratch)."}
+    )
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (0 on 1-D tensors)."})
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Activations per process per micro-step."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=64, metadata={"help": "Activations per process per evaluation batch."}
+    )
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps (-1: use num_train_epochs)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    eval_strategy: str = field(
+        default="steps", metadata={"help": "'steps', 'epoch' or 'no' (the final evaluation always runs)."}
+    )
+    eval_steps: float | None = field(default=50, metadata={"help": "Evaluate every N optimizer steps."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimizer steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep the last k checkpoints."})
+    seed: int = field(default=0, metadata={"help": "Seed of data order, Gumbel noise and initialisation."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: lens batches are fixed records."}
+    )
+    dataloader_drop_last: bool = field(
+        default=True, metadata={"help": "Drop the last incomplete batch of an epoch."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "Every trainable lens parameter receives a gradient, so DDP need not search."},
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast; default: on with a CUDA GPU that supports it."}
+    )
+
+    def __post_init__(self) -> None:
+        import torch
+
+        own = {f.name for f in dataclasses.fields(LensSFTConfig)} - {
+            f.name for f in dataclasses.fields(TrainingArguments)
+        }
+        validate_types(self, only=own)
+        for name, (accepted, why) in _REFUSED.items():
+            value = getattr(self, name)
+            if value != accepted and not (accepted == [] and not value):
+                raise ConfigError(f"LensSFTConfig.{name}={value!r} is not supported: {why}.")
+        if isinstance(self.resume_from_checkpoint, bool):
+            self.resume_from_checkpoint = "true" if self.resume_from_checkpoint else None
+        cuda = torch.cuda.is_available()
+        if self.bf16 is None:
+            self.bf16 = bool(cuda and torch.cuda.is_bf16_supported())
+        if not cuda:
+            if self.bf16 or self.fp16:
+                raise ConfigError(
+                    "bf16/fp16 autocast of the lens needs a GPU here; on CPU the lens trains in fp32 "
+                    "(set bf16=false, fp16=false)."
+                )
+            # Without this, N processes started by `accelerate launch` on a CPU machine would each
+            # run alone (DistributedType.NO) instead of as one gloo group.
+            self.use_cpu = True
+        super().__post_init__()
+        self._validate_lens()
+
+    def _validate_lens(self) -> None:
         """Check sources, sizes, schedules and sub-configs; build the typed sub-configs."""
         if not self.model_name_or_path:
-            raise ConfigError("SFTConfig.model_name_or_path is required (a local model folder).")
+            raise ConfigError("LensSFTConfig.model_name_or_path is required (a local model folder).")
         if bool(self.train_data) == bool(self.on_the_fly):
             raise ConfigError("Give exactly one of train_data (a dump folder) or on_the_fly (a dump YAML).")
-        for name in (
-            "t_text",
-            "per_device_batch_size",
-            "gradient_accumulation_steps",
-            "max_steps",
-            "eval_batch_size",
-        ):
+        if self.val_data and self.on_the_fly:
+            raise ConfigError("val_data is for dumps; with on_the_fly the YAML's val split is used.")
+        if self.max_steps == 0:
+            raise ConfigError("LensSFTConfig.max_steps must be >= 1 (or -1 to use num_train_epochs).")
+        for name in ("t_text", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("eval_every", "save_every", "warmup_steps", "num_explanations", "save_total_limit"):
+                raise ConfigError(f"LensSFTConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("num_explanations",):
             if getattr(self, name) < 0:
-                raise ConfigError(f"SFTConfig.{name} must be >= 0, got {getattr(self, name)}.")
-        if self.log_every < 1:
-            raise ConfigError(f"SFTConfig.log_every must be >= 1, got {self.log_every}.")
+                raise ConfigError(f"LensSFTConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("lr_projection", "lr_prompt", "lr_base"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"LensSFTConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        strategy = getattr(self.eval_strategy, "value", self.eval_strategy)  # an enum after __post_init__
+        if strategy != "no" and not (self.val_data or self.on_the_fly):
+            raise ConfigError(
+                f"eval_strategy={strategy!r} needs a validation split: give val_data, "
+                "or set eval_strategy=no."
+            )
         self.schedules = {}
         for name in ("mse_weight", "lm_weight", "kl_weight", "entropy_weight", "gumbel_tau"):
             try:
-                self.schedules[name] = parse_schedule(getattr(self, name), f"SFTConfig.{name}")
+                self.schedules[name] = parse_schedule(getattr(self, name), f"LensSFTConfig.{name}")
             except ValueError as e:
                 raise ConfigError(str(e)) from e
         if self.schedules["gumbel_tau"].start <= 0 or self.schedules["gumbel_tau"].end <= 0:
-            raise ConfigError(f"SFTConfig.gumbel_tau must stay > 0, got {self.gumbel_tau!r}.")
+            raise ConfigError(f"LensSFTConfig.gumbel_tau must stay > 0, got {self.gumbel_tau!r}.")
         if all(self.schedules[n].max_value <= 0 for n in ("mse_weight", "lm_weight", "kl_weight")):
             raise ConfigError("All of mse_weight, lm_weight and kl_weight are 0: nothing would be trained.")
         self.decoder_config = sub_config(self.decoder, DecoderConfig, "decoder")
@@ -138,7 +213,3 @@ class SFTConfig(ValidatedConfig):
             raise ConfigError(
                 "resample_ablation only changes the MSE and functional-KL terms, and both are 0."
             )
-
-    def to_dict(self) -> dict:
-        """Plain fields only (no derived objects), for saving with the run."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -1,241 +1,159 @@
-"""Supervised consistency-lens training on ``accelerate`` (CPU, 1 GPU, DDP, DeepSpeed ZeRO-2).
+"""Supervised consistency-lens training on ``transformers.Trainer``.
 
-``SFTTrainer(cfg).train()`` runs the whole stage: build the orig model, the data and the lens;
-optimise with AdamW (parameter groups by module: projections, prompts, base), an LR schedule
-from ``transformers.get_scheduler``, gradient accumulation and clipping; evaluate on the
-held-out split; checkpoint every N steps (``accelerator.save_state`` plus the data position);
-``--resume`` continues exactly where a run stopped (same data order, same Gumbel noise: the
-noise generator is seeded from the micro-step counter, not from global RNG state).
+:class:`LensSFTTrainer` is a ``Trainer`` whose model is the lens (:class:`LensModule`); it
+overrides only what a lens needs:
+
+- ``compute_loss``: the lens objective (:func:`~lens_rl.training.sft_losses.sft_losses`) with
+  the loss-weight and Gumbel-temperature schedules read at ``state.global_step``, and Gumbel
+  noise from an explicit generator seeded from (seed, global step, micro-step, process), so a
+  resumed run draws exactly the noise the uninterrupted run drew;
+- ``create_optimizer``: the optimizer ``optim`` names, built on the lens's parameter groups
+  (projections, prompts, base; no decay on 1-D tensors and prompts) with per-group LR
+  multipliers, which the Trainer's LR schedule scales together;
+- ``evaluate``: the whole-set lens evaluation (FVE, normalised MSE, functional and LM KL,
+  baselines) sharded over processes, logged as ``eval_*`` and with sample explanations;
+- ``log``: adds the loss parts, schedule values and per-group learning rates.
+
+Everything else (DDP/DeepSpeed/FSDP through accelerate, gradient accumulation and clipping,
+LR schedules, ``checkpoint-N`` folders with rotation, ``resume_from_checkpoint``,
+``report_to``, callbacks) is the Trainer's own. :func:`run_sft` builds the pieces, trains,
+saves the lens and then evaluates it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 
 from lens_rl.data.dataset import ActivationDataset, OnTheFlyDataset, materialize
-from lens_rl.models.lens import ConsistencyLens
+from lens_rl.models.lens import ConsistencyLens, LensModule
 from lens_rl.models.orig import OrigWrapper
+from lens_rl.models.surgery import resolve_layer
 from lens_rl.training.evaluate import evaluate_lens
-from lens_rl.training.sft_config import SFTConfig
+from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_losses import StepWeights, sft_losses
-from lens_rl.utils.progress import progress_bar
 
-STATE_FILE = "trainer_state.json"
-
-
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch (``set_epoch``), independent of global RNG state."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch``."""
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
+METRICS_FILE = "metrics.jsonl"
+EXPLANATIONS_FILE = "explanations.jsonl"
 
 
-def param_groups(lens: ConsistencyLens, cfg: SFTConfig) -> list[dict[str, Any]]:
-    """AdamW groups by module ownership (not name substrings); no decay on 1-D tensors/prompts."""
+def param_groups(lens: ConsistencyLens, args: LensSFTConfig) -> list[dict[str, Any]]:
+    """Optimizer groups by module ownership (not name substrings), each with its LR multiplier
+    applied to ``learning_rate``; no weight decay on 1-D tensors and prompts."""
     dec, enc = lens.decoder, lens.encoder
     owners: list[tuple[str, list[torch.nn.Parameter], float]] = [
-        ("projection", [*dec.projection_parameters(), *enc.proj.parameters()], cfg.lr_projection),
-        ("prompt", [*dec.prompt_parameters(), enc.prompt_left_emb, enc.prompt_right_emb], cfg.lr_prompt),
+        ("projection", [*dec.projection_parameters(), *enc.proj.parameters()], args.lr_projection),
+        ("prompt", [*dec.prompt_parameters(), enc.prompt_left_emb, enc.prompt_right_emb], args.lr_prompt),
     ]
     claimed = {id(p) for _, ps, _ in owners for p in ps}
     base = [p for p in lens.parameters() if id(p) not in claimed]  # base weights of decoder/encoder
-    owners.append(("base", base, cfg.lr_base))
+    owners.append(("base", base, args.lr_base))
     groups = []
     seen: set[int] = set()
     for name, params, mult in owners:
         params = [p for p in params if p.requires_grad and id(p) not in seen and not seen.add(id(p))]
         decay = [p for p in params if p.dim() >= 2 and name != "prompt"]
         no_decay = [p for p in params if not (p.dim() >= 2 and name != "prompt")]
-        for suffix, ps, wd in (("", decay, cfg.weight_decay), ("_no_decay", no_decay, 0.0)):
+        for suffix, ps, wd in (("", decay, args.weight_decay), ("_no_decay", no_decay, 0.0)):
             if ps:
                 groups.append(
-                    {"name": name + suffix, "params": ps, "lr": cfg.learning_rate * mult, "weight_decay": wd}
+                    {"name": name + suffix, "params": ps, "lr": args.learning_rate * mult, "weight_decay": wd}
                 )
     if not groups:
         raise ValueError("No trainable parameters: every trainable_* flag of decoder and encoder is False.")
     return groups
 
 
-class SFTTrainer:
-    """Runs supervised lens training for one :class:`SFTConfig`."""
+class _MetricsFile(TrainerCallback):
+    """Append every log row (train and eval) to ``metrics.jsonl`` on the main process."""
 
-    def __init__(self, cfg: SFTConfig) -> None:
-        self.cfg = cfg
-        self.out = Path(cfg.output_dir)
-        self.ckpt_root = self.out / "checkpoints"
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
-    # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
-        """Build accelerator, models, data, optimizer and scheduler."""
-        from accelerate import Accelerator
-        from accelerate.utils import GradientAccumulationPlugin, set_seed
-        from transformers import AutoTokenizer, get_scheduler
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
-        cfg = self.cfg
-        cuda = torch.cuda.is_available()
-        mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
-        if mp != "no" and not cuda:
-            raise ValueError(f"mixed_precision={mp!r} needs a GPU; use 'no' (fp32) or 'auto' on CPU.")
-        if cfg.report_to == "wandb":
-            os.environ.setdefault("WANDB_MODE", "offline")
-        self.acc = Accelerator(
-            cpu=not cuda,
-            mixed_precision=mp,
-            # Optimizer steps every k micro-batches across epoch boundaries (no forced sync at an
-            # epoch's end), so a resumed run (whose loader skips batches) steps at the same places.
-            gradient_accumulation_plugin=GradientAccumulationPlugin(
-                num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
-            ),
-            log_with=None if cfg.report_to == "none" else cfg.report_to,
-            project_dir=str(self.out),
+
+class _FinalEvaluationAfterSave(TrainerCallback):
+    """Skip the Trainer's evaluation at the last step: :func:`run_sft` evaluates once the
+    final checkpoint and the lens are on disk, so a failing evaluation loses nothing."""
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = False
+        return control
+
+
+class LensSFTTrainer(Trainer):
+    """``transformers.Trainer`` for a consistency lens (see the module docstring)."""
+
+    def __init__(
+        self,
+        args: LensSFTConfig,
+        lens: ConsistencyLens,
+        orig: OrigWrapper,
+        tokenizer,
+        train_dataset,
+        eval_dataset=None,
+        *,
+        layer: int,
+        train_mean: torch.Tensor,
+        train_var: torch.Tensor,
+        callbacks: list[TrainerCallback] | None = None,
+    ) -> None:
+        self.lens = lens
+        self.orig = orig
+        self.layer = layer
+        self.train_mean, self.train_var = train_mean, train_var
+        self.group_names: list[str] = []
+        self._metrics: dict[str, list[float]] = {}
+        self._noise_step: int | None = None
+        self._noise_micro = 0
+        self._group_lrs: list[float] = []
+        self.last_samples: list[dict[str, Any]] = []
+        super().__init__(
+            model=LensModule(lens),
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            data_collator=torch.utils.data.default_collate,
+            callbacks=[_FinalEvaluationAfterSave(), *(callbacks or [])],
         )
-        set_seed(cfg.seed, device_specific=False)  # only the fresh projections' init uses it
-        acc = self.acc
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-        self.orig = OrigWrapper.from_pretrained(cfg.model_name_or_path).to(acc.device)
-        n_layers = self.orig.n_layers
-
-        if cfg.train_data:
-            self.train_set = ActivationDataset(cfg.train_data)
-            self.val_set = ActivationDataset(cfg.val_data) if cfg.val_data else None
-            self.layer = self.train_set.layer
-            d_model = self.orig.model.get_input_embeddings().weight.shape[1]
-            for ds in (self.train_set, self.val_set):
-                if ds is not None:
-                    ds.check_compatible(d_model, self.layer)
-            self.train_mean, self.train_var = self.train_set.mean, self.train_set.var
-        else:
-            self._setup_on_the_fly(n_layers)
-        self.layer %= n_layers
-
-        meta = {
-            "model_name_or_path": cfg.model_name_or_path,
-            "tokenizer_name_or_path": cfg.tokenizer_name_or_path or cfg.model_name_or_path,
-            "layer": self.layer,
-            "t_text": cfg.t_text,
-            "train_mean": self.train_mean.tolist(),
-            "train_var": self.train_var.tolist(),
-        }
-        lens = ConsistencyLens.build(
-            self.orig.model, self.tokenizer, cfg.decoder_config, cfg.encoder_config, cfg.share_base, meta
-        ).to(acc.device)
-        lens.train()
-        groups = param_groups(lens, cfg)
-        self.group_names = [g.pop("name") for g in groups]
-        optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2))
-        scheduler = get_scheduler(
-            cfg.lr_scheduler_type,
-            optimizer,
-            num_warmup_steps=cfg.warmup_steps,
-            num_training_steps=cfg.max_steps,
-        )
-        self.sampler = EpochSampler(len(self.train_set), cfg.seed)
-        loader = DataLoader(
-            self.train_set, batch_size=cfg.per_device_batch_size, sampler=self.sampler, drop_last=True
-        )
-        if len(loader) == 0:
-            raise ValueError(
-                f"The training set ({len(self.train_set)} samples) is smaller than one batch "
-                f"({cfg.per_device_batch_size}); lower per_device_batch_size."
-            )
-        self.lens, self.optimizer, self.loader, self.scheduler = acc.prepare(
-            lens, optimizer, loader, scheduler
-        )
-        self.feature_var = self.train_var.to(acc.device)
+        device = self.args.device
+        self.orig.to(device)
+        self.feature_var = train_var.to(device)
         self.prefix_ids = torch.tensor(
-            [self.tokenizer(cfg.lm_natural_prefix, add_special_tokens=False)["input_ids"]], device=acc.device
+            [tokenizer(args.lm_natural_prefix, add_special_tokens=False)["input_ids"]], device=device
         )
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        if cfg.report_to != "none":
-            acc.init_trackers("lens_rl_sft", config={k: str(v) for k, v in cfg.to_dict().items()})
 
-    def _setup_on_the_fly(self, n_layers: int) -> None:
-        from lens_rl.config import parse_args
-        from lens_rl.data.dump import DumpConfig, dump_windows
-
-        (dcfg,) = parse_args(
-            [DumpConfig],
-            ["--config", self.cfg.on_the_fly, "--model_name_or_path", self.cfg.model_name_or_path],
-        )
-        splits = dump_windows(dcfg, self.tokenizer)
-        self.layer = dcfg.layer % n_layers
-        self.train_set = OnTheFlyDataset(splits["train"], self.layer)
-        self.val_set = OnTheFlyDataset(splits["val"], self.layer) if len(splits["val"]) else None
-        # Normalisation statistics from (up to) 512 training windows.
-        idx = torch.arange(min(512, len(self.train_set)))
-        w = splits["train"]
-        acts = torch.cat(
-            [
-                self.orig.capture(w.input_ids[c].to(self.orig.model.device), self.layer, w.token_pos[c]).cpu()
-                for c in idx.split(64)
-            ]
-        ).double()
-        self.train_mean, self.train_var = acts.mean(0).float(), acts.var(0, unbiased=False).float()
-
-    # ------------------------------------------------------------------ checkpoints
-    def _checkpoints(self) -> list[Path]:
-        if not self.ckpt_root.exists():
-            return []
-        return sorted(self.ckpt_root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-
-    def save_checkpoint(self, state: dict[str, Any]) -> Path:
-        """Save model/optimizer/scheduler/RNG (accelerate) plus the data position; keep the last k."""
-        path = self.ckpt_root / f"step_{state['step']:08d}"
-        self.acc.save_state(str(path))
-        if self.acc.is_main_process:
-            (path / STATE_FILE).write_text(json.dumps(state))
-            keep = max(self.cfg.save_total_limit, 1)
-            for old in self._checkpoints()[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
-        return path
-
-    def _resume_state(self) -> dict[str, Any]:
-        ckpts = [c for c in self._checkpoints() if (c / STATE_FILE).exists()]
-        if not ckpts:
-            raise FileNotFoundError(f"--resume: no checkpoint with {STATE_FILE} under {self.ckpt_root}.")
-        # Checkpoints hold only trainable/lens tensors (frozen base weights come from the model
-        # folder), so load non-strictly and check the key set ourselves.
-        self.acc.load_state(str(ckpts[-1]), strict=False)
-        model_file = ckpts[-1] / "model.safetensors"
-        if model_file.exists():
-            from safetensors import safe_open
-
-            with safe_open(str(model_file), "pt") as f:
-                saved = set(f.keys())
-            expected = set(self.acc.unwrap_model(self.lens).state_dict())
-            if saved != expected:
-                raise RuntimeError(
-                    f"{model_file} does not match this lens: missing {sorted(expected - saved)[:5]}, "
-                    f"unexpected {sorted(saved - expected)[:5]}. Was it saved with another config?"
+    # ------------------------------------------------------------------ optimisation
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The optimizer ``optim`` names, on the lens's parameter groups (see :func:`param_groups`)."""
+        if self.optimizer is None:
+            groups = param_groups(self.lens, self.args)
+            self.group_names = [g.pop("name") for g in groups]
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            kwargs = dict(kwargs)
+            if {"params", "model", "optimizer_dict"} & set(kwargs) or not isinstance(cls, type):
+                raise ValueError(
+                    f"optim={self.args.optim!r} builds its own parameter groups, which would drop the "
+                    "lens's per-group learning rates; use an AdamW/Adafactor/SGD-style optimizer."
                 )
-        state = json.loads((ckpts[-1] / STATE_FILE).read_text())
-        self.acc.print(f"resumed from {ckpts[-1]} (step {state['step']})")
-        return state
+            kwargs.pop("lr", None)  # each group carries its own
+            self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
 
-    # ------------------------------------------------------------------ loop
-    def _weights(self, step: int) -> StepWeights:
-        s = self.cfg.schedules
+    def step_weights(self, step: int) -> StepWeights:
+        """Loss weights and Gumbel temperature at optimizer step ``step``."""
+        s = self.args.schedules
         return StepWeights(
             mse=s["mse_weight"](step),
             lm=s["lm_weight"](step),
@@ -244,149 +162,233 @@ class SFTTrainer:
             tau=s["gumbel_tau"](step),
         )
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Evaluate on the validation split (all processes), log, save explanations."""
-        if self.val_set is None:
-            return {}
-        acc = self.acc
-        lens = acc.unwrap_model(self.lens)
-        metrics, samples = evaluate_lens(
-            lens,
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        """A generator seeded from (seed, global step, micro-step within it, process index)."""
+        step = self.state.global_step
+        if step != self._noise_step:
+            self._noise_step, self._noise_micro = step, 0
+        else:
+            self._noise_micro += 1
+        seed = (
+            self.args.seed * 1_000_003
+            + step * 7_919
+            + self._noise_micro * 104_729
+            + self.accelerator.process_index * 15_485_863
+        ) % (2**63)
+        return torch.Generator(device).manual_seed(seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The lens loss on one micro-batch, run through the (wrapped) model's forward."""
+        batch = materialize(inputs, self.orig, self.layer)
+        weights = self.step_weights(self.state.global_step)
+        device = batch["A"].device
+        losses = model(
+            sft_losses,
             self.orig,
-            self.val_set,
+            batch,
+            weights=weights,
             layer=self.layer,
-            t_text=self.cfg.t_text,
+            t_text=self.args.t_text,
+            feature_var=self.feature_var,
+            prefix_ids=self.prefix_ids,
+            generator=self._noise_generator(device),
+            resample_ablation=self.args.resample_ablation,
+        )
+        if self.optimizer is not None:  # the rates this step's update will use (before the scheduler steps)
+            self._group_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        for k, v in losses.items():
+            if k != "loss":
+                self._metrics.setdefault(k, []).append(float(v.detach()))
+        return (losses["loss"], losses) if return_outputs else losses["loss"]
+
+    # ------------------------------------------------------------------ logging and evaluation
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the loss parts (averaged over the interval and the processes), the schedule values
+        and each group's learning rate to a training log row."""
+        if "loss" in logs and self._metrics:
+            keys = sorted(self._metrics)
+            local = torch.tensor(
+                [sum(self._metrics[k]) / len(self._metrics[k]) for k in keys],
+                device=self.args.device,
+                dtype=torch.float64,
+            )
+            mean = self.accelerator.reduce(local, "mean") if self.accelerator.num_processes > 1 else local
+            logs.update({k: float(v) for k, v in zip(keys, mean.tolist(), strict=True)})
+            self._metrics = {}
+            w = self.step_weights(max(self.state.global_step - 1, 0))
+            logs.update({"w_mse": w.mse, "w_lm": w.lm, "w_kl": w.kl, "w_entropy": w.entropy, "tau": w.tau})
+            for name, lr in zip(self.group_names, self._group_lrs, strict=False):
+                logs[f"lr/{name}"] = lr
+        super().log(logs, start_time)
+
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Whole-set lens evaluation on every process's share of the validation split."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs a validation split (val_data or on_the_fly).")
+        acc = self.accelerator
+        metrics, samples = evaluate_lens(
+            self.lens,
+            self.orig,
+            dataset,
+            layer=self.layer,
+            t_text=self.args.t_text,
             train_mean=self.train_mean,
             train_var=self.train_var,
             prefix_ids=self.prefix_ids,
-            tokenizer=self.tokenizer,
-            batch_size=self.cfg.eval_batch_size,
-            seed=self.cfg.seed + 7919,
-            resample_ablation=self.cfg.resample_ablation,
-            num_explanations=self.cfg.num_explanations,
+            tokenizer=self.processing_class,
+            batch_size=self.args.per_device_eval_batch_size,
+            seed=self.args.seed + 7919,
+            resample_ablation=self.args.resample_ablation,
+            num_explanations=self.args.num_explanations,
             process_index=acc.process_index,
             num_processes=acc.num_processes,
             reduce=(lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None,
-            device=acc.device,
+            device=self.args.device,
         )
-        if acc.is_main_process:
-            with (self.out / "explanations.jsonl").open("a") as f:
+        if self.args.should_save and samples:
+            out = Path(self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            with (out / EXPLANATIONS_FILE).open("a") as f:
                 for s in samples:
-                    f.write(json.dumps({"step": step, **s}) + "\n")
-            self.last_samples = samples
-        self._log({f"eval/{k}": v for k, v in metrics.items()}, step)
+                    f.write(json.dumps({"step": self.state.global_step, **s}) + "\n")
+        self.last_samples = samples
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _log(self, values: dict[str, float], step: int) -> None:
-        if self.acc.is_main_process:
-            with (self.out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.cfg.report_to != "none":
-            self.acc.log(values, step=step)
 
-    def train(self) -> dict[str, Any]:
-        """Run to ``max_steps`` (or continue with ``resume``); return the final evaluation."""
-        self.setup()
-        cfg, acc = self.cfg, self.acc
-        state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "micro_steps": 0}
-        if cfg.resume:
-            state = self._resume_state()
-            if acc.is_main_process:  # drop log rows written after the checkpoint by the interrupted run
-                for name in ("metrics.jsonl", "explanations.jsonl"):
-                    path = self.out / name
-                    if path.exists():
-                        rows = [
-                            r
-                            for r in path.read_text().splitlines()
-                            if r and json.loads(r)["step"] <= state["step"]
-                        ]
-                        path.write_text("".join(r + "\n" for r in rows))
-        elif acc.is_main_process:
-            for name in ("metrics.jsonl", "explanations.jsonl"):
-                (self.out / name).unlink(missing_ok=True)
-        step = state["step"]
-        running: dict[str, float] = {}
-        n_running = 0
-        with progress_bar("sft", total=cfg.max_steps, enabled=acc.is_main_process) as advance:
-            advance(step)
-            while step < cfg.max_steps:
-                loader = (
-                    acc.skip_first_batches(self.loader, state["batch_in_epoch"])
-                    if state["batch_in_epoch"]
-                    else self.loader
-                )
-                # accelerate's loaders call sampler.set_epoch(their own iteration count) when
-                # iterated; pin it to our epoch (a resumed or skipping loader starts counting at 0).
-                for obj in (loader, self.sampler):
-                    if hasattr(obj, "set_epoch"):
-                        obj.set_epoch(state["epoch"])
-                for batch in loader:
-                    w = self._weights(step)
-                    batch = materialize(batch, self.orig, self.layer)
-                    g = torch.Generator(acc.device).manual_seed(
-                        (cfg.seed * 1_000_003 + state["micro_steps"] * 7_919 + acc.process_index) % (2**63)
-                    )
-                    with acc.accumulate(self.lens), acc.autocast():
-                        losses = self.lens(
-                            sft_losses,
-                            self.orig,
-                            batch,
-                            weights=w,
-                            layer=self.layer,
-                            t_text=cfg.t_text,
-                            feature_var=self.feature_var,
-                            prefix_ids=self.prefix_ids,
-                            generator=g,
-                            resample_ablation=cfg.resample_ablation,
-                        )
-                        acc.backward(losses["loss"])
-                        grad_norm = None
-                        if acc.sync_gradients and cfg.max_grad_norm > 0:
-                            grad_norm = acc.clip_grad_norm_(self.lens.parameters(), cfg.max_grad_norm)
-                        self.optimizer.step()
-                        self.scheduler.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    state["micro_steps"] += 1
-                    state["batch_in_epoch"] += 1
-                    for k, v in losses.items():
-                        running[k] = running.get(k, 0.0) + float(v.detach())
-                    n_running += 1
-                    if not acc.sync_gradients:
-                        continue
-                    step += 1
-                    state["step"] = step
-                    advance(
-                        1,
-                        info=f"loss {float(losses['loss'].detach()):.4f} mse {float(losses['mse'].detach()):.4f}",
-                    )
-                    if step % cfg.log_every == 0 or step == cfg.max_steps:
-                        vals = {f"train/{k}": v / n_running for k, v in running.items()}
-                        vals.update(
-                            {"train/tau": w.tau, "train/w_lm": w.lm, "train/w_kl": w.kl, "train/w_mse": w.mse}
-                        )
-                        for name, group in zip(self.group_names, self.optimizer.param_groups, strict=False):
-                            vals[f"lr/{name}"] = group["lr"]
-                        if grad_norm is not None:
-                            vals["train/grad_norm"] = float(grad_norm)
-                        self._log(vals, step)
-                        running, n_running = {}, 0
-                    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                        self.evaluate(step)
-                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                        self.save_checkpoint(state)
-                    if step >= cfg.max_steps:
-                        break
-                else:
-                    state["epoch"] += 1
-                    state["batch_in_epoch"] = 0
-        final = self.evaluate(step)
-        self.save_checkpoint(state)
-        if acc.is_main_process:
-            acc.unwrap_model(self.lens).save_pretrained(self.out / "lens")
-            (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
-            if cfg.plot:
-                from lens_rl.training.plots import plot_curves
+# ---------------------------------------------------------------------- the stage end to end
+def _on_the_fly_data(cfg: LensSFTConfig, orig: OrigWrapper, tokenizer):
+    from lens_rl.config import parse_args
+    from lens_rl.data.dump import DumpConfig, dump_windows
 
-                plot_curves(self.out / "metrics.jsonl", self.out / "training_curves.png")
-        acc.end_training()
-        return final
+    (dcfg,) = parse_args(
+        [DumpConfig], ["--config", cfg.on_the_fly, "--model_name_or_path", cfg.model_name_or_path]
+    )
+    splits = dump_windows(dcfg, tokenizer)
+    layer = resolve_layer(dcfg.layer, orig.n_layers, "layer", cfg.on_the_fly)
+    train = OnTheFlyDataset(splits["train"], layer)
+    val = OnTheFlyDataset(splits["val"], layer) if len(splits["val"]) else None
+    # Normalisation statistics from (up to) 512 training windows.
+    w = splits["train"]
+    acts = torch.cat(
+        [
+            orig.capture(w.input_ids[c].to(orig.model.device), layer, w.token_pos[c]).cpu()
+            for c in torch.arange(min(512, len(train))).split(64)
+        ]
+    ).double()
+    return train, val, layer, acts.mean(0).float(), acts.var(0, unbiased=False).float()
+
+
+def build_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None) -> LensSFTTrainer:
+    """Load the orig model and the data, build a fresh lens and its trainer (checks run first:
+    the data is validated before anything trains)."""
+    from transformers import AutoTokenizer
+
+    from lens_rl.utils.launch import check_world_size
+
+    check_world_size(cfg.world_size)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    orig = OrigWrapper.from_pretrained(cfg.model_name_or_path)
+    d_model = orig.model.get_input_embeddings().weight.shape[1]
+    if cfg.train_data:
+        train = ActivationDataset(cfg.train_data)
+        layer = resolve_layer(train.layer, orig.n_layers, "layer", cfg.train_data)
+        val = ActivationDataset(cfg.val_data) if cfg.val_data else None
+        for ds in (train, val):
+            if ds is not None:
+                ds.check_compatible(d_model, train.layer)
+        train_mean, train_var = train.mean, train.var
+    else:
+        train, val, layer, train_mean, train_var = _on_the_fly_data(cfg, orig, tokenizer)
+    if cfg.eval_strategy != "no" and val is None:
+        raise ValueError(
+            f"eval_strategy={getattr(cfg.eval_strategy, 'value', cfg.eval_strategy)!r} but the validation "
+            f"split of {cfg.on_the_fly} is empty (num_val: 0); set eval_strategy=no or num_val > 0."
+        )
+    per_step = cfg.per_device_train_batch_size * cfg.world_size
+    if len(train) < per_step:
+        raise ValueError(
+            f"The training set ({len(train)} samples) is smaller than one batch over all processes "
+            f"({cfg.per_device_train_batch_size} x {cfg.world_size}); lower per_device_train_batch_size."
+        )
+    meta = {
+        "model_name_or_path": cfg.model_name_or_path,
+        "tokenizer_name_or_path": cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+        "layer": layer,
+        "t_text": cfg.t_text,
+        "train_mean": train_mean.tolist(),
+        "train_var": train_var.tolist(),
+    }
+    lens = ConsistencyLens.build(
+        orig.model, tokenizer, cfg.decoder_config, cfg.encoder_config, cfg.share_base, meta
+    )
+    lens.train()
+    return LensSFTTrainer(
+        cfg,
+        lens,
+        orig,
+        tokenizer,
+        train,
+        val,
+        layer=layer,
+        train_mean=train_mean,
+        train_var=train_var,
+        callbacks=[_MetricsFile(Path(cfg.output_dir) / METRICS_FILE), *(callbacks or [])],
+    )
+
+
+def _trim_logs(out: Path, step: int) -> None:
+    """Drop log rows written after ``step`` (by the run a resume continues)."""
+    for name in (METRICS_FILE, EXPLANATIONS_FILE):
+        path = out / name
+        if path.exists():
+            rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+
+def run_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train to ``max_steps`` (or continue from ``resume_from_checkpoint``), save the lens to
+    ``<output_dir>/lens``, then evaluate it; return the final evaluation (without the
+    ``eval_`` prefix; empty without a validation split) and the trainer."""
+    from lens_rl.utils.launch import resolve_resume
+
+    out = Path(cfg.output_dir)
+    resume = resolve_resume(cfg.resume_from_checkpoint, out)
+    trainer = build_sft(cfg, callbacks)
+    acc = trainer.accelerator
+    effective = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.world_size
+    acc.print(
+        f"sft: world size {cfg.world_size} ({acc.distributed_type}); per-device batch "
+        f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
+        f"{cfg.world_size} processes = effective batch {effective}; layer {trainer.layer}"
+    )
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.to_json_string())
+        if resume:
+            step = json.loads((Path(resume) / TRAINER_STATE_NAME).read_text())["global_step"]
+            _trim_logs(out, step)
+            acc.print(f"resuming from {resume} (step {step})")
+        else:
+            for name in (METRICS_FILE, EXPLANATIONS_FILE):
+                (out / name).unlink(missing_ok=True)
+    acc.wait_for_everyone()
+    trainer.train(resume_from_checkpoint=resume)
+    if acc.is_main_process:
+        trainer.lens.save_pretrained(out / "lens")
+    acc.wait_for_everyone()
+    final: dict[str, float] = {}
+    if trainer.eval_dataset is not None:
+        final = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
+    if acc.is_main_process:
+        (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        if cfg.plot:
+            from lens_rl.training.plots import plot_curves
+
+            plot_curves(out / METRICS_FILE, out / "training_curves.png")
+    return {"final": final, "trainer": trainer}

@@ -1,0 +1,86 @@
+"""Launch-time checks shared by the training stages: world size, and which checkpoint to resume.
+
+``accelerate launch --num_processes 2 script.py`` on a machine without GPUs starts ONE process
+(accelerate's simple launcher; N CPU processes need ``--multi_gpu`` or a config file with
+``distributed_type: MULTI_GPU``, which lens_rl turns into one gloo group). Nothing in the child
+says that two were asked for, so :func:`check_world_size` reads the launcher's command line
+from ``/proc`` (Linux) and refuses the mismatch instead of training on a silently smaller
+world.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from lens_rl.config import ConfigError
+
+_LATEST = {"true", "latest", "last", "yes", "1"}
+
+
+def _requested_processes(cmdline: list[str]) -> int | None:
+    """``--num_processes N`` from an ``accelerate launch`` command line, else None.
+
+    Only the launcher's own options are read (those before the training script).
+    """
+    start = next(
+        (
+            i + 1
+            for i, part in enumerate(cmdline[:5])
+            if part.endswith("accelerate.commands.launch")
+            or (part == "launch" and i > 0 and cmdline[i - 1].endswith("accelerate"))
+        ),
+        None,
+    )
+    if start is None:
+        return None
+    for i in range(start, len(cmdline)):
+        part = cmdline[i]
+        if part.endswith(".py") and not part.startswith("-"):
+            break
+        m = re.fullmatch(r"--num[_-]processes(?:=(\d+))?", part)
+        if m:
+            value = m.group(1) or (cmdline[i + 1] if i + 1 < len(cmdline) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def check_world_size(world_size: int) -> None:
+    """Refuse a run whose launcher asked for more processes than the job has.
+
+    Raises:
+        ConfigError: naming both numbers and the flag that fixes it.
+    """
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return
+    requested = _requested_processes([p.decode(errors="replace") for p in raw.split(b"\0") if p])
+    if requested is not None and requested > world_size:
+        raise ConfigError(
+            f"`accelerate launch --num_processes {requested}` started a job of world size {world_size}: "
+            "without GPUs accelerate's plain launcher runs one process. Add --multi_gpu (lens_rl runs "
+            "the processes on the CPU over gloo), or use --config_file configs/accelerate/ddp.yaml."
+        )
+
+
+def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | None:
+    """The checkpoint folder ``resume_from_checkpoint`` names.
+
+    ``None``/``false``: a fresh run. ``true``/``latest``/``last``: the newest ``checkpoint-N``
+    under ``output_dir`` (an error when there is none). Anything else: that folder, which must
+    exist.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value is None or value is False or (isinstance(value, str) and value.lower() in {"", "false", "no"}):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() in _LATEST):
+        last = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise ConfigError(f"resume_from_checkpoint={value!r}: no checkpoint-N folder under {output_dir}.")
+        return last
+    if not Path(value).is_dir():
+        raise ConfigError(f"resume_from_checkpoint={value!r} is not a folder.")
+    return str(value)

@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         str(splits["val"]),
         "--output_dir",
         str(out / "sft"),
+        "--overwrite_output_dir",  # a rerun of the demo replaces its outputs
+        "true",
     ]
     if args.sft_steps is not None:
         sft_args += ["--max_steps", str(args.sft_steps)]
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             str(splits["val"]),
             "--output_dir",
             str(out / "rl"),
+            "--overwrite_output_dir",
+            "true",
         ]
         if args.rl_steps is not None:
             rl_args += ["--max_steps", str(args.rl_steps)]

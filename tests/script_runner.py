@@ -11,9 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def accelerate_launch(
-    script: str, args: list[str], num_processes: int = 1, port: int = 29531, timeout: int = 600
+    script: str,
+    args: list[str],
+    num_processes: int = 1,
+    port: int = 29531,
+    timeout: int = 600,
+    expect_success: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Launch ``scripts/<script>`` and assert it exits 0 (the tail of stderr is the message)."""
+    """Launch ``scripts/<script>`` and assert it exits 0 (the tail of stderr is the message), or
+    with ``expect_success=False`` that it exits non-zero."""
     cmd = [
         sys.executable,
         "-m",
@@ -37,5 +43,8 @@ def accelerate_launch(
         env=env,
         timeout=timeout,
     )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    if expect_success:
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    else:
+        assert res.returncode != 0, res.stdout[-2000:] + res.stderr[-4000:]
     return res

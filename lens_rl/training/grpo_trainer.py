@@ -33,6 +33,7 @@ from lens_rl.models.orig import OrigWrapper
 from lens_rl.ops.diagnostics import DistributionDiagnostics
 from lens_rl.ops.importance import importance_weights, mismatch_stats, token_log_ratio
 from lens_rl.training.grpo_config import LensGRPOConfig
+from lens_rl.training.guards import NonFiniteGuard
 from lens_rl.training.losses import normalized_mse
 from lens_rl.training.rewards import group_advantages, reconstruction_reward
 
@@ -109,6 +110,7 @@ class LensGRPOTrainer(GRPOTrainer):
         finally:
             args.beta = beta
         self.beta = beta
+        self.add_callback(NonFiniteGuard(args.on_nonfinite, args.max_nonfinite_skips))
         self.prefix_ids = torch.tensor(
             [tokenizer(args.ref_kl_prefix, add_special_tokens=False)["input_ids"]], dtype=torch.long
         )

@@ -23,11 +23,15 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
     from lens_rl.models.orig import OrigWrapper
     from lens_rl.training.evaluate import evaluate_lens
     from lens_rl.training.grpo_trainer import LensGRPOTrainer
+    from lens_rl.training.guards import claim_output_dir, main_then_all
     from lens_rl.utils.launch import check_world_size, resolve_resume
 
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     state = PartialState(cpu=not torch.cuda.is_available())
     check_world_size(state.num_processes)
+    lock = main_then_all(  # noqa: F841 - held (and the folder owned) until the run returns
+        lambda: claim_output_dir(cfg.output_dir, resume is not None, cfg.overwrite_output_dir), state
+    )
     state.print(
         f"rl: world size {state.num_processes} ({state.distributed_type}); per-device batch "
         f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps}"

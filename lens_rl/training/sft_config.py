@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 from transformers import TrainingArguments
 
@@ -103,6 +104,19 @@ class LensSFTConfig(TrainingArguments):
         default=8, metadata={"help": "Sample explanations shown and saved per evaluation."}
     )
     plot: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Let a fresh run delete an earlier run's outputs in output_dir (else refused)."},
+    )
+
+    # --- divergence
+    on_nonfinite: Literal["stop", "skip"] = field(
+        default="stop",
+        metadata={"help": "A NaN/inf gradient stops the run (naming the step), or skips that update."},
+    )
+    max_nonfinite_skips: int = field(
+        default=3, metadata={"help": "With on_nonfinite=skip: stop after this many skipped updates."}
+    )
 
     # --- TrainingArguments fields whose default differs for a lens
     output_dir: str | None = field(default="outputs/sft", metadata={"help": "Run folder."})
@@ -181,7 +195,11 @@ class LensSFTConfig(TrainingArguments):
         for name in ("t_text", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"LensSFTConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("num_explanations",):
+        if self.learning_rate < 0 or self.max_grad_norm < 0:
+            raise ConfigError(
+                f"learning_rate ({self.learning_rate}) and max_grad_norm ({self.max_grad_norm}) must be >= 0."
+            )
+        for name in ("num_explanations", "max_nonfinite_skips"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"LensSFTConfig.{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("lr_projection", "lr_prompt", "lr_base"):

@@ -35,6 +35,7 @@ from lens_rl.models.lens import ConsistencyLens, LensModule
 from lens_rl.models.orig import OrigWrapper
 from lens_rl.models.surgery import resolve_layer
 from lens_rl.training.evaluate import evaluate_lens
+from lens_rl.training.guards import NonFiniteGuard, claim_output_dir, main_then_all
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_losses import StepWeights, sft_losses
 
@@ -125,7 +126,11 @@ class LensSFTTrainer(Trainer):
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
             data_collator=torch.utils.data.default_collate,
-            callbacks=[_FinalEvaluationAfterSave(), *(callbacks or [])],
+            callbacks=[
+                NonFiniteGuard(args.on_nonfinite, args.max_nonfinite_skips),
+                _FinalEvaluationAfterSave(),
+                *(callbacks or []),
+            ],
         )
         device = self.args.device
         self.orig.to(device)
@@ -355,11 +360,17 @@ def run_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None) 
     """Train to ``max_steps`` (or continue from ``resume_from_checkpoint``), save the lens to
     ``<output_dir>/lens``, then evaluate it; return the final evaluation (without the
     ``eval_`` prefix; empty without a validation split) and the trainer."""
+    from accelerate import PartialState
+
     from lens_rl.utils.launch import resolve_resume
 
     out = Path(cfg.output_dir)
     resume = resolve_resume(cfg.resume_from_checkpoint, out)
+    _ = cfg.device  # sets up the process group exactly as the Trainer will
+    state = PartialState()
+    lock = main_then_all(lambda: claim_output_dir(out, resume is not None, cfg.overwrite_output_dir), state)
     trainer = build_sft(cfg, callbacks)
+    trainer._output_dir_lock = lock  # held (and the folder owned) while the trainer lives
     acc = trainer.accelerator
     effective = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.world_size
     acc.print(
@@ -368,15 +379,11 @@ def run_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None) 
         f"{cfg.world_size} processes = effective batch {effective}; layer {trainer.layer}"
     )
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json_string())
         if resume:
             step = json.loads((Path(resume) / TRAINER_STATE_NAME).read_text())["global_step"]
             _trim_logs(out, step)
             acc.print(f"resuming from {resume} (step {step})")
-        else:
-            for name in (METRICS_FILE, EXPLANATIONS_FILE):
-                (out / name).unlink(missing_ok=True)
     acc.wait_for_everyone()
     trainer.train(resume_from_checkpoint=resume)
     if acc.is_main_process:

@@ -1,0 +1,133 @@
+"""Run guards shared by the training stages: divergence, and who owns the output folder.
+
+- :class:`NonFiniteGuard` (a ``TrainerCallback``) checks the gradients just before every
+  optimizer step. A NaN/inf gradient (what a diverging loss produces; under DDP the all-reduce
+  spreads it to every process, so all of them decide alike) either stops the run with a
+  message naming the step, before the update and before any checkpoint of the broken state
+  is written, or (``on_nonfinite: skip``) drops that step's gradients so the optimizer leaves
+  the weights alone, up to ``max_nonfinite_skips`` times.
+- :func:`claim_output_dir` refuses a fresh run into a folder that holds an earlier run (its
+  checkpoints would be rotated together with the new ones, and a later resume would pick the
+  wrong one) unless ``overwrite_output_dir``, which clears the earlier run's outputs first; and
+  it takes an exclusive lock on ``<output_dir>/.lens_rl.lock`` for the life of the process, so
+  two runs cannot write one folder at once (the OS drops the lock when the process dies, even
+  on kill -9).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import torch
+from transformers import TrainerCallback
+
+from lens_rl.config import ConfigError
+
+logger = logging.getLogger(__name__)
+LOCK_FILE = ".lens_rl.lock"
+# What a run writes into its output folder (an earlier run's copies are cleared on overwrite).
+RUN_OUTPUTS = (
+    "checkpoint-*",
+    "lens",
+    "metrics.jsonl",
+    "explanations.jsonl",
+    "final_metrics.json",
+    "training_curves.png",
+    "config.json",
+)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradients became NaN/inf."""
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop (or skip the update) when the gradients are not finite (see the module docstring)."""
+
+    def __init__(self, policy: str = "stop", max_skips: int = 3) -> None:
+        if policy not in ("stop", "skip"):
+            raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {policy!r}.")
+        self.policy, self.max_skips, self.skipped = policy, max_skips, 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: D102
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norms = torch.stack(torch._foreach_norm([g.detach().float() for g in grads]))
+        if bool(torch.isfinite(norms).all()):
+            return
+        step = state.global_step + 1
+        if self.policy == "skip" and self.skipped < self.max_skips:
+            self.skipped += 1
+            for p in model.parameters():
+                p.grad = None  # the optimizer skips parameters without a gradient
+            logger.warning(
+                "non-finite gradient at optimizer step %d: update skipped (%d/%d)",
+                step,
+                self.skipped,
+                self.max_skips,
+            )
+            return
+        extra = f" after {self.skipped} skipped steps" if self.skipped else ""
+        raise TrainingDivergedError(
+            f"Training diverged: non-finite gradient at optimizer step {step}{extra} (learning_rate "
+            f"{args.learning_rate:g}). The update was not applied and no checkpoint of this state was "
+            "written; the newest checkpoint-N holds the last finite weights. Lower the learning rate, "
+            "or set on_nonfinite=skip to skip up to max_nonfinite_skips such steps."
+        )
+
+
+def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> IO | None:
+    """Check and lock ``output_dir`` for this run (main process only); return the lock's file
+    object, which must stay referenced for the run's life.
+
+    Raises:
+        ConfigError: another run holds the folder, or a fresh run would mix with an earlier one.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = (out / LOCK_FILE).open("a")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        lock.close()
+        raise ConfigError(f"{out} is in use by another run (it holds {out / LOCK_FILE}).") from e
+    earlier = sorted({p.name for pattern in RUN_OUTPUTS for p in out.glob(pattern)})
+    if earlier and not resume:
+        if not overwrite:
+            lock.close()
+            raise ConfigError(
+                f"{out} already holds a run ({', '.join(earlier[:5])}). Resume it with "
+                "--resume_from_checkpoint true, choose another output_dir, or pass "
+                "--overwrite_output_dir true to delete the earlier run's outputs."
+            )
+        for name in earlier:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return lock
+
+
+def main_then_all(fn: Callable[[], object], accelerator_state) -> object:
+    """Run ``fn`` on the main process; if it raises a :class:`ConfigError`, raise it on every
+    process (the others would otherwise wait forever at the next collective). Returns ``fn``'s
+    result on the main process, None elsewhere."""
+    from accelerate.utils import broadcast_object_list
+
+    result, message = None, None
+    if accelerator_state.is_main_process:
+        try:
+            result = fn()
+        except ConfigError as e:
+            message = str(e)
+    if accelerator_state.num_processes > 1:
+        box = [message]
+        broadcast_object_list(box)
+        message = box[0]
+    if message is not None:
+        raise ConfigError(message)
+    return result

@@ -1,0 +1,166 @@
+"""Run guards: divergence stops (or skips) before a broken update or checkpoint, and an output
+folder is owned by one run (no mixing with an earlier run, no concurrent writers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from script_runner import accelerate_launch
+from transformers import TrainerCallback
+
+from lens_rl.config import ConfigError
+from lens_rl.training.guards import LOCK_FILE, TrainingDivergedError, claim_output_dir
+from lens_rl.training.sft_config import LensSFTConfig
+from lens_rl.training.sft_trainer import build_sft, run_sft
+
+
+def _config(model_dir, splits, out, **kw) -> LensSFTConfig:
+    base = dict(
+        model_name_or_path=str(model_dir),
+        train_data=str(splits["train"]),
+        val_data=str(splits["val"]),
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        max_steps=4,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=1,
+        t_text=3,
+        plot=False,
+    )
+    return LensSFTConfig(**(base | kw))
+
+
+class _PoisonGradient(TrainerCallback):
+    """Writes a NaN into one gradient just before the optimizer step ``step`` (1-based)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+
+def _poisoned_trainer(cfg, step: int):
+    trainer = build_sft(cfg)
+    trainer.callback_handler.callbacks.insert(0, _PoisonGradient(step))  # before the guard
+    return trainer
+
+
+def test_nonfinite_gradient_stops_before_the_update(tiny_model_dir, tiny_dump, tmp_path):
+    trainer = _poisoned_trainer(_config(tiny_model_dir, tiny_dump, tmp_path / "o"), step=3)
+    with pytest.raises(TrainingDivergedError, match="non-finite gradient at optimizer step 3"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert all(torch.isfinite(p).all() for p in trainer.lens.parameters())
+
+
+def test_nonfinite_gradient_skip_policy(tiny_model_dir, tiny_dump, tmp_path):
+    """on_nonfinite=skip: the poisoned step leaves every weight exactly as it was; training goes on."""
+    cfg = _config(tiny_model_dir, tiny_dump, tmp_path / "o", on_nonfinite="skip", max_nonfinite_skips=1)
+    trainer = _poisoned_trainer(cfg, step=2)
+    snapshots = {}
+
+    class Snap(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots[state.global_step] = {k: v.clone() for k, v in trainer.lens.state_dict().items()}
+
+    trainer.add_callback(Snap())
+    trainer.train()
+    assert trainer.state.global_step == 4
+    for k, v in snapshots[1].items():
+        torch.testing.assert_close(snapshots[2][k], v, rtol=0, atol=0, msg=k)  # step 2 skipped
+    assert any(not torch.equal(snapshots[3][k], v) for k, v in snapshots[2].items())  # step 3 applied
+
+
+def test_divergent_learning_rate_stops_nonzero_with_finite_checkpoints(tiny_model_dir, tiny_dump, tmp_path):
+    """lr 1e6 (the reported divergence): the run exits non-zero naming the step; every kept
+    checkpoint is finite and loads into a lens."""
+    out = tmp_path / "diverge"
+    args = {
+        "model_name_or_path": tiny_model_dir,
+        "train_data": tiny_dump["train"],
+        "val_data": tiny_dump["val"],
+        "output_dir": out,
+        "learning_rate": "1e6",
+        "max_steps": "30",
+        "save_steps": "1",
+        "save_total_limit": "2",
+        "eval_strategy": "no",
+        "per_device_train_batch_size": "8",
+        "t_text": "3",
+        "decoder": '{"trainable_base": true}',
+        "encoder": '{"trainable_base": true}',
+    }
+    res = accelerate_launch(
+        "sft_lens.py", [x for k, v in args.items() for x in (f"--{k}", str(v))], expect_success=False
+    )
+    assert "Training diverged: non-finite gradient at optimizer step" in res.stderr
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert ckpts, "no checkpoint was kept"
+    for ckpt in ckpts:
+        weights = load_file(str(ckpt / "model.safetensors"))
+        assert all(torch.isfinite(v).all() for v in weights.values()), ckpt
+    newest = ckpts[-1]
+    trainer = build_sft(
+        _config(
+            tiny_model_dir,
+            tiny_dump,
+            tmp_path / "reload",
+            decoder={"trainable_base": True},
+            encoder={"trainable_base": True},
+        )
+    )
+    trainer.model.load_state_dict(load_file(str(newest / "model.safetensors")))  # strict
+    print(
+        f"divergence stopped after {json.loads((newest / 'trainer_state.json').read_text())['global_step']} steps"
+    )
+
+
+def test_fresh_run_into_an_earlier_run_is_refused(tiny_model_dir, tiny_dump, tmp_path):
+    out = tmp_path / "o"
+    run_sft(_config(tiny_model_dir, tiny_dump, out, save_strategy="steps", save_steps=2))
+    assert (out / "checkpoint-4").exists()
+    with pytest.raises(ConfigError, match="already holds a run .*checkpoint-2"):
+        run_sft(_config(tiny_model_dir, tiny_dump, out, max_steps=2))
+    # resuming it is fine (nothing left to do: the run is complete), and so is overwriting it
+    run_sft(_config(tiny_model_dir, tiny_dump, out, resume_from_checkpoint="true"))
+    run_sft(_config(tiny_model_dir, tiny_dump, out, max_steps=2, overwrite_output_dir=True))
+    assert not list(out.glob("checkpoint-*"))  # the earlier run's checkpoints are gone
+    assert max(json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_concurrent_run_into_one_folder_is_refused(tiny_model_dir, tiny_dump, tmp_path):
+    out = tmp_path / "o"
+    held = claim_output_dir(out, resume=False, overwrite=False)  # another run owns the folder
+    try:
+        with pytest.raises(ConfigError, match=f"in use by another run .*{LOCK_FILE}"):
+            run_sft(_config(tiny_model_dir, tiny_dump, out))
+    finally:
+        held.close()
+    run_sft(_config(tiny_model_dir, tiny_dump, out))  # once released, the folder can be used
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(learning_rate=-1e-3), r"learning_rate \(-0.001\) and max_grad_norm"),
+        (dict(max_grad_norm=-1.0), r"max_grad_norm \(-1.0\) must be >= 0"),
+        (dict(on_nonfinite="ignore"), "on_nonfinite"),
+    ],
+)
+def test_sft_config_refuses_negative_rates(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        LensSFTConfig(model_name_or_path="m", train_data="x", eval_strategy="no", **kw)
+
+
+def test_rl_config_refuses_negative_beta_and_rates():
+    from lens_rl.training.grpo_config import LensGRPOConfig
+
+    for kw in (dict(beta=-0.1), dict(learning_rate=-1.0), dict(max_grad_norm=-1.0)):
+        with pytest.raises(ConfigError, match="must be >= 0"):
+            LensGRPOConfig(model_name_or_path="m", train_data="x", output_dir="o", **kw)

@@ -4,6 +4,7 @@ folder is owned by one run (no mixing with an earlier run, no concurrent writers
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -164,3 +165,47 @@ def test_rl_config_refuses_negative_beta_and_rates():
     for kw in (dict(beta=-0.1), dict(learning_rate=-1.0), dict(max_grad_norm=-1.0)):
         with pytest.raises(ConfigError, match="must be >= 0"):
             LensGRPOConfig(model_name_or_path="m", train_data="x", output_dir="o", **kw)
+
+
+def _corrupt_copy(splits, tmp_path, file: str, key: str, index: int, value: float):
+    """Copy a dump split and set ``tensor[key].flatten()[index] = value`` in its shards
+    (``file="shard"``) or in ``stats.safetensors``."""
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(splits["train"], bad)
+    files = [bad / "stats.safetensors"] if file == "stats" else list(bad.glob("rank_*/*.safetensors"))
+    for f in files:
+        t = load_file(str(f))
+        t[key].view(-1)[index] = value
+        save_file(t, str(f), metadata=None if file == "stats" else {"layer": "1"})
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("file", "key", "index", "value", "match"),
+    [
+        ("shard", "A", 5, 3e37, r"\|A\| = 3e\+37"),  # a flipped exponent bit: finite but absurd
+        ("shard", "token_pos", 0, 99, "token_pos 99 outside"),
+        ("shard", "a_prime_index", 0, -1, "a_prime_index -1"),
+        ("stats", "var", 3, 0.0, "zero or negative"),
+        ("stats", "var", 3, -1.0, "zero or negative"),
+    ],
+)
+def test_corrupted_dump_values_are_refused_with_the_file_named(
+    tiny_dump, tmp_path, file, key, index, value, match
+):
+    from lens_rl.data.dataset import ActivationDataset, DumpError
+
+    bad = _corrupt_copy(tiny_dump, tmp_path, file, key, index, value)
+    with pytest.raises(DumpError, match=match) as err:
+        ActivationDataset(bad)
+    assert str(bad) in str(err.value)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tiny_dump, tmp_path):
+    from lens_rl.data.dataset import ActivationDataset, DumpError
+
+    ds = ActivationDataset(tiny_dump["train"])
+    with pytest.raises(DumpError, match="outside the model's vocabulary of 100"):
+        ds.check_compatible(ds.metadata["d_model"], vocab_size=100)

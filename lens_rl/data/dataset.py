@@ -19,6 +19,9 @@ from lens_rl.data.dump import DTYPES, FORMAT_VERSION
 from lens_rl.data.windows import WindowSet
 
 REQUIRED_KEYS = ("A", "input_ids", "token_pos", "index", "a_prime_index")
+# Larger magnitudes in A are taken for corruption (a flipped exponent bit gives ~1e37); the
+# largest "massive activations" reported in LLM residual streams are ~1e4.
+MAX_ABS_ACTIVATION = 1e8
 
 
 class DumpError(ValueError):
@@ -103,10 +106,39 @@ class ActivationDataset(Dataset):
             raise DumpError(f"{self.path}: {int((~seen).sum())} of {n} samples are in no shard.")
         if not torch.isfinite(self.A.float()).all():
             raise DumpError(f"{self.path}: A contains NaN or inf.")
+        big = self.A.float().abs().amax(dim=1)
+        if bool((big > MAX_ABS_ACTIVATION).any()):
+            i = int(big.argmax())
+            raise DumpError(
+                f"{self.path}: sample {i} has |A| = {float(big[i]):.3g} > {MAX_ABS_ACTIVATION:g} "
+                "(a corrupted value; residual streams stay far below this)."
+            )
+        bad_pos = (self.token_pos < 0) | (self.token_pos >= s_len)
+        if bool(bad_pos.any()):
+            raise DumpError(
+                f"{self.path}: token_pos {int(self.token_pos[bad_pos][0])} outside the window [0, {s_len})."
+            )
+        bad_prime = (self.a_prime_index < 0) | (self.a_prime_index >= n)
+        if bool(bad_prime.any()):
+            raise DumpError(
+                f"{self.path}: a_prime_index {int(self.a_prime_index[bad_prime][0])} outside [0, {n})."
+            )
         stats_path = self.path / "stats.safetensors"
         if stats_path.exists():
-            with safe_open(str(stats_path), "pt") as f:
-                self.mean, self.var = f.get_tensor("mean"), f.get_tensor("var")
+            try:
+                with safe_open(str(stats_path), "pt") as f:
+                    self.mean, self.var = f.get_tensor("mean"), f.get_tensor("var")
+            except Exception as e:
+                raise DumpError(f"{stats_path} cannot be read (corrupted or truncated): {e}") from e
+            if self.mean.shape != (d,) or self.var.shape != (d,):
+                raise DumpError(f"{stats_path}: mean/var must have shape ({d},).")
+            if not (torch.isfinite(self.mean).all() and torch.isfinite(self.var).all()):
+                raise DumpError(f"{stats_path}: mean or var contains NaN or inf.")
+            if bool((self.var <= 0).any()):
+                raise DumpError(
+                    f"{stats_path}: var has {int((self.var <= 0).sum())} zero or negative entries; the "
+                    "reconstruction loss divides by the variance. Recompute the statistics (rerun the dump)."
+                )
         else:
             a = self.A.double()
             self.mean, self.var = a.mean(0).float(), a.var(0, unbiased=False).float()
@@ -127,10 +159,16 @@ class ActivationDataset(Dataset):
             "prime_token_pos": self.token_pos[j],
         }
 
-    def check_compatible(self, d_model: int, layer: int | None = None) -> None:
-        """Raise :class:`DumpError` if the dump's width or layer differs from the model's."""
+    def check_compatible(self, d_model: int, layer: int | None = None, vocab_size: int | None = None) -> None:
+        """Raise :class:`DumpError` if the dump's width, layer or token ids do not fit the model."""
         if self.metadata["d_model"] != d_model:
             raise DumpError(f"{self.path}: d_model {self.metadata['d_model']} != the model's {d_model}.")
+        if vocab_size is not None:
+            lo, hi = int(self.input_ids.min()), int(self.input_ids.max())
+            if lo < 0 or hi >= vocab_size:
+                raise DumpError(
+                    f"{self.path}: token ids span [{lo}, {hi}], outside the model's vocabulary of {vocab_size}."
+                )
         if layer is not None and layer != self.layer:
             raise DumpError(f"{self.path}: dumped at layer {self.layer}, training expects layer {layer}.")
 

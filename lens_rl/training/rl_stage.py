@@ -39,7 +39,8 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
     tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     orig = OrigWrapper.from_pretrained(cfg.model_name_or_path).to(state.device)
     store = ActivationDataset(cfg.train_data)
-    store.check_compatible(orig.model.get_input_embeddings().weight.shape[1])
+    vocab, d_model = orig.model.get_input_embeddings().weight.shape
+    store.check_compatible(d_model, vocab_size=vocab)
     if cfg.sft_lens:
         lens = ConsistencyLens.from_pretrained(cfg.sft_lens, base=orig.model, tokenizer=tok)
         if lens.meta.get("layer") not in (None, store.layer):
@@ -119,6 +120,10 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
     before = evaluate()
     trainer = LensGRPOTrainer(cfg, lens, orig, tok, store, reward_funcs=reward_funcs, vllm_backend=vllm)
     trainer.train(resume_from_checkpoint=resume)
+    out = Path(cfg.output_dir)
+    if state.is_main_process:  # saved before the final evaluation: a failing evaluation loses nothing
+        out.mkdir(parents=True, exist_ok=True)
+        lens.save_pretrained(out / "lens")
     after = evaluate()
     result = {
         "backend": backend_name,
@@ -128,8 +133,5 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
         "log_history": trainer.state.log_history,
     }
     if state.is_main_process:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        lens.save_pretrained(out / "lens")
         (out / "final_metrics.json").write_text(json.dumps(result, indent=2))
     return result

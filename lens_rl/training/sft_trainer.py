@@ -306,7 +306,7 @@ def build_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None
         val = ActivationDataset(cfg.val_data) if cfg.val_data else None
         for ds in (train, val):
             if ds is not None:
-                ds.check_compatible(d_model, train.layer)
+                ds.check_compatible(d_model, train.layer, orig.model.get_input_embeddings().weight.shape[0])
         train_mean, train_var = train.mean, train.var
     else:
         train, val, layer, train_mean, train_var = _on_the_fly_data(cfg, orig, tokenizer)

@@ -3,8 +3,8 @@
 The lens feeds a decoder-only LM ``inputs_embeds`` and reads its residual stream, so for every
 family it must know three things, all found generically:
 
-- the decoder blocks: the first ``nn.ModuleList`` inside ``model.base_model`` whose length is
-  the config's layer count (``transformer.h``, ``model.layers``, ``gpt_neox.layers``, ...);
+- the decoder blocks: the shallowest ``nn.ModuleList`` inside ``model.base_model`` whose length
+  is the config's layer count (``transformer.h``, ``model.layers``, ``gpt_neox.layers``, ...);
 - the token embedding: ``model.get_input_embeddings()``, called as a module, because some
   families scale inside it (Gemma 2/3 multiply by ``sqrt(hidden_size)`` in
   ``Gemma*TextScaledWordEmbedding``, exposed as its ``embed_scale`` buffer). A generated token
@@ -50,9 +50,6 @@ REFUSED_FAMILIES: dict[str, str] = {
 
 # model_type -> dotted path of the blocks, where the generic search would pick the wrong list.
 BLOCK_PATH_OVERRIDES: dict[str, str] = {}
-
-# rope types whose rotary frequencies HF recomputes from the current sequence length.
-LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -20,7 +20,7 @@ import torch
 
 from lens_rl.data.corpus import pydoc_topics
 from lens_rl.models.tokenizer import train_bpe_tokenizer
-from lens_rl.testing.tiny_models import TINY_ARCHS, build_tiny_model
+from lens_rl.testing.tiny_models import FAMILY_ARCHS, TINY_ARCHS, build_tiny_model
 
 VOCAB_SIZE = 512
 
@@ -59,9 +59,12 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory, tokenizer):
     return factory
 
 
-@pytest.fixture(params=["gpt2", "llama", "qwen2"])
+LENS_ARCHS: tuple[str, ...] = ("gpt2", "llama", "qwen2", *FAMILY_ARCHS)
+
+
+@pytest.fixture(params=LENS_ARCHS)
 def arch(request: pytest.FixtureRequest) -> str:
-    """The three architecture families every lens check runs on."""
+    """The families every lens check runs on (``llama_vllm`` is ``llama`` with head size 64)."""
     return request.param
 
 
@@ -69,15 +72,17 @@ ALL_ARCHS = TINY_ARCHS
 
 
 # ----------------------------------------------------------------------------- measured maxima
-_MEASURED: dict[str, float] = {}
+_MEASURED: dict[str, tuple[float, str]] = {}
 
 
 @pytest.fixture
 def record_max():
-    """Record a measured discrepancy; the worst value of each quantity is printed after the run."""
+    """Record a measured discrepancy (``where``: e.g. the family); the worst value of each quantity,
+    and where it occurred, is printed after the run."""
 
-    def record(name: str, value: float) -> float:
-        _MEASURED[name] = max(_MEASURED.get(name, 0.0), float(value))
+    def record(name: str, value: float, where: str = "") -> float:
+        if name not in _MEASURED or float(value) > _MEASURED[name][0]:
+            _MEASURED[name] = (float(value), where)
         return value
 
     return record
@@ -88,8 +93,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if not _MEASURED:
         return
     terminalreporter.section("measured maxima (alignment checks)")
-    for name, value in sorted(_MEASURED.items()):
-        terminalreporter.write_line(f"{name:60s} {value:.3e}")
+    for name, (value, where) in sorted(_MEASURED.items()):
+        terminalreporter.write_line(f"{name:60s} {value:.3e}  {where}")
 
 
 @pytest.fixture(scope="session")

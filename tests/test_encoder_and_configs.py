@@ -10,10 +10,11 @@ from lens_rl.models import Decoder, DecoderConfig, Encoder, EncoderConfig, OrigW
 
 
 def test_encoder_reads_the_configured_block(arch, tiny_model_factory, tokenizer):
-    """With no prompt and an identity projection, Â is the block output at the last position."""
+    """With no prompt and an identity projection, Â is the block output at the last position, when
+    the encoder is fed what the model's embedding module returns for the ids (scaled for Gemma)."""
     base = tiny_model_factory(arch, n_layers=3)
     ids = tokenizer("return the value", return_tensors="pt", add_special_tokens=False)["input_ids"]
-    emb = base.get_input_embeddings().weight[ids]
+    emb = base.get_input_embeddings()(ids)
     orig = OrigWrapper(base)
     for layer in (0, 1):
         enc = Encoder.from_base(base, tokenizer, EncoderConfig(output_layer=layer), share_weights=True)
@@ -56,8 +57,12 @@ def test_every_trainable_group_gets_a_gradient(arch, tiny_model_factory, tokeniz
     # Every trainable tensor gets a gradient: the encoder's final norm and LM head (skipped, since
     # output_layer=-1 reads the last block's output) are frozen at build time, not left trainable.
     assert missing == []
-    unused = ("model.norm.", "transformer.ln_f.", "lm_head.")
-    assert any(n.startswith(unused) for n in enc.frozen_unused), enc.frozen_unused
+    # Outside the blocks, only the token table (add_current_token) and GPT-2's positions are used.
+    in_blocks = {n for n, _ in enc.base.named_parameters() if ".h." in n or ".layers." in n}
+    used_outside = {n for n, p in enc.base.named_parameters() if p is enc.base.get_input_embeddings().weight}
+    used_outside |= {n for n, _ in enc.base.named_parameters() if n.startswith("transformer.wpe.")}
+    outside = {n for n, _ in enc.base.named_parameters()} - in_blocks - used_outside
+    assert outside and outside <= set(enc.frozen_unused), (outside, enc.frozen_unused)
     assert sum(p.requires_grad for p in dec.projection_parameters()) == 4  # 2 layers x (W, b)
 
 

@@ -9,9 +9,9 @@ from typing import Literal
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from lens_rl.config import ConfigError, ValidatedConfig, parse_args
+from lens_rl.models.families import load_causal_lm
 from lens_rl.testing.tiny_models import TINY_ARCHS, build_tiny_model, tiny_config
 
 
@@ -31,10 +31,22 @@ def test_tokenizer_roundtrip(tokenizer):
 @pytest.mark.parametrize("name", TINY_ARCHS)
 def test_tiny_model_loads_from_disk(name, tiny_model_factory, tokenizer):
     model = tiny_model_factory(name)
-    expected_class = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    expected_class = {
+        "gpt2": "GPT2LMHeadModel",
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "gemma2": "Gemma2ForCausalLM",
+        "gemma3_text": "Gemma3ForCausalLM",
+        "olmo2": "Olmo2ForCausalLM",
+        "phi3": "Phi3ForCausalLM",
+        "gpt_neox": "GPTNeoXForCausalLM",
+    }
     assert type(model).__name__ == expected_class[name.removesuffix("_vllm")]
     # Reloading the saved folder gives bit-identical logits.
-    again = AutoModelForCausalLM.from_pretrained(model.name_or_path_on_disk).eval()
+    # (load_causal_lm: plain from_pretrained would load Gemma 2 with sdpa, without attention soft-capping)
+    again = load_causal_lm(model.name_or_path_on_disk).eval()
     ids = tokenizer("def f(x): return x", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, again(ids).logits, rtol=0, atol=0)

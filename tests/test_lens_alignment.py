@@ -1,16 +1,22 @@
 """Alignment of the three generators and fwd_tokens (marker `alignment`).
 
-Tolerances (fp32, CPU), each checked on 3 architectures x 3 patching modes x T in {1, 5, 20, 50}
-x 2 seeds, batch 3 with a different activation per row:
+Tolerances (fp32, CPU), each checked on 10 families (gpt2, llama, qwen2, qwen3, mistral, gemma2,
+gemma3_text, olmo2, phi3, gpt_neox; the `arch` fixture) x 3 patching modes x T in {1, 5, 20, 50}
+x 2 seeds, batch 3 with a different activation per row. Measured maxima (2 CPU cores, torch
+2.13, transformers 5.19), worst family in brackets:
 
 - hard tokens: identical;
-- logits, embeddings, hidden states: max abs difference <= 1e-5 (measured <= ~2e-6);
+- logits, embeddings, hidden states: max abs difference <= 1e-5 (measured: logits <= 3.1e-6
+  [gemma2; <= 4e-7 for gpt2/llama/qwen2/qwen3/mistral/phi3/gpt_neox], embeddings 0, hidden
+  states <= 5.0e-6 [olmo2; gemma3_text 3.9e-6, the rest <= 2.6e-6]);
 - gradients of a fixed scalar function of (embeddings, logits) w.r.t. A, the projection(s) and
   the prompt, generate_soft vs generate_soft_kv_cached: relative L2 difference <= 1e-5
-  (measured ~5e-7);
-- fwd_tokens log-probs vs generation-time log-probs: max abs <= 1e-5 (measured ~1e-6).
+  (measured <= 2.8e-6 [qwen3]; <= 7e-7 for gpt2/llama/qwen2/mistral/phi3/gpt_neox);
+- fwd_tokens log-probs vs generation-time log-probs: max abs <= 1e-5 (measured <= 1.9e-6
+  [gemma2], <= 9.5e-7 for every other family); with temperature/top-k/top-p the same bound
+  (measured <= 1.9e-6 [gemma2]).
 
-The worst measured values are printed in the pytest summary.
+The worst measured values (and where) are printed in the pytest summary.
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ def test_three_generators_agree(arch, mode, length, seed, tiny_model_factory, to
     for name in ("raw_lm_logits", "generated_text_embeddings", "hidden_states"):
         for other, label in ((kv, "kv"), (nd, "nondiff")):
             diff = (getattr(soft, name) - getattr(other, name)).abs().max().item()
-            record_max(f"{name} soft vs {label}", diff)
+            record_max(f"{name} soft vs {label}", diff, f"{arch} {mode} T={length}")
             assert diff <= ATOL, f"{name}: soft vs {label} max |diff| {diff:.2e}"
 
     targets = _grad_targets(dec, a)
@@ -85,15 +91,15 @@ def test_three_generators_agree(arch, mode, length, seed, tiny_model_factory, to
     for name, gs, gk in zip(targets, g_soft, g_kv, strict=True):
         assert torch.isfinite(gs).all() and gs.norm() > 0, f"no gradient reaches {name}"
         rel = ((gs - gk).norm() / gs.norm()).item()
-        record_max("grad rel diff soft vs kv", rel)
+        record_max("grad rel diff soft vs kv", rel, f"{arch} {mode} T={length}")
         assert rel <= GRAD_RTOL, f"grad {name}: relative difference {rel:.2e}"
 
     # Teacher forcing (seed 003): same log-probs and hidden states as autoregression.
     ft = dec.fwd_tokens(a, nd.hard_token_ids, return_hidden=True)
     lp_diff = (ft.logprobs - nd.logprobs).abs().max().item()
     hid_diff = (ft.hidden_states - nd.hidden_states).abs().max().item()
-    record_max("fwd_tokens logprob vs generation", lp_diff)
-    record_max("fwd_tokens hidden vs generation", hid_diff)
+    record_max("fwd_tokens logprob vs generation", lp_diff, f"{arch} {mode} T={length}")
+    record_max("fwd_tokens hidden vs generation", hid_diff, f"{arch} {mode} T={length}")
     assert lp_diff <= ATOL and hid_diff <= ATOL
     assert ft.logprobs.requires_grad and ft.entropies.requires_grad
 
@@ -111,7 +117,7 @@ def test_rollout_policy_logprobs_match_fwd_tokens(arch, mode, tiny_model_factory
         assert torch.equal(nd.hard_token_ids, soft.hard_token_ids)
         ft = dec.fwd_tokens(a, nd.hard_token_ids, policy=policy)
         diff = (ft.logprobs - nd.logprobs).abs().max().item()
-        record_max("fwd_tokens log q vs rollout log q (top-p/top-k)", diff)
+        record_max("fwd_tokens log q vs rollout log q (top-p/top-k)", diff, f"{arch} {mode}")
         assert diff <= ATOL
         assert torch.isfinite(ft.logprobs).all()  # every sampled token is inside the policy's support
 
@@ -164,7 +170,7 @@ def test_group_expansion_equals_repeated_activations(arch, mode, tiny_model_fact
         repeated = fn(a.repeat_interleave(g_count, 0), 12, generator=torch.Generator().manual_seed(1))
         assert torch.equal(grouped.hard_token_ids, repeated.hard_token_ids), name
         diff = (grouped.raw_lm_logits - repeated.raw_lm_logits).abs().max().item()
-        record_max("grouped (KV expanded) vs repeated logits", diff)
+        record_max("grouped (KV expanded) vs repeated logits", diff, f"{arch} {mode}")
         assert diff <= ATOL
         if name != "generate_soft_kv_cached_nondiff":
             g1 = torch.autograd.grad(_scalar(grouped, 2), a)[0]

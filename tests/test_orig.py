@@ -105,17 +105,27 @@ def test_replacement_gradient_reaches_new_activation(tiny_model_factory, tokeniz
 
 
 def test_unsupported_architecture_is_refused():
-    from transformers import MistralConfig, MistralForCausalLM
+    """A family in REFUSED_FAMILIES is refused by name, with the reason (Gemma 3n: per-layer token
+    embeddings looked up from ids, which text fed as embeddings cannot carry)."""
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
-    model = MistralForCausalLM(
-        MistralConfig(
+    model = Gemma3nForCausalLM(
+        Gemma3nTextConfig(
+            vocab_size=32,
+            vocab_size_per_layer_input=32,
             hidden_size=32,
+            hidden_size_per_layer_input=4,
             intermediate_size=64,
-            num_hidden_layers=1,
+            num_hidden_layers=2,
             num_attention_heads=2,
             num_key_value_heads=2,
-            vocab_size=32,
+            head_dim=16,
+            layer_types=["sliding_attention", "full_attention"],
+            num_kv_shared_layers=0,
+            laurel_rank=4,
+            altup_num_inputs=2,
+            activation_sparsity_pattern=[0.0, 0.0],
         )
     )
-    with pytest.raises(UnsupportedArchitectureError, match="'mistral' is not supported"):
+    with pytest.raises(UnsupportedArchitectureError, match="'gemma3n_text' is not supported: .*per-layer"):
         OrigWrapper(model)

@@ -12,6 +12,24 @@ through the single hook mechanism in :mod:`lens_rl.models.surgery`. For GPT-2 th
 0 sees ``proj_0(A)`` without the learned position embedding at the slot; the semantics is the
 same for every architecture: "the input of block i at the slot is proj_i(A)".
 
+Token embeddings and ``proj(A)``: the sequence is fed as ``inputs_embeds``, i.e. the residual
+stream entering block 0 (plus GPT-2's learned positions, which its model adds). Every *token*
+in it (the initial soft prompt, each generated token) is exactly what the model's own embedding
+module returns for that id, so families that scale inside that module (Gemma 2/3:
+``weight[id] * sqrt(hidden_size)``) get their scaled values; the straight-through gradient path
+is ``softmax(...) @ W_E * scale``, the same linear map. ``proj(A)`` is injected *after* that
+scale: it is not multiplied by ``sqrt(hidden_size)``, the residual stream entering block 0 at the
+slot is ``proj(A)`` itself (for GPT-2, ``proj(A) + wpe[slot]``), the same quantity as ``A`` (a
+residual-stream activation after block L). The logits are the model's own: the LM head followed
+by ``final_logit_softcapping`` when the config sets it (Gemma 2/3), so log q / log p are those of
+the distribution the tokens are sampled from. See :mod:`lens_rl.models.families`.
+
+RoPE variants whose frequencies depend on the sequence length (``dynamic``, ``longrope``) are
+accepted only for passes no longer than their limit (``max_position_embeddings`` /
+``original_max_position_embeddings``); a longer generation or ``fwd_tokens`` raises
+:class:`~lens_rl.config.ConfigError` naming the rope type, since past it cached and recomputed
+passes disagree.
+
 All three generators and :meth:`Decoder.fwd_tokens` go through :meth:`Decoder._backbone` and
 :meth:`Decoder._sample_step`, so they differ only in caching and in whether a graph is kept.
 """
@@ -25,10 +43,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens_rl.config import ConfigError, ValidatedConfig
-from lens_rl.models.surgery import hooked, num_layers, replace_rows
+from lens_rl.models.families import (
+    check_lens_family,
+    embed_soft,
+    embed_tokens,
+    length_dependent_rope_error,
+    lm_logits,
+    load_causal_lm,
+)
+from lens_rl.models.surgery import hooked, replace_rows
 from lens_rl.ops.sampling import SamplingPolicy, entropy_from_log_probs, gumbel_noise
 
 EMBED_MARKER = "<embed>"
@@ -137,7 +163,8 @@ def _identity_linear(d: int) -> nn.Linear:
 
 
 class Decoder(nn.Module):
-    """Consistency-lens decoder around a causal LM (GPT-2, Llama, Qwen2).
+    """Consistency-lens decoder around a decoder-only causal LM (families: see
+    :data:`lens_rl.models.families.TESTED_FAMILIES`).
 
     Attributes:
         base: the causal LM (own copy, or frozen weights shared with the orig model).
@@ -159,7 +186,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.base = base
-        n_blocks = num_layers(base)  # raises on unsupported architectures
+        self.family = check_lens_family(base)  # raises on unsupported architectures
+        n_blocks = self.family.n_layers
         d = base.get_input_embeddings().weight.shape[1]
         pal = config.patch_all_layers
         self.n_patched = 0 if pal is False else (n_blocks if pal is True else int(pal))
@@ -183,7 +211,7 @@ class Decoder(nn.Module):
         cls, path: str | Path, tokenizer: PreTrainedTokenizerBase, config: DecoderConfig, dtype=torch.float32
     ) -> Decoder:
         """Build a decoder on its own copy of a local checkpoint folder."""
-        return cls(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), tokenizer, config)
+        return cls(load_causal_lm(path, dtype=dtype), tokenizer, config)
 
     @classmethod
     def from_base(
@@ -217,16 +245,20 @@ class Decoder(nn.Module):
     def set_prompt(self, prompt: str, tokenizer: PreTrainedTokenizerBase) -> None:
         """Split ``prompt`` at ``<embed>`` and initialise the soft prompts from the token embeddings."""
         left, right = prompt.split(EMBED_MARKER)
-        emb = self.base.get_input_embeddings().weight
         ids_l = tokenizer(left, add_special_tokens=False)["input_ids"] if left else []
         ids_r = tokenizer(right, add_special_tokens=False)["input_ids"] if right else []
-        self.prompt_left_emb = nn.Parameter(emb[ids_l].detach().clone())
-        self.prompt_right_emb = nn.Parameter(emb[ids_r].detach().clone())
+        dev = self.base.get_input_embeddings().weight.device
+        with torch.no_grad():  # the values the model itself would see for these tokens (scaled)
+            emb_l = embed_tokens(self.base, torch.tensor(ids_l, dtype=torch.long, device=dev))
+            emb_r = embed_tokens(self.base, torch.tensor(ids_r, dtype=torch.long, device=dev))
+        self.prompt_left_emb = nn.Parameter(emb_l.detach().clone())
+        self.prompt_right_emb = nn.Parameter(emb_r.detach().clone())
         self.register_buffer(
             "prompt_ids", torch.tensor(ids_l + [-1] + ids_r, dtype=torch.long), persistent=False
         )
         self.embed_pos = len(ids_l)
         self._apply_trainability()
+        self.check_length(0)  # the prompt alone must fit a length-dependent RoPE's limit
 
     def _apply_trainability(self) -> None:
         cfg = self.config
@@ -320,7 +352,17 @@ class Decoder(nn.Module):
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.base.get_output_embeddings()(hidden).float()
+        """fp32 logits the model itself returns (head, then soft-capping where configured)."""
+        return lm_logits(self.base, hidden)
+
+    def check_length(self, n_tokens: int) -> None:
+        """Refuse a pass over the prompt plus ``n_tokens`` tokens (the longest pass of a
+        generation of ``n_tokens + 1`` tokens, or of ``fwd_tokens`` on ``n_tokens + 1``) when a
+        length-dependent RoPE would change its frequencies inside it (see the module docstring)."""
+        limit = self.family.rope_limit
+        needed = self.prefix_len + n_tokens
+        if limit is not None and needed > limit[1]:
+            raise length_dependent_rope_error(self.family.model_type, limit[0], limit[1], needed)
 
     def _sample_step(
         self,
@@ -333,20 +375,19 @@ class Decoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Sample one token per row by Gumbel-max; return (ids, embeddings, log q of the ids or None).
 
-        Forward: the exact embedding row of the sampled token (hard one-hot). Backward (when
-        ``differentiable``): the gradient of ``softmax((z + g) / tau) @ W_E`` flows into the
-        logits, i.e. the straight-through Gumbel-softmax estimator. ``tau`` never changes
-        which token is drawn.
+        Forward: exactly what the model's embedding module returns for the sampled token
+        (Gemma: the row times ``sqrt(hidden_size)``). Backward (when ``differentiable``): the
+        gradient of ``softmax((z + g) / tau) @ W_E * scale`` flows into the logits, i.e. the
+        straight-through Gumbel-softmax estimator. ``tau`` never changes which token is drawn.
         """
-        w_e = self.base.get_input_embeddings().weight
         z = policy.process_logits(logits)  # (B, V) fp32, -inf outside the policy's support
         scores = z + gumbel_noise(z.shape, generator, z.device, z.dtype)
         ids = scores.argmax(dim=-1)
-        emb = w_e[ids]
+        emb = embed_tokens(self.base, ids)
         if differentiable:
             y_soft = F.softmax(scores / gumbel_tau, dim=-1)
             # (y_soft - y_soft.detach()) is exactly 0 forward; backward it carries d/dy_soft.
-            emb = emb + (y_soft - y_soft.detach()).to(w_e.dtype) @ w_e
+            emb = emb + embed_soft(self.base, y_soft - y_soft.detach())
         log_q = F.log_softmax(z, dim=-1).gather(-1, ids[:, None]).squeeze(-1) if want_logq else None
         return ids, emb, log_q
 
@@ -379,6 +420,7 @@ class Decoder(nn.Module):
             raise ValueError(f"activation must be (B, d), got shape {tuple(activation.shape)}.")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        self.check_length(max_length - 1)
         policy = policy or SamplingPolicy()
         expand_cache = use_cache and num_samples > 1
         if num_samples > 1 and not use_cache:
@@ -535,10 +577,12 @@ class Decoder(nn.Module):
             raise ValueError(
                 f"tokens must be (B, T) with B = {activation.shape[0]}, got shape {tuple(tokens.shape)}."
             )
+        self.check_length(tokens.shape[1] - 1)
         policy = policy or SamplingPolicy()
         slot, layer_values = self.projected(activation)
-        w_e = self.base.get_input_embeddings().weight
-        seq = torch.cat([self.prefix_embeds(slot), w_e[tokens]], dim=1)
+        # The last token is only scored, never read: the pass stops before it, so it is exactly as
+        # long as the generation step that sampled that token.
+        seq = torch.cat([self.prefix_embeds(slot), embed_tokens(self.base, tokens[:, :-1])], dim=1)
         hidden, _ = self._backbone(seq, layer_values)
         p = self.prefix_len
         h_sel = hidden[:, p - 1 : p - 1 + tokens.shape[1]]  # (B, T, d)

@@ -1,7 +1,8 @@
 """The lens encoder: generated text embeddings -> reconstructed activation ``Â``.
 
 It reads the decoder's ``generated_text_embeddings`` (so gradients flow back into the decoder
-through the straight-through estimator), optionally wrapped in a soft prompt split at a
+through the straight-through estimator; token embeddings are what the model's own embedding
+module returns, scaled for Gemma, see :mod:`lens_rl.models.families`), optionally wrapped in a soft prompt split at a
 ``<text>`` marker, runs its base LM only up to ``output_layer`` (later blocks, the final norm
 and the LM head are skipped), takes the last position and projects it to the activation space.
 """
@@ -17,7 +18,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens_rl.config import ConfigError, ValidatedConfig
 from lens_rl.models.decoder import _identity_linear
-from lens_rl.models.surgery import num_layers, run_until
+from lens_rl.models.families import check_lens_family, embed_tokens
+from lens_rl.models.surgery import run_until
 
 TEXT_MARKER = "<text>"
 
@@ -70,7 +72,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = config
         self.base = base.train(False)
-        n = num_layers(base)
+        n = check_lens_family(base).n_layers  # raises on unsupported architectures
         if not -n <= config.output_layer < n:
             raise ConfigError(
                 f"EncoderConfig.output_layer={config.output_layer} is out of range for {n} blocks."
@@ -80,8 +82,11 @@ class Encoder(nn.Module):
         left, right = config.prompt.split(TEXT_MARKER) if config.prompt else ("", "")
         ids_l = tokenizer(left, add_special_tokens=False)["input_ids"] if left else []
         ids_r = tokenizer(right, add_special_tokens=False)["input_ids"] if right else []
-        self.prompt_left_emb = nn.Parameter(emb[ids_l].detach().clone())
-        self.prompt_right_emb = nn.Parameter(emb[ids_r].detach().clone())
+        with torch.no_grad():  # what the model's embedding module returns (Gemma: scaled)
+            emb_l = embed_tokens(base, torch.tensor(ids_l, dtype=torch.long, device=emb.device))
+            emb_r = embed_tokens(base, torch.tensor(ids_r, dtype=torch.long, device=emb.device))
+        self.prompt_left_emb = nn.Parameter(emb_l.detach().clone())
+        self.prompt_right_emb = nn.Parameter(emb_r.detach().clone())
         for p in self.base.parameters():
             p.requires_grad_(config.trainable_base)
         self.frozen_unused: list[str] = []  # base parameters left frozen because no gradient reaches them
@@ -150,7 +155,7 @@ class Encoder(nn.Module):
         if self.config.add_current_token:
             if current_token_ids is None:
                 raise ValueError("EncoderConfig.add_current_token=True needs current_token_ids (B,).")
-            parts.append(self.base.get_input_embeddings().weight[current_token_ids].unsqueeze(1))
+            parts.append(embed_tokens(self.base, current_token_ids).unsqueeze(1))
         seq = torch.cat(parts, dim=1)
         hidden = run_until(self.base, self.config.output_layer, inputs_embeds=seq, use_cache=False)
         return self.proj(hidden[:, -1])

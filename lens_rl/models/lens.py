@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from lens_rl.models.decoder import Decoder, DecoderConfig
 from lens_rl.models.encoder import Encoder, EncoderConfig
+from lens_rl.models.families import load_causal_lm
 
 LENS_CONFIG = "lens_config.json"
 LENS_WEIGHTS = "lens.safetensors"
@@ -141,7 +142,7 @@ class ConsistencyLens(nn.Module):
         if base is None:
             if not model_path:
                 raise ValueError(f"{path}/{LENS_CONFIG} records no model_name_or_path; pass base=.")
-            base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            base = load_causal_lm(model_path, dtype=dtype)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(meta.get("tokenizer_name_or_path") or model_path)
         lens = cls.build(

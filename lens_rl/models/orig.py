@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
+from lens_rl.models.families import load_causal_lm
 from lens_rl.models.surgery import hooked, num_layers, replace_rows, resolve_layer, run_until
 
 
@@ -45,7 +46,7 @@ class OrigWrapper(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> OrigWrapper:
         """Load a local checkpoint folder (no hub access) and wrap it."""
-        return cls(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+        return cls(load_causal_lm(path, dtype=dtype))
 
     def train(self, mode: bool = True) -> OrigWrapper:
         """The original model stays in eval mode (it is frozen)."""

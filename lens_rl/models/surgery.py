@@ -5,8 +5,9 @@ encoder's read-out all go through :func:`hooked`: forward (pre-)hooks registered
 decoder blocks inside a context manager that always removes them, even when the forward
 raises. Values are replaced out of place (``torch.where``), so autograd sees a clean graph.
 
-Block lookup is by attribute path, not a hand-copied layer loop, so every architecture
-whose blocks live at a known path works the same way.
+Block lookup is generic (:func:`lens_rl.models.families.get_blocks`: the ``nn.ModuleList`` of
+``config.num_hidden_layers`` blocks inside ``model.base_model``), not a hand-copied layer loop, so
+every family works the same way.
 """
 
 from __future__ import annotations
@@ -19,41 +20,23 @@ import torch
 from torch import nn
 
 from lens_rl.config import ConfigError
+from lens_rl.models.families import UnsupportedArchitectureError, get_blocks
 
-# model_type -> dotted path of the ModuleList of decoder blocks inside *ForCausalLM.
-SUPPORTED_ARCHS: dict[str, str] = {
-    "gpt2": "transformer.h",
-    "llama": "model.layers",
-    "qwen2": "model.layers",
-}
+__all__ = [
+    "LayerIndexError",
+    "StopForward",
+    "UnsupportedArchitectureError",
+    "get_blocks",
+    "hooked",
+    "num_layers",
+    "replace_rows",
+    "resolve_layer",
+    "run_until",
+]
 
 
 class LayerIndexError(ConfigError, IndexError):
     """A block index outside the model (a config error, and an IndexError for callers that catch those)."""
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The model family has not been checked by the lens alignment tests."""
-
-
-def _check_supported(model: nn.Module) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_ARCHS:
-        raise UnsupportedArchitectureError(
-            f"Model type {model_type!r} is not supported; supported: {sorted(SUPPORTED_ARCHS)}. "
-            "Adding one needs its block path in lens_rl.models.surgery.SUPPORTED_ARCHS, plain "
-            "(unscaled) input embeddings, and a green `pytest -m alignment` run on a tiny config."
-        )
-    return model_type
-
-
-def get_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks (``transformer.h`` / ``model.layers``) of a causal LM."""
-    path = SUPPORTED_ARCHS[_check_supported(model)]
-    mod: Any = model
-    for part in path.split("."):
-        mod = getattr(mod, part)
-    return mod
 
 
 def num_layers(model: nn.Module) -> int:

@@ -465,20 +465,22 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
     """Load the policy named by ``cfg``, probe it and write ``results.json``, ``config.json``,
     ``probe.png``; print the summary table. Returns the results."""
     from rich.console import Console
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from lens_rl.models.families import load_causal_lm
 
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
     tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     if cfg.policy == "lm":
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32).to(device)
+        model = load_causal_lm(cfg.model_name_or_path, dtype=torch.float32).to(device)
         subject = lm_subject(model, tok, cfg)
     else:
         from lens_rl.data.dataset import ActivationDataset
         from lens_rl.models.lens import ConsistencyLens
 
-        base = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32)
+        base = load_causal_lm(cfg.model_name_or_path, dtype=torch.float32)
         lens = ConsistencyLens.from_pretrained(cfg.lens_path, base=base, tokenizer=tok).to(device)
         store = ActivationDataset(cfg.activations)
         store.check_compatible(base.get_input_embeddings().weight.shape[1])

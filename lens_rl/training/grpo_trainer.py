@@ -28,6 +28,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
 from lens_rl.data.dataset import ActivationDataset
+from lens_rl.models.families import embed_tokens
 from lens_rl.models.lens import ConsistencyLens, LensModule
 from lens_rl.models.orig import OrigWrapper
 from lens_rl.ops.diagnostics import DistributionDiagnostics
@@ -50,7 +51,7 @@ def _score(
 
 
 def _encoder_mse(lens: ConsistencyLens, acts, ids, current_token, feature_var: torch.Tensor) -> torch.Tensor:
-    emb = lens.decoder.base.get_input_embeddings().weight[ids].detach()
+    emb = embed_tokens(lens.decoder.base, ids).detach()  # what the model embeds (Gemma: scaled)
     return normalized_mse(lens.encoder(emb, current_token_ids=current_token), acts, feature_var)
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from trl.trainer.utils import nanstd
 
+from lens_rl.models.families import embed_tokens
 from lens_rl.models.lens import ConsistencyLens
 
 
@@ -26,7 +27,7 @@ def reconstruction_reward(
         current_token_ids: ``(N,)`` the token at the activation's position (encoder input).
         var_mean: mean per-dimension variance of the training activations.
     """
-    emb = lens.decoder.base.get_input_embeddings().weight[completion_ids]
+    emb = embed_tokens(lens.decoder.base, completion_ids)  # what the model embeds (Gemma: scaled)
     a_hat = lens.encoder(emb, current_token_ids=current_token_ids)
     return -(a_hat - activations).pow(2).mean(-1) / var_mean, a_hat
 

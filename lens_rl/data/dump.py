@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from lens_rl.config import ConfigError, ValidatedConfig
 from lens_rl.data.windows import WindowSet, build_windows, tokenize_corpus
+from lens_rl.models.loading import ModelLoadingArguments
 from lens_rl.utils.progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -84,7 +85,7 @@ def load_texts(cfg: CorpusConfig) -> list[str]:
 
 
 @dataclass
-class DumpConfig(CorpusConfig):
+class DumpConfig(CorpusConfig, ModelLoadingArguments):
     """Options of ``scripts/dump_activations.py``."""
 
     model_name_or_path: str = field(default="", metadata={"help": "Local folder of the original model."})
@@ -107,14 +108,12 @@ class DumpConfig(CorpusConfig):
     dtype: Literal["float32", "float16", "bfloat16"] = field(
         default="float32", metadata={"help": "Storage dtype of A."}
     )
-    model_dtype: Literal["float32", "float16", "bfloat16"] = field(
-        default="float32", metadata={"help": "Dtype the model runs in."}
-    )
     output_dir: str = field(default="outputs/activations", metadata={"help": "Root folder of the dumps."})
 
     def validate(self) -> None:
         """Check the source, the model path and the sizes."""
         super().validate()
+        self.check_model_loading()
         if not self.model_name_or_path:
             raise ConfigError("DumpConfig.model_name_or_path is required (a local model folder).")
         for name in ("seq_len", "num_train", "shard_size", "batch_size"):
@@ -259,7 +258,7 @@ def run_dump(cfg: DumpConfig) -> dict[str, Path]:
     # as MULTI_CPU (gloo); PartialState only picks that when told cpu=True.
     state = PartialState(cpu=not torch.cuda.is_available())
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, dtype=DTYPES[cfg.model_dtype]).to(state.device)
+    orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs()).to(state.device)
     layer = resolve_layer(cfg.layer, orig.n_layers, "DumpConfig.layer")
     d_model = orig.model.get_input_embeddings().weight.shape[1]
     splits = dump_windows(cfg, tok)

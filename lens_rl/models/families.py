@@ -251,8 +251,12 @@ class FamilyInfo:
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, FamilyInfo] = weakref.WeakKeyDictionary()
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    tol = 1e-5 * max(1.0, float(a.abs().max()))
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Equal up to rounding of the model's dtype: 1e-5 (fp32) or 8 ulps of bf16/fp16, relative to
+    the largest magnitude. Coarse enough for a bf16 model's rounding, far below what a real
+    transform (an embedding multiplier, a logit scale) changes."""
+    rel = max(1e-5, 8 * torch.finfo(dtype).eps) if dtype in (torch.bfloat16, torch.float16) else 1e-5
+    tol = rel * max(1.0, float(a.abs().max()))
     return a.shape == b.shape and bool(((a.float() - b.float()).abs() <= tol).all())
 
 
@@ -322,7 +326,7 @@ def check_lens_family(model: nn.Module) -> FamilyInfo:
                 )
             from_ids = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
             from_embeds = model.base_model(inputs_embeds=x, use_cache=False).last_hidden_state
-            if not _close(from_ids, from_embeds):
+            if not _close(from_ids, from_embeds, emb.weight.dtype):
                 raise UnsupportedArchitectureError(
                     f"Model type {mt!r}: base_model(inputs_embeds=get_input_embeddings()(ids)) differs from "
                     "base_model(input_ids=ids) (max |diff| "
@@ -331,7 +335,7 @@ def check_lens_family(model: nn.Module) -> FamilyInfo:
                 )
             x2 = 2 * x + 1
             offset, offset2 = _block0_input(model, x) - x, _block0_input(model, x2) - x2
-            if not _close(offset, offset2):
+            if not _close(offset, offset2, emb.weight.dtype):
                 raise UnsupportedArchitectureError(
                     f"Model type {mt!r}: the residual stream entering block 0 is not inputs_embeds plus a "
                     "fixed (position) term: the model transforms inputs_embeds (e.g. an embedding "
@@ -339,7 +343,7 @@ def check_lens_family(model: nn.Module) -> FamilyInfo:
                 )
             logits = model(inputs_embeds=x, use_cache=False).logits.float()
             ours = lm_logits(model, from_embeds)
-            if not _close(logits, ours):
+            if not _close(logits, ours, emb.weight.dtype):
                 raise UnsupportedArchitectureError(
                     f"Model type {mt!r}: get_output_embeddings() (plus final_logit_softcapping) does not "
                     f"reproduce the model's logits (max |diff| {(logits - ours).abs().max().item():.3g}); "

@@ -132,9 +132,10 @@ class ConsistencyLens(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, base: PreTrainedModel | None = None, tokenizer=None, dtype=torch.float32
+        cls, path: str | Path, base: PreTrainedModel | None = None, tokenizer=None, dtype=None
     ) -> ConsistencyLens:
-        """Rebuild a saved lens; ``base`` defaults to the model folder recorded at save time."""
+        """Rebuild a saved lens; ``base`` defaults to the model folder recorded at save time, loaded
+        in ``dtype`` (default: the ``model_dtype`` the lens was trained in, else fp32)."""
         path = Path(path)
         cfg = json.loads((path / LENS_CONFIG).read_text())
         meta = cfg.get("meta", {})
@@ -142,6 +143,8 @@ class ConsistencyLens(nn.Module):
         if base is None:
             if not model_path:
                 raise ValueError(f"{path}/{LENS_CONFIG} records no model_name_or_path; pass base=.")
+            if dtype is None:
+                dtype = getattr(torch, meta.get("model_dtype", "float32"))
             base = load_causal_lm(model_path, dtype=dtype)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(meta.get("tokenizer_name_or_path") or model_path)

@@ -44,9 +44,10 @@ class OrigWrapper(nn.Module):
             p.requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> OrigWrapper:
-        """Load a local checkpoint folder (no hub access) and wrap it."""
-        return cls(load_causal_lm(path, dtype=dtype))
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, **kwargs) -> OrigWrapper:
+        """Load a local checkpoint folder (no hub access) and wrap it; ``kwargs`` go to
+        ``from_pretrained`` (e.g. ``attn_implementation``)."""
+        return cls(load_causal_lm(path, dtype=dtype, **kwargs))
 
     def train(self, mode: bool = True) -> OrigWrapper:
         """The original model stays in eval mode (it is frozen)."""

@@ -18,11 +18,12 @@ from trl import GRPOConfig
 from lens_rl.config import ConfigError, sub_config
 from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
+from lens_rl.models.loading import ModelLoadingArguments
 from lens_rl.ops.sampling import SamplingPolicy
 
 
 @dataclass
-class LensGRPOConfig(GRPOConfig):
+class LensGRPOConfig(GRPOConfig, ModelLoadingArguments):
     """GRPO for the lens decoder (a TRL ``GRPOConfig`` with lens fields)."""
 
     model_name_or_path: str = field(default="", metadata={"help": "Local folder of the original model."})
@@ -96,6 +97,7 @@ class LensGRPOConfig(GRPOConfig):
             self.use_cpu = True
         super().__post_init__()
         self.beta = requested_beta
+        self.check_model_loading()
         if not self.model_name_or_path:
             raise ConfigError("LensGRPOConfig.model_name_or_path is required (a local model folder).")
         if not self.train_data:

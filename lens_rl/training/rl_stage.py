@@ -37,7 +37,7 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
         f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
     )
     tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
-    orig = OrigWrapper.from_pretrained(cfg.model_name_or_path).to(state.device)
+    orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs()).to(state.device)
     store = ActivationDataset(cfg.train_data)
     vocab, d_model = orig.model.get_input_embeddings().weight.shape
     store.check_compatible(d_model, vocab_size=vocab)
@@ -54,7 +54,11 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
             cfg.decoder_config,
             cfg.encoder_config,
             share_base=True,
-            meta={"model_name_or_path": cfg.model_name_or_path, "layer": store.layer},
+            meta={
+                "model_name_or_path": cfg.model_name_or_path,
+                "layer": store.layer,
+                "model_dtype": cfg.model_dtype,
+            },
         )
     lens.to(state.device)
     backend_name = cfg.rollout_backend
@@ -81,7 +85,10 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
             from lens_rl.generation.vllm_backend import VLLMBackend
 
             vllm = VLLMBackend(
-                cfg.model_name_or_path, cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib, seed=cfg.seed
+                cfg.model_name_or_path,
+                cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib,
+                seed=cfg.seed,
+                dtype=cfg.model_dtype,
             )
             backend_name = "vllm"
         except ImportError:

@@ -22,6 +22,7 @@ from transformers import TrainingArguments
 from lens_rl.config import ConfigError, sub_config, validate_types
 from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
+from lens_rl.models.loading import ModelLoadingArguments
 from lens_rl.training.schedules import parse_schedule
 
 # TrainingArguments fields that only steer the token-level evaluation loop the lens replaces
@@ -49,7 +50,7 @@ _REFUSED: dict[str, tuple[object, str]] = {
 
 
 @dataclass
-class LensSFTConfig(TrainingArguments):
+class LensSFTConfig(TrainingArguments, ModelLoadingArguments):
     """Supervised consistency-lens training (a ``TrainingArguments`` with lens fields).
 
     > Data: ``train_data``/``val_data`` are dump split folders (``.../layer_L/train``); or
@@ -184,6 +185,7 @@ class LensSFTConfig(TrainingArguments):
 
     def _validate_lens(self) -> None:
         """Check sources, sizes, schedules and sub-configs; build the typed sub-configs."""
+        self.check_model_loading()
         if not self.model_name_or_path:
             raise ConfigError("LensSFTConfig.model_name_or_path is required (a local model folder).")
         if bool(self.train_data) == bool(self.on_the_fly):

@@ -298,7 +298,7 @@ def build_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None
 
     check_world_size(cfg.world_size)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    orig = OrigWrapper.from_pretrained(cfg.model_name_or_path)
+    orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
     d_model = orig.model.get_input_embeddings().weight.shape[1]
     if cfg.train_data:
         train = ActivationDataset(cfg.train_data)
@@ -326,6 +326,7 @@ def build_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None
         "tokenizer_name_or_path": cfg.tokenizer_name_or_path or cfg.model_name_or_path,
         "layer": layer,
         "t_text": cfg.t_text,
+        "model_dtype": cfg.model_dtype,
         "train_mean": train_mean.tolist(),
         "train_var": train_var.tolist(),
     }

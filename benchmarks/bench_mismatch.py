@@ -1,8 +1,8 @@
 """Trainer-vs-sampler mismatch of the RL stage in fp32 and bf16 (writes JSON; not a test).
 
 For a trained lens (default: the quickstart's) and held-out activations, explanations are
-sampled by each rollout backend (the HF generator; vLLM with prompt_embeds) under the RL
-sampling policy, then scored by the trainer's teacher-forced ``fwd_tokens``, all with the model
+sampled by each rollout backend (the HF generator; vLLM with prompt_embeds and the lens's
+decoder base synced into the engine, as the RL trainer does) under the RL sampling policy, then scored by the trainer's teacher-forced ``fwd_tokens``, all with the model
 loaded in ``model_dtype``. Per token it reports |log q_trainer - log q_sampler| (nats) and the
 importance-ratio statistics, with the project's correction (both log-probs under the same
 top-p/temperature policy) and without it (TRL's ratio: the trainer's full-softmax log-prob over
@@ -89,6 +89,8 @@ def main() -> None:
                 from lens_rl.generation.vllm_backend import VLLMBackend
 
                 engine = VLLMBackend(model_dir, dtype=name, seed=0)
+                if any(p.requires_grad for p in dec.base.parameters()):  # a trained decoder base,
+                    engine.sync_weights(dec.base.state_dict().items())  # as the RL trainer syncs it
                 out = engine.generate(
                     policy=policy,
                     n=1,

@@ -63,7 +63,11 @@ def main() -> None:
     model_dir = meta["model_name_or_path"]
     acts = ActivationDataset(args.activations).A[: args.num].float()
     report: dict = {
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
         "setup": {
             "lens": args.lens,
             "activations": args.num,
@@ -75,7 +79,9 @@ def main() -> None:
     }
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
-        lens = ConsistencyLens.from_pretrained(args.lens, base=load_causal_lm(model_dir, dtype=dtype)).to(dtype)
+        lens = ConsistencyLens.from_pretrained(args.lens, base=load_causal_lm(model_dir, dtype=dtype)).to(
+            dtype
+        )
         lens.eval()
         dec = lens.decoder
         a = acts.to(dtype)

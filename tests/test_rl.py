@@ -57,6 +57,7 @@ def test_first_on_policy_step_ratios_top_p_08(tiny_model_dir, splits, tmp_path):
     assert abs(log["sampling/lens_is/ratio_mean"] - 1) <= 1e-5
     assert log["sampling/lens_is/outside_support"] == 0
     assert log["sampling/full_softmax_ratio_mean"] < 0.95
+    assert res["gradient_checkpointing"] is True  # TRL's default, honoured (fwd_tokens + encoder blocks)
 
 
 def test_reward_rises_on_a_small_fixed_task(tiny_model_dir, splits, tmp_path):

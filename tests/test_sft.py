@@ -300,7 +300,6 @@ def test_out_of_range_layer_is_an_error(tiny_model_dir, tiny_dump, tmp_path):
         (dict(train_data="x", eval_strategy="no", push_to_hub=True), "push_to_hub=True is not supported"),
         (dict(train_data="x", eval_strategy="no", remove_unused_columns=True), "remove_unused_columns"),
         (dict(train_data="x", eval_strategy="no", load_best_model_at_end=True), "load_best_model_at_end"),
-        (dict(train_data="x", eval_strategy="no", gradient_checkpointing=True), "gradient_checkpointing"),
         (dict(train_data="x", eval_strategy="no", lr_base=-1.0), "lr_base must be >= 0"),
     ],
 )

@@ -36,6 +36,7 @@ All three generators and :meth:`Decoder.fwd_tokens` go through :meth:`Decoder._b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -54,7 +55,7 @@ from lens_rl.models.families import (
     lm_logits,
     load_causal_lm,
 )
-from lens_rl.models.surgery import hooked, replace_rows
+from lens_rl.models.surgery import checkpointed_blocks, hooked, replace_rows
 from lens_rl.ops.sampling import SamplingPolicy, entropy_from_log_probs, gumbel_noise
 
 EMBED_MARKER = "<embed>"
@@ -187,6 +188,9 @@ class Decoder(nn.Module):
         self.config = config
         self.base = base
         self.family = check_lens_family(base)  # raises on unsupported architectures
+        # Block checkpointing of cache-free passes (fwd_tokens, generate_soft); set by
+        # ConsistencyLens.gradient_checkpointing_enable. The KV-cached generators keep activations.
+        self.checkpointing: dict | None = None
         n_blocks = self.family.n_layers
         d = base.get_input_embeddings().weight.shape[1]
         pal = config.patch_all_layers
@@ -347,7 +351,12 @@ class Decoder(nn.Module):
         if layer_values and past is None:  # a pass that starts at position 0 contains the slot
             pos = torch.full((embeds.shape[0],), self.embed_pos, device=embeds.device, dtype=torch.long)
             edits = {i: (lambda h, v=v: replace_rows(h, pos, v)) for i, v in layer_values.items()}
-        with hooked(self.base, input_edits=edits):
+        ckpt = (
+            checkpointed_blocks(self.base, **self.checkpointing)
+            if self.checkpointing is not None and not use_cache and past is None and torch.is_grad_enabled()
+            else contextlib.nullcontext()
+        )
+        with hooked(self.base, input_edits=edits), ckpt:
             out = self.base.base_model(inputs_embeds=embeds, past_key_values=past, use_cache=use_cache)
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
 

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lens_rl.config import ConfigError, ValidatedConfig
 from lens_rl.models.decoder import _identity_linear
 from lens_rl.models.families import check_lens_family, embed_tokens
-from lens_rl.models.surgery import run_until
+from lens_rl.models.surgery import checkpointed_blocks, run_until
 
 TEXT_MARKER = "<text>"
 
@@ -90,6 +90,9 @@ class Encoder(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(config.trainable_base)
         self.frozen_unused: list[str] = []  # base parameters left frozen because no gradient reaches them
+        self.checkpointing: dict | None = (
+            None  # block checkpointing (ConsistencyLens.gradient_checkpointing_enable)
+        )
         if config.trainable_base:
             self._freeze_unused_base()
         self.proj.requires_grad_(config.trainable_projection)
@@ -157,5 +160,9 @@ class Encoder(nn.Module):
                 raise ValueError("EncoderConfig.add_current_token=True needs current_token_ids (B,).")
             parts.append(embed_tokens(self.base, current_token_ids).unsqueeze(1))
         seq = torch.cat(parts, dim=1)
-        hidden = run_until(self.base, self.config.output_layer, inputs_embeds=seq, use_cache=False)
+        if self.checkpointing is not None and torch.is_grad_enabled():
+            with checkpointed_blocks(self.base, **self.checkpointing):
+                hidden = run_until(self.base, self.config.output_layer, inputs_embeds=seq, use_cache=False)
+        else:
+            hidden = run_until(self.base, self.config.output_layer, inputs_embeds=seq, use_cache=False)
         return self.proj(hidden[:, -1])

@@ -71,6 +71,43 @@ class ConsistencyLens(nn.Module):
         """Run ``fn(self, *args, **kwargs)``: the loss computation, inside the wrapper's forward."""
         return fn(self, *args, **kwargs)
 
+    def gradient_checkpointing_enable(
+        self,
+        gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """Checkpoint the blocks of the decoder's cache-free passes (``fwd_tokens``,
+        ``generate_soft``) and of the encoder (the ``transformers`` signature, so ``Trainer`` and
+        TRL's ``gradient_checkpointing`` fields drive it). The KV-cached generator is not
+        checkpointed: its cache is the activation memory it keeps by design."""
+        from lens_rl.config import ConfigError
+
+        if offload:
+            raise ConfigError("gradient_checkpointing_kwargs offload=True is not supported by the lens.")
+        if every_n_layers < 1:
+            raise ConfigError(f"gradient_checkpointing every_n_layers must be >= 1, got {every_n_layers}.")
+        spec = {
+            "every_n_layers": every_n_layers,
+            "checkpoint_kwargs": dict(gradient_checkpointing_kwargs or {}),
+        }
+        if spec["checkpoint_kwargs"].get("use_reentrant"):
+            raise ConfigError(
+                "gradient_checkpointing_kwargs use_reentrant=True cannot pass the blocks' keyword "
+                "arguments; leave it unset (non-reentrant)."
+            )
+        self.decoder.checkpointing = spec
+        self.encoder.checkpointing = spec
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Store activations again."""
+        self.decoder.checkpointing = self.encoder.checkpointing = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether block checkpointing is on."""
+        return self.decoder.checkpointing is not None
+
     # ------------------------------------------------------------------ state
     def _frozen_base_keys(self) -> set[str]:
         keys = set()
@@ -185,6 +222,19 @@ class LensModule(nn.Module):
 
     def add_model_tags(self, tags: Any) -> None:
         """TRL tags hub models; nothing to do for a lens."""
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
+        """See :meth:`ConsistencyLens.gradient_checkpointing_enable`."""
+        self.lens.gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """See :meth:`ConsistencyLens.gradient_checkpointing_disable`."""
+        self.lens.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether the lens checkpoints its blocks."""
+        return self.lens.is_gradient_checkpointing
 
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(lens, *args, **kwargs)`` inside the (possibly DDP-wrapped) forward."""

@@ -160,3 +160,34 @@ def run_until(model: nn.Module, layer: int, **forward_kwargs: Any) -> torch.Tens
         except StopForward:
             pass
     return store[layer][0]
+
+
+@contextmanager
+def checkpointed_blocks(
+    model: nn.Module, every_n_layers: int = 1, checkpoint_kwargs: dict[str, Any] | None = None
+) -> Iterator[None]:
+    """Run the decoder blocks of ``model`` under ``torch.utils.checkpoint`` inside the ``with``
+    body (activations recomputed in the backward instead of stored).
+
+    HF's own gradient checkpointing only acts on modules in train mode, and the lens keeps its
+    bases in eval mode (no dropout), so the lens wraps the blocks' ``forward`` itself. Forward
+    (pre-)hooks (slot patching, capture) still run once, outside the recomputed region. Only for
+    passes without a KV cache (HF's checkpointed layers refuse one). Every ``every_n_layers``-th
+    block is checkpointed; ``checkpoint_kwargs`` go to ``torch.utils.checkpoint.checkpoint``
+    (non-reentrant: the blocks take keyword arguments).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    kwargs = {"use_reentrant": False, **(checkpoint_kwargs or {})}
+    blocks = [b for i, b in enumerate(get_blocks(model)) if i % every_n_layers == 0]
+    for block in blocks:
+
+        def forward(*args, _fwd=block.forward, **kw):
+            return checkpoint(_fwd, *args, **kwargs, **kw)
+
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's forward

@@ -79,8 +79,8 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments):
     )
 
     def __post_init__(self) -> None:
-        # Lens defaults that differ from TRL's: no gradient checkpointing (the policy is not a
-        # PreTrainedModel), no HF vLLM integration (the lens owns its rollouts).
+        # No HF vLLM integration (the lens owns its rollouts). gradient_checkpointing keeps TRL's
+        # meaning (default on): the lens checkpoints the blocks of fwd_tokens and of the encoder.
         if self.use_vllm:
             raise ConfigError(
                 "use_vllm=True is TRL's text-prompt integration; set rollout_backend=vllm instead."
@@ -88,7 +88,6 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments):
         import torch
 
         requested_beta = self.beta
-        self.gradient_checkpointing = False
         if not torch.cuda.is_available():
             if self.bf16 is None:
                 self.bf16 = False  # TRL defaults to bf16; on CPU the lens trains in fp32

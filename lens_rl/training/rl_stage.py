@@ -135,6 +135,7 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
     result = {
         "backend": backend_name,
         "num_processes": state.num_processes,
+        "gradient_checkpointing": lens.is_gradient_checkpointing,
         "before": before,
         "after": after,
         "log_history": trainer.state.log_history,

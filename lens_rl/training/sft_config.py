@@ -31,7 +31,6 @@ _REFUSED: dict[str, tuple[object, str]] = {
     "remove_unused_columns": (False, "the lens batches are fixed records, not model inputs"),
     "push_to_hub": (False, "nothing is uploaded; the lens is saved to <output_dir>/lens"),
     "load_best_model_at_end": (False, "not supported by the lens trainer; pick a checkpoint-N folder"),
-    "gradient_checkpointing": (False, "not supported yet for the lens generators"),
     "torch_compile": (False, "not supported by the lens generators"),
     "use_liger_kernel": (False, "the lens computes its own logits"),
     "neftune_noise_alpha": (None, "the lens feeds activations, not token embeddings"),

@@ -301,6 +301,11 @@ def test_out_of_range_layer_is_an_error(tiny_model_dir, tiny_dump, tmp_path):
         (dict(train_data="x", eval_strategy="no", remove_unused_columns=True), "remove_unused_columns"),
         (dict(train_data="x", eval_strategy="no", load_best_model_at_end=True), "load_best_model_at_end"),
         (dict(train_data="x", eval_strategy="no", lr_base=-1.0), "lr_base must be >= 0"),
+        (dict(train_data="x", eval_strategy="no", model_dtype="fp8"), "model_dtype = 'fp8'"),
+        (
+            dict(train_data="x", eval_strategy="no", attn_implementation="flash_attention_2"),
+            "flash_attention_2' needs the flash-attn package and a CUDA",
+        ),
     ],
 )
 def test_config_errors(kw, match):

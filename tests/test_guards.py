@@ -209,3 +209,90 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tiny_dump, tmp_path):
     ds = ActivationDataset(tiny_dump["train"])
     with pytest.raises(DumpError, match="outside the model's vocabulary of 100"):
         ds.check_compatible(ds.metadata["d_model"], vocab_size=100)
+
+
+def _dump_cfg(model_dir, out, **kw):
+    from lens_rl.data.dump import DumpConfig
+
+    base = dict(
+        model_name_or_path=str(model_dir),
+        corpus="pydoc",
+        layer=1,
+        seq_len=16,
+        min_pos=4,
+        num_train=32,
+        num_val=0,
+        shard_size=8,
+        output_dir=str(out),
+    )
+    return DumpConfig(**(base | kw))
+
+
+def test_interrupted_dump_rerun_with_another_config_is_refused(tiny_model_dir, tmp_path):
+    """A dump killed part-way (metadata.json not yet written, some shards done) and rerun with
+    another seed and position strategy is refused, naming the fields, before anything is written."""
+    from lens_rl.data.dump import run_dump
+
+    split = run_dump(_dump_cfg(tiny_model_dir, tmp_path))["train"]
+    (split / "metadata.json").unlink()
+    shards = sorted(split.glob("rank_0/*.safetensors"))
+    shards[-1].unlink()  # the shard the kill interrupted
+    before = {p.name: p.read_bytes() for p in shards[:-1]}
+    with pytest.raises(
+        ConfigError, match=r"differing fields: position_strategy: 'random' -> 'last', seed: 0 -> 1"
+    ):
+        run_dump(_dump_cfg(tiny_model_dir, tmp_path, seed=1, position_strategy="last"))
+    assert {p.name: p.read_bytes() for p in sorted(split.glob("rank_0/*.safetensors"))} == before
+    run_dump(_dump_cfg(tiny_model_dir, tmp_path))  # the same config resumes and finishes
+    assert (split / "metadata.json").exists()
+
+
+def test_concurrent_dump_into_one_folder_is_refused(tiny_model_dir, tmp_path):
+    from lens_rl.data.dump import _lock_rank_dir, run_dump, split_dir
+
+    rank_dir = split_dir(tmp_path, str(tiny_model_dir), 1, "train") / "rank_0"
+    rank_dir.mkdir(parents=True)
+    held = _lock_rank_dir(rank_dir)  # another dump is writing
+    try:
+        with pytest.raises(ConfigError, match="being written by another dump"):
+            run_dump(_dump_cfg(tiny_model_dir, tmp_path))
+    finally:
+        held.close()
+
+
+def test_shard_content_checksum_is_verified(tiny_model_dir, tmp_path):
+    """A shard whose tensors change after writing (metadata kept) fails its sha256 on load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lens_rl.data.dataset import ActivationDataset, DumpError
+    from lens_rl.data.dump import run_dump
+
+    split = run_dump(_dump_cfg(tiny_model_dir, tmp_path))["train"]
+    ActivationDataset(split)  # intact: loads
+    shard = sorted(split.glob("rank_0/*.safetensors"))[1]
+    with safe_open(str(shard), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["A"][3, 7] += 0.5  # a finite, in-range change no range check can see
+    save_file(tensors, str(shard), metadata=meta)
+    with pytest.raises(DumpError, match=f"Shard {shard}: content checksum mismatch"):
+        ActivationDataset(split)
+
+
+def test_lens_refuses_another_base_of_the_same_width(tiny_model_dir, tiny_dump, tiny_model_factory, tmp_path):
+    """A lens records its base (path, resolved path, fingerprint of the weights); loading it on a
+    different model of the same shape is refused naming both, while its own base loads in fp32
+    and in bf16 (the fingerprint ignores the dtype)."""
+    from lens_rl.models.families import load_causal_lm
+    from lens_rl.models.lens import ConsistencyLens
+
+    out = tmp_path / "o"
+    run_sft(_config(tiny_model_dir, tiny_dump, out, max_steps=1))
+    meta = json.loads((out / "lens" / "lens_config.json").read_text())["meta"]
+    assert meta["base_resolved_path"] == str(tiny_model_dir.resolve()) and meta["base_fingerprint"]
+    other = tiny_model_factory("llama_vllm", n_layers=2, seed=1)  # same shapes, other weights
+    with pytest.raises(ConfigError, match=r"was trained on the base .*fingerprint .*a different model"):
+        ConsistencyLens.from_pretrained(out / "lens", base=other)
+    ConsistencyLens.from_pretrained(out / "lens")
+    ConsistencyLens.from_pretrained(out / "lens", base=load_causal_lm(tiny_model_dir, dtype=torch.bfloat16))

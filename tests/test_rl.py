@@ -231,6 +231,7 @@ def test_vllm_weight_sync_for_a_trainable_base(tiny_model_dir, splits, tmp_path)
     outside the support at every step (measured max 9.5e-7)."""
     pytest.importorskip("vllm")
     decoder = json.dumps({"trainable_base": True, "trainable_output_head": True})
+    shm_before = set(Path("/dev/shm").glob("lens_rl_vllm_sync_*"))
     res = run_rl(
         _cfg(
             tiny_model_dir,
@@ -250,6 +251,29 @@ def test_vllm_weight_sync_for_a_trainable_base(tiny_model_dir, splits, tmp_path)
     assert all(h["sampling/lens_is/log_ratio_abs_max"] <= 1e-5 for h in logs)
     assert all(h["sampling/lens_is/outside_support"] == 0 for h in logs)
     assert logs[-1]["sampling/vllm_sync_seconds"] > 0
+    # Nothing left behind once the run returns: the tmpfs weight folder and the engine processes.
+    assert set(Path("/dev/shm").glob("lens_rl_vllm_sync_*")) <= shm_before
+    assert not _vllm_children(), _vllm_children()
+
+
+def _vllm_children() -> list[str]:
+    """Command lines of this process's live children that are vLLM engine/worker processes."""
+    import os
+    import time
+
+    time.sleep(1.0)  # shutdown() signals the engine; give it a moment to exit
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and "VLLM" in cmd:
+            found.append(cmd)
+    return found
 
 
 def test_group_size_detection_for_kv_cache_expansion():

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from lens_rl.data.dump import DTYPES, FORMAT_VERSION
+from lens_rl.data.dump import DTYPES, FORMAT_VERSION, tensors_digest
 from lens_rl.data.windows import WindowSet
 
 REQUIRED_KEYS = ("A", "input_ids", "token_pos", "index", "a_prime_index")
@@ -71,10 +71,16 @@ class ActivationDataset(Dataset):
                         raise DumpError(f"Shard {file} lacks tensors {missing}.")
                     smeta = f.metadata() or {}
                     t = {k: f.get_tensor(k) for k in REQUIRED_KEYS}
+                    stored = {k: f.get_tensor(k) for k in keys}
             except DumpError:
                 raise
             except Exception as e:  # safetensors raises its own error types on corrupted files
                 raise DumpError(f"Shard {file} cannot be read (corrupted or truncated): {e}") from e
+            if "sha256" in smeta and tensors_digest(stored) != smeta["sha256"]:
+                raise DumpError(
+                    f"Shard {file}: content checksum mismatch (the file changed after it was written); "
+                    "delete it and rerun the dump to redo it."
+                )
             c, start = shard["count"], shard["start"]
             expect = {
                 "A": (c, d),

@@ -16,12 +16,14 @@ complete: rerunning the same command skips finished shards (resume after interru
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import torch
 from safetensors import safe_open
@@ -136,6 +138,59 @@ def _shard_name(start: int) -> str:
     return f"shard_{start:09d}.safetensors"
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the named tensors' bytes (sorted by name): the shard's content checksum."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _content_config(cfg: DumpConfig) -> dict:
+    """The config fields that decide a shard's content (not where it is written or how fast)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "batch_size")}
+
+
+def _config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_existing_shards(rank_dir: Path, cfg: DumpConfig) -> None:
+    """Refuse to add to shards written with another config (a rerun with a new seed, positions,
+    model, ...), naming the fields that differ."""
+    mine = _content_config(cfg)
+    for path in sorted(rank_dir.glob("shard_*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise ConfigError(f"Existing shard {path} cannot be read ({e}); delete it to redo it.") from e
+        if meta.get("config_hash") == _config_hash(mine):
+            continue
+        theirs = json.loads(meta.get("config", "{}"))
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ConfigError(
+            f"{path} was written by a dump with another config (differing fields: "
+            f"{', '.join(f'{k}: {theirs.get(k)!r} -> {mine.get(k)!r}' for k in diff) or 'unknown'}); "
+            f"use another output_dir, or delete {rank_dir.parent} to redo the dump."
+        )
+
+
+def _lock_rank_dir(rank_dir: Path) -> IO:
+    """Exclusive lock on ``rank_dir`` for this process (a second concurrent dump is refused)."""
+    lock = (rank_dir / ".lock").open("a")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        lock.close()
+        raise ConfigError(
+            f"{rank_dir} is being written by another dump (it holds {rank_dir / '.lock'})."
+        ) from e
+    return lock
+
+
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
@@ -158,6 +213,9 @@ def _dump_split(
     mine = [s for s in range(n_shards) if s % world == rank]
     rank_dir = out / f"rank_{rank}"
     rank_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_rank_dir(rank_dir)  # held until this split is written
+    _check_existing_shards(rank_dir, cfg)
+    content = _content_config(cfg)
     todo = [s for s in mine if not (rank_dir / _shard_name(s * cfg.shard_size)).exists()]
     total = sum(min(cfg.shard_size, n - s * cfg.shard_size) for s in todo)
     with progress_bar(f"dump {out.name} (rank {rank})", total=total, enabled=show) as advance:
@@ -183,8 +241,12 @@ def _dump_split(
                 "start": str(start),
                 "count": str(stop - start),
                 "format": str(FORMAT_VERSION),
+                "config": json.dumps(content, sort_keys=True, default=str),
+                "config_hash": _config_hash(content),
+                "sha256": tensors_digest(tensors),
             }
             _write_shard(rank_dir / _shard_name(start), tensors, meta)
+    lock.close()
 
 
 def _finalize_split(

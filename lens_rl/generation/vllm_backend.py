@@ -137,6 +137,7 @@ class VLLMBackend:
         if getattr(self, "_sync_dir", None) is None:
             shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
             self._sync_dir = tempfile.mkdtemp(dir=shm, prefix="lens_rl_vllm_sync_")
+            self._register_cleanup()
         path = os.path.join(self._sync_dir, "model.safetensors")
         save_file(tensors, path)
         try:
@@ -147,3 +148,47 @@ class VLLMBackend:
             os.remove(path)
         self.llm.reset_prefix_cache()
         return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Remove the weight-sync folder and shut the engine's processes down (idempotent).
+
+        Also registered with ``atexit`` and on SIGTERM/SIGINT when the first sync creates the
+        folder, so a killed run (short of SIGKILL) leaves neither the folder nor the engine behind.
+        """
+        import shutil
+
+        sync_dir, self._sync_dir = getattr(self, "_sync_dir", None), None
+        if sync_dir is not None:
+            shutil.rmtree(sync_dir, ignore_errors=True)
+        llm, self.llm = getattr(self, "llm", None), None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+    def _register_cleanup(self) -> None:
+        import atexit
+        import signal
+        import weakref
+
+        ref = weakref.ref(self)
+
+        def cleanup(*_: object) -> None:
+            backend = ref()
+            if backend is not None:
+                backend.close()
+
+        atexit.register(cleanup)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+
+            def handler(signum, frame, previous=previous):
+                cleanup()
+                if callable(previous):
+                    previous(signum, frame)
+                else:
+                    raise SystemExit(128 + signum)
+
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread: atexit still covers a normal exit
+                pass

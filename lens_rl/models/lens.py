@@ -27,6 +27,35 @@ LENS_CONFIG = "lens_config.json"
 LENS_WEIGHTS = "lens.safetensors"
 
 
+def base_fingerprint(model: PreTrainedModel) -> str:
+    """A cheap, dtype-independent fingerprint of a model's weights: sha256 over every parameter's
+    name, shape and up to 4,096 evenly strided values rounded to bf16 (the same for the model
+    loaded in fp32 or bf16, different for another checkpoint of the same shape)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters(remove_duplicate=False):
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel()), device=flat.device).long()
+            sample = flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+            h.update(f"{name}:{tuple(p.shape)};".encode())
+            h.update(sample)
+    return h.hexdigest()[:20]
+
+
+def base_record(model: PreTrainedModel, model_name_or_path: str) -> dict[str, Any]:
+    """What a lens records about its base: the path as given and resolved, the hub revision when
+    the config knows it, and :func:`base_fingerprint`."""
+    resolved = Path(model_name_or_path).expanduser()
+    return {
+        "model_name_or_path": model_name_or_path,
+        "base_resolved_path": str(resolved.resolve()) if resolved.exists() else None,
+        "base_revision": getattr(model.config, "_commit_hash", None),
+        "base_fingerprint": base_fingerprint(model),
+    }
+
+
 class ConsistencyLens(nn.Module):
     """Decoder and encoder of one lens, plus the metadata needed to rebuild them.
 
@@ -183,6 +212,16 @@ class ConsistencyLens(nn.Module):
             if dtype is None:
                 dtype = getattr(torch, meta.get("model_dtype", "float32"))
             base = load_causal_lm(model_path, dtype=dtype)
+        recorded = meta.get("base_fingerprint")
+        if recorded is not None and base_fingerprint(base) != recorded:
+            from lens_rl.config import ConfigError
+
+            given = getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", "?")
+            raise ConfigError(
+                f"{path} was trained on the base {meta.get('base_resolved_path') or model_path!r} "
+                f"(fingerprint {recorded}); the base given is {given!r} (fingerprint "
+                f"{base_fingerprint(base)}), a different model. Load the lens with its own base."
+            )
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(meta.get("tokenizer_name_or_path") or model_path)
         lens = cls.build(

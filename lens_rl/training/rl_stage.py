@@ -19,7 +19,7 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
     from transformers import AutoTokenizer
 
     from lens_rl.data.dataset import ActivationDataset
-    from lens_rl.models.lens import ConsistencyLens
+    from lens_rl.models.lens import ConsistencyLens, base_record
     from lens_rl.models.orig import OrigWrapper
     from lens_rl.training.evaluate import evaluate_lens
     from lens_rl.training.grpo_trainer import LensGRPOTrainer
@@ -55,7 +55,7 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
             cfg.encoder_config,
             share_base=True,
             meta={
-                "model_name_or_path": cfg.model_name_or_path,
+                **base_record(orig.model, cfg.model_name_or_path),
                 "layer": store.layer,
                 "model_dtype": cfg.model_dtype,
             },
@@ -125,8 +125,12 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
         return metrics
 
     before = evaluate()
-    trainer = LensGRPOTrainer(cfg, lens, orig, tok, store, reward_funcs=reward_funcs, vllm_backend=vllm)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer = LensGRPOTrainer(cfg, lens, orig, tok, store, reward_funcs=reward_funcs, vllm_backend=vllm)
+        trainer.train(resume_from_checkpoint=resume)
+    finally:  # the engine's processes and its /dev/shm weight folder go, whether training ended or failed
+        if vllm is not None:
+            vllm.close()
     out = Path(cfg.output_dir)
     if state.is_main_process:  # saved before the final evaluation: a failing evaluation loses nothing
         out.mkdir(parents=True, exist_ok=True)

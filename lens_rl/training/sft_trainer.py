@@ -31,7 +31,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 
 from lens_rl.data.dataset import ActivationDataset, OnTheFlyDataset, materialize
-from lens_rl.models.lens import ConsistencyLens, LensModule
+from lens_rl.models.lens import ConsistencyLens, LensModule, base_record
 from lens_rl.models.orig import OrigWrapper
 from lens_rl.models.surgery import resolve_layer
 from lens_rl.training.evaluate import evaluate_lens
@@ -322,7 +322,7 @@ def build_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None
             f"({cfg.per_device_train_batch_size} x {cfg.world_size}); lower per_device_train_batch_size."
         )
     meta = {
-        "model_name_or_path": cfg.model_name_or_path,
+        **base_record(orig.model, cfg.model_name_or_path),
         "tokenizer_name_or_path": cfg.tokenizer_name_or_path or cfg.model_name_or_path,
         "layer": layer,
         "t_text": cfg.t_text,

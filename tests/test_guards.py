@@ -296,3 +296,25 @@ def test_lens_refuses_another_base_of_the_same_width(tiny_model_dir, tiny_dump, 
         ConsistencyLens.from_pretrained(out / "lens", base=other)
     ConsistencyLens.from_pretrained(out / "lens")
     ConsistencyLens.from_pretrained(out / "lens", base=load_causal_lm(tiny_model_dir, dtype=torch.bfloat16))
+
+
+def test_resume_skips_a_half_written_checkpoint(tiny_model_dir, tiny_dump, tmp_path, caplog):
+    """A kill during a save leaves checkpoint-4 truncated: `resume_from_checkpoint true` falls back
+    to checkpoint-2 with a message; naming checkpoint-4 explicitly is an error naming the file."""
+    from lens_rl.utils.launch import resolve_resume
+
+    out = tmp_path / "o"
+    run_sft(_config(tiny_model_dir, tiny_dump, out, save_strategy="steps", save_steps=2))
+    weights = out / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        assert resolve_resume("true", out) == str(out / "checkpoint-2")
+    assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-4" in caplog.text
+    with pytest.raises(ConfigError, match="not a complete checkpoint: model.safetensors cannot be read"):
+        resolve_resume(str(out / "checkpoint-4"), out)
+    result = run_sft(
+        _config(
+            tiny_model_dir, tiny_dump, out, save_strategy="steps", save_steps=2, resume_from_checkpoint="true"
+        )
+    )
+    assert result["trainer"].state.global_step == 4

@@ -65,22 +65,61 @@ def check_world_size(world_size: int) -> None:
         )
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete Trainer checkpoint (None when it is): a file missing,
+    empty, or (the weights, the trainer state) unreadable, as a kill mid-save leaves it."""
+    import json
+
+    from safetensors import safe_open
+
+    for name in ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt"):
+        f = path / name
+        if not f.is_file() or f.stat().st_size == 0:
+            return f"{name} is missing or empty"
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json cannot be read ({e})"
+    try:
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as e:  # safetensors raises its own error types on truncated files
+        return f"model.safetensors cannot be read ({e})"
+    return None
+
+
 def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | None:
     """The checkpoint folder ``resume_from_checkpoint`` names.
 
-    ``None``/``false``: a fresh run. ``true``/``latest``/``last``: the newest ``checkpoint-N``
-    under ``output_dir`` (an error when there is none). Anything else: that folder, which must
-    exist.
+    ``None``/``false``: a fresh run. ``true``/``latest``/``last``: the newest *complete*
+    ``checkpoint-N`` under ``output_dir`` (a newer one a kill left half-written is skipped, with a
+    message naming it and why; an error when there is none). Anything else: that folder, which
+    must exist and be complete.
     """
-    from transformers.trainer_utils import get_last_checkpoint
+    import logging
 
     if value is None or value is False or (isinstance(value, str) and value.lower() in {"", "false", "no"}):
         return None
     if value is True or (isinstance(value, str) and value.lower() in _LATEST):
-        last = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
-        if last is None:
-            raise ConfigError(f"resume_from_checkpoint={value!r}: no checkpoint-N folder under {output_dir}.")
-        return last
-    if not Path(value).is_dir():
+        out = Path(output_dir)
+        found = sorted(
+            (p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()),
+            key=lambda p: int(p.name.split("-", 1)[1]),
+        )
+        for path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return str(path)
+            logging.getLogger(__name__).warning("skipping incomplete checkpoint %s: %s", path, problem)
+        raise ConfigError(
+            f"resume_from_checkpoint={value!r}: no complete checkpoint-N folder under {output_dir}"
+            + (f" ({len(found)} incomplete)." if found else ".")
+        )
+    path = Path(value)
+    if not path.is_dir():
         raise ConfigError(f"resume_from_checkpoint={value!r} is not a folder.")
-    return str(value)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(f"resume_from_checkpoint={value!r} is not a complete checkpoint: {problem}.")
+    return str(path)

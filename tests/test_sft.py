@@ -174,7 +174,7 @@ def test_resume_is_bit_exact(
 
 def test_resume_without_a_checkpoint_is_an_error(tiny_model_dir, tiny_dump, tmp_path):
     cfg = _config(tiny_model_dir, tiny_dump, tmp_path / "empty", resume_from_checkpoint="true")
-    with pytest.raises(ConfigError, match="no checkpoint-N folder"):
+    with pytest.raises(ConfigError, match="no complete checkpoint-N folder"):
         run_sft(cfg)
 
 

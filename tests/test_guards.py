@@ -318,3 +318,26 @@ def test_resume_skips_a_half_written_checkpoint(tiny_model_dir, tiny_dump, tmp_p
         )
     )
     assert result["trainer"].state.global_step == 4
+
+
+def test_finished_dump_of_an_older_version_is_reused(tiny_model_dir, tmp_path):
+    """A finished dump written before shards carried their config (and before the newer config
+    fields existed) is accepted by a rerun with the same settings; a changed field is still named."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lens_rl.data.dump import run_dump
+
+    split = run_dump(_dump_cfg(tiny_model_dir, tmp_path))["train"]
+    md = json.loads((split / "metadata.json").read_text())
+    for key in ("attn_implementation", "model_dtype"):
+        md["config"].pop(key)
+    (split / "metadata.json").write_text(json.dumps(md))
+    for shard in split.glob("rank_0/*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            meta = {k: v for k, v in f.metadata().items() if k in ("layer", "start", "count", "format")}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, str(shard), metadata=meta)
+    run_dump(_dump_cfg(tiny_model_dir, tmp_path))
+    with pytest.raises(ConfigError, match=r"different config \(min_pos: 4 -> 5\)"):
+        run_dump(_dump_cfg(tiny_model_dir, tmp_path, min_pos=5))

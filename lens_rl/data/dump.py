@@ -153,6 +153,25 @@ def _content_config(cfg: DumpConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "batch_size")}
 
 
+def _config_diff(theirs: dict, mine: dict) -> list[str]:
+    """Content fields whose values differ; a field one side lacks (written by an older or newer
+    version) counts as its default value."""
+    import dataclasses
+
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(DumpConfig) if f.default is not dataclasses.MISSING
+    }
+    missing = object()
+    out = []
+    for k in sorted(set(theirs) | set(mine)):
+        if k in ("output_dir", "batch_size"):
+            continue
+        a, b = theirs.get(k, defaults.get(k, missing)), mine.get(k, defaults.get(k, missing))
+        if a != b:
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out
+
+
 def _config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -169,11 +188,14 @@ def _check_existing_shards(rank_dir: Path, cfg: DumpConfig) -> None:
             raise ConfigError(f"Existing shard {path} cannot be read ({e}); delete it to redo it.") from e
         if meta.get("config_hash") == _config_hash(mine):
             continue
-        theirs = json.loads(meta.get("config", "{}"))
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if "config" not in meta and (rank_dir.parent / "metadata.json").exists():
+            continue  # a finished dump of an older version, whose metadata.json config matched
+        diff = _config_diff(json.loads(meta.get("config", "{}")), mine)
+        if not diff and "config" in meta:
+            continue  # same content config, written by another version
         raise ConfigError(
             f"{path} was written by a dump with another config (differing fields: "
-            f"{', '.join(f'{k}: {theirs.get(k)!r} -> {mine.get(k)!r}' for k in diff) or 'unknown'}); "
+            f"{', '.join(diff) or 'not recorded (an older dump)'}); "
             f"use another output_dir, or delete {rank_dir.parent} to redo the dump."
         )
 
@@ -331,8 +353,12 @@ def run_dump(cfg: DumpConfig) -> dict[str, Path]:
         out = split_dir(cfg.output_dir, cfg.model_name_or_path, layer, split)
         if state.is_main_process and (out / "metadata.json").exists():
             prev = json.loads((out / "metadata.json").read_text())
-            if prev["config"] != asdict(cfg) | {"output_dir": prev["config"]["output_dir"]}:
-                raise ConfigError(f"{out} holds a dump made with a different config; use another output_dir.")
+            diff = _config_diff(prev["config"], asdict(cfg))
+            if diff:
+                raise ConfigError(
+                    f"{out} holds a dump made with a different config ({', '.join(diff)}); use another "
+                    "output_dir."
+                )
         _dump_split(
             orig,
             windows,

@@ -370,8 +370,16 @@ def run_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None) 
     _ = cfg.device  # sets up the process group exactly as the Trainer will
     state = PartialState()
     lock = main_then_all(lambda: claim_output_dir(out, resume is not None, cfg.overwrite_output_dir), state)
+    try:  # the folder is this run's until it returns (or fails)
+        return _train_and_finish(cfg, out, resume, callbacks)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbacks) -> dict[str, Any]:
+    """The body of :func:`run_sft` once the output folder is claimed."""
     trainer = build_sft(cfg, callbacks)
-    trainer._output_dir_lock = lock  # held (and the folder owned) while the trainer lives
     acc = trainer.accelerator
     effective = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.world_size
     acc.print(

@@ -186,8 +186,8 @@ def _corrupt_copy(splits, tmp_path, file: str, key: str, index: int, value: floa
     ("file", "key", "index", "value", "match"),
     [
         ("shard", "A", 5, 3e37, r"\|A\| = 3e\+37"),  # a flipped exponent bit: finite but absurd
-        ("shard", "token_pos", 0, 99, "token_pos 99 outside"),
-        ("shard", "a_prime_index", 0, -1, "a_prime_index -1"),
+        ("shard", "token_pos", 0, 99, "token_pos 99 of sample 0 outside"),
+        ("shard", "a_prime_index", 0, -1, "a_prime_index -1 of sample 0"),
         ("stats", "var", 3, 0.0, "zero or negative"),
         ("stats", "var", 3, -1.0, "zero or negative"),
     ],
@@ -200,7 +200,8 @@ def test_corrupted_dump_values_are_refused_with_the_file_named(
     bad = _corrupt_copy(tiny_dump, tmp_path, file, key, index, value)
     with pytest.raises(DumpError, match=match) as err:
         ActivationDataset(bad)
-    assert str(bad) in str(err.value)
+    named = str(bad / "stats.safetensors") if file == "stats" else f"Shard {bad}/rank_0/shard_"
+    assert named in str(err.value), str(err.value)
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused(tiny_dump, tmp_path):

@@ -110,24 +110,35 @@ class ActivationDataset(Dataset):
             seen[idx] = True
         if not bool(seen.all()):
             raise DumpError(f"{self.path}: {int((~seen).sum())} of {n} samples are in no shard.")
-        if not torch.isfinite(self.A.float()).all():
-            raise DumpError(f"{self.path}: A contains NaN or inf.")
+
+        def shard_of(i: int) -> Path:
+            return next(
+                self.path / s["file"] for s in md["shards"] if s["start"] <= i < s["start"] + s["count"]
+            )
+
+        finite = torch.isfinite(self.A.float()).all(dim=1)
+        if not bool(finite.all()):
+            i = int((~finite).nonzero()[0])
+            raise DumpError(f"Shard {shard_of(i)}: A of sample {i} contains NaN or inf.")
         big = self.A.float().abs().amax(dim=1)
         if bool((big > MAX_ABS_ACTIVATION).any()):
             i = int(big.argmax())
             raise DumpError(
-                f"{self.path}: sample {i} has |A| = {float(big[i]):.3g} > {MAX_ABS_ACTIVATION:g} "
+                f"Shard {shard_of(i)}: sample {i} has |A| = {float(big[i]):.3g} > {MAX_ABS_ACTIVATION:g} "
                 "(a corrupted value; residual streams stay far below this)."
             )
         bad_pos = (self.token_pos < 0) | (self.token_pos >= s_len)
         if bool(bad_pos.any()):
+            i = int(bad_pos.nonzero()[0])
             raise DumpError(
-                f"{self.path}: token_pos {int(self.token_pos[bad_pos][0])} outside the window [0, {s_len})."
+                f"Shard {shard_of(i)}: token_pos {int(self.token_pos[i])} of sample {i} outside the window "
+                f"[0, {s_len})."
             )
         bad_prime = (self.a_prime_index < 0) | (self.a_prime_index >= n)
         if bool(bad_prime.any()):
+            i = int(bad_prime.nonzero()[0])
             raise DumpError(
-                f"{self.path}: a_prime_index {int(self.a_prime_index[bad_prime][0])} outside [0, {n})."
+                f"Shard {shard_of(i)}: a_prime_index {int(self.a_prime_index[i])} of sample {i} outside [0, {n})."
             )
         stats_path = self.path / "stats.safetensors"
         if stats_path.exists():

@@ -97,63 +97,54 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line(f"{name:60s} {value:.3e}  {where}")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer):
-    """A folder holding a tiny Llama (head size 64) and its tokenizer, as scripts expect."""
-    path = tmp_path_factory.mktemp("tiny-llama-dir")
-    build_tiny_model(
-        "llama_vllm", path, len(tokenizer), seed=0, n_layers=2, eos_token_id=tokenizer.eos_token_id
+def _model_dir(tmp_path_factory, tokenizer, arch: str, name: str):
+    path = tmp_path_factory.mktemp(name)
+    model = build_tiny_model(
+        arch, path, len(tokenizer), seed=0, n_layers=2, eos_token_id=tokenizer.eos_token_id
     )
     tokenizer.save_pretrained(path)
-    return path
+    return path, model
+
+
+def _dump(model_dir, tmp_path_factory, name: str):
+    from lens_rl.data.dump import DumpConfig, run_dump
+
+    return run_dump(
+        DumpConfig(
+            model_name_or_path=str(model_dir),
+            corpus="pydoc",
+            layer=1,
+            seq_len=32,
+            min_pos=4,
+            num_train=128,
+            num_val=32,
+            output_dir=str(tmp_path_factory.mktemp(name)),
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer):
+    """A folder holding a tiny Llama (head size 64, untied embeddings) and its tokenizer, as scripts expect."""
+    return _model_dir(tmp_path_factory, tokenizer, "llama_vllm", "tiny-llama-dir")[0]
 
 
 @pytest.fixture(scope="session")
 def tiny_dump(tiny_model_dir, tmp_path_factory):
     """Activation dump of ``tiny_model_dir`` after block 1 (128 train / 32 val windows of 32
     tokens): ``{"train": dir, "val": dir}``. Read-only for tests."""
-    from lens_rl.data.dump import DumpConfig, run_dump
-
-    return run_dump(
-        DumpConfig(
-            model_name_or_path=str(tiny_model_dir),
-            corpus="pydoc",
-            layer=1,
-            seq_len=32,
-            min_pos=4,
-            num_train=128,
-            num_val=32,
-            output_dir=str(tmp_path_factory.mktemp("tiny-dump")),
-        )
-    )
+    return _dump(tiny_model_dir, tmp_path_factory, "tiny-dump")
 
 
 @pytest.fixture(scope="session")
 def tiny_tied_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer):
     """A folder holding a tiny Qwen2 with TIED input/output embeddings and its tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-qwen2-tied-dir")
-    model = build_tiny_model(
-        "qwen2", path, len(tokenizer), seed=0, n_layers=2, eos_token_id=tokenizer.eos_token_id
-    )
+    path, model = _model_dir(tmp_path_factory, tokenizer, "qwen2", "tiny-qwen2-tied-dir")
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    tokenizer.save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_tied_dump(tiny_tied_model_dir, tmp_path_factory):
     """Activation dump of ``tiny_tied_model_dir`` after block 1 (128 train / 32 val windows)."""
-    from lens_rl.data.dump import DumpConfig, run_dump
-
-    return run_dump(
-        DumpConfig(
-            model_name_or_path=str(tiny_tied_model_dir),
-            corpus="pydoc",
-            layer=1,
-            seq_len=32,
-            min_pos=4,
-            num_train=128,
-            num_val=32,
-            output_dir=str(tmp_path_factory.mktemp("tiny-tied-dump")),
-        )
-    )
+    return _dump(tiny_tied_model_dir, tmp_path_factory, "tiny-tied-dump")

@@ -341,7 +341,9 @@ def test_untested_family_builds_with_a_warning(tokenizer):
 
     model = _tiny(Starcoder2Config, vocab_size=512)
     with pytest.warns(UserWarning, match="'starcoder2' is not among the families"):
-        Decoder.from_base(model, tokenizer, DecoderConfig())
+        dec = Decoder.from_base(model, tokenizer, DecoderConfig())
+    assert dec.family.model_type == "starcoder2"
+    assert dec.family.n_layers == model.config.num_hidden_layers
 
 
 def test_gemma2_sdpa_drops_attention_softcapping(tiny_model_factory):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from script_runner import accelerate_launch
+from sft_configs import small_sft_config
 from transformers import TrainerCallback
 
 from lens_rl.config import ConfigError
@@ -19,20 +20,7 @@ from lens_rl.training.sft_trainer import build_sft, run_sft
 
 
 def _config(model_dir, splits, out, **kw) -> LensSFTConfig:
-    base = dict(
-        model_name_or_path=str(model_dir),
-        train_data=str(splits["train"]),
-        val_data=str(splits["val"]),
-        output_dir=str(out),
-        per_device_train_batch_size=8,
-        max_steps=4,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_steps=1,
-        t_text=3,
-        plot=False,
-    )
-    return LensSFTConfig(**(base | kw))
+    return small_sft_config(model_dir, splits, out, **({"max_steps": 4} | kw))
 
 
 class _PoisonGradient(TrainerCallback):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from script_runner import accelerate_launch
+from sft_configs import small_sft_config
 
 from lens_rl.config import ConfigError
 from lens_rl.data.dataset import ActivationDataset, DumpError
@@ -178,21 +179,7 @@ def test_resume_without_a_checkpoint_is_an_error(tiny_model_dir, tiny_dump, tmp_
         run_sft(cfg)
 
 
-def _config(model_dir, splits, out, **kw) -> LensSFTConfig:
-    base = dict(
-        model_name_or_path=str(model_dir),
-        train_data=str(splits["train"]),
-        val_data=str(splits["val"]),
-        output_dir=str(out),
-        per_device_train_batch_size=8,
-        max_steps=2,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_steps=1,
-        t_text=3,
-        plot=False,
-    )
-    return LensSFTConfig(**(base | kw))
+_config = small_sft_config
 
 
 def test_learning_signal(tiny_model_dir, tiny_dump, tmp_path):

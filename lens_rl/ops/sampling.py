@@ -171,6 +171,15 @@ def _top_k_top_p(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return z.masked_fill(z < thr, float("-inf"))
 
 
+def step_seed(seed: int, step: int, micro: int, process: int) -> int:
+    """The seed of the noise drawn at optimizer step ``step``, call ``micro`` within it, on process
+    ``process``: a pure function of the run's position, so a resumed run draws the noise the
+    uninterrupted one drew (no global RNG state). Used by the supervised Gumbel noise and the RL
+    rollouts. Processes are 15,485,863 apart so that per-request seeds (``seed + i``, as the vLLM
+    backend uses) of different processes never coincide."""
+    return (seed * 1_000_003 + step * 7_919 + micro * 104_729 + process * 15_485_863) % 2**62
+
+
 def gumbel_noise(
     shape: torch.Size | tuple[int, ...], generator: torch.Generator, device, dtype
 ) -> torch.Tensor:

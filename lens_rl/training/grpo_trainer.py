@@ -33,6 +33,7 @@ from lens_rl.models.lens import ConsistencyLens, LensModule
 from lens_rl.models.orig import OrigWrapper
 from lens_rl.ops.diagnostics import DistributionDiagnostics
 from lens_rl.ops.importance import importance_weights, mismatch_stats, token_log_ratio
+from lens_rl.ops.sampling import step_seed
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.guards import NonFiniteGuard
 from lens_rl.training.losses import normalized_mse
@@ -111,7 +112,7 @@ class LensGRPOTrainer(GRPOTrainer):
         finally:
             args.beta = beta
         self.beta = beta
-        self.add_callback(NonFiniteGuard(args.on_nonfinite, args.max_nonfinite_skips))
+        self.add_callback(NonFiniteGuard(args))
         self.prefix_ids = torch.tensor(
             [tokenizer(args.ref_kl_prefix, add_special_tokens=False)["input_ids"]], dtype=torch.long
         )
@@ -203,13 +204,7 @@ class LensGRPOTrainer(GRPOTrainer):
         step = self.state.global_step
         self._rollout_calls = self._rollout_calls + 1 if getattr(self, "_rollout_step", None) == step else 0
         self._rollout_step = step
-        seed = (
-            args.seed * 1_000_003
-            + step * 7_919
-            + self._rollout_calls * 104_729
-            + self.accelerator.process_index
-        )
-        seed %= 2**62
+        seed = step_seed(args.seed, step, self._rollout_calls, self.accelerator.process_index)
         ids, sampler_lp = self._rollouts(acts, seed, idx)
         mask = torch.ones_like(ids, dtype=torch.long)
 

@@ -20,8 +20,9 @@ import fcntl
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import torch
 from transformers import TrainerCallback
@@ -42,6 +43,34 @@ RUN_OUTPUTS = (
 )
 
 
+@dataclass
+class RunGuardArguments:
+    """Guard fields shared by the training configs (a base of ``LensSFTConfig`` and
+    ``LensGRPOConfig``, next to ``TrainingArguments``' own ``learning_rate``/``max_grad_norm``)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Let a fresh run delete an earlier run's outputs in output_dir (else refused)."},
+    )
+    on_nonfinite: Literal["stop", "skip"] = field(
+        default="stop",
+        metadata={"help": "A NaN/inf gradient stops the run (naming the step), or skips that update."},
+    )
+    max_nonfinite_skips: int = field(
+        default=3, metadata={"help": "With on_nonfinite=skip: stop after this many skipped updates."}
+    )
+
+    def check_run_guards(self) -> None:
+        """Refuse guard values and rates that cannot mean anything (negative, unknown policy)."""
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}.")
+        if self.max_nonfinite_skips < 0:
+            raise ConfigError(f"max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}.")
+        lr, clip = getattr(self, "learning_rate", 0.0), getattr(self, "max_grad_norm", 0.0)
+        if lr < 0 or clip < 0:
+            raise ConfigError(f"learning_rate ({lr}) and max_grad_norm ({clip}) must be >= 0.")
+
+
 class TrainingDivergedError(RuntimeError):
     """The loss or the gradients became NaN/inf."""
 
@@ -49,10 +78,9 @@ class TrainingDivergedError(RuntimeError):
 class NonFiniteGuard(TrainerCallback):
     """Stop (or skip the update) when the gradients are not finite (see the module docstring)."""
 
-    def __init__(self, policy: str = "stop", max_skips: int = 3) -> None:
-        if policy not in ("stop", "skip"):
-            raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {policy!r}.")
-        self.policy, self.max_skips, self.skipped = policy, max_skips, 0
+    def __init__(self, args: RunGuardArguments) -> None:
+        args.check_run_guards()
+        self.policy, self.max_skips, self.skipped = args.on_nonfinite, args.max_nonfinite_skips, 0
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: D102
         grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
 
 from transformers import TrainingArguments
 
@@ -23,6 +22,7 @@ from lens_rl.config import ConfigError, sub_config, validate_types
 from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
 from lens_rl.models.loading import ModelLoadingArguments
+from lens_rl.training.guards import RunGuardArguments
 from lens_rl.training.schedules import parse_schedule
 
 # TrainingArguments fields that only steer the token-level evaluation loop the lens replaces
@@ -49,7 +49,7 @@ _REFUSED: dict[str, tuple[object, str]] = {
 
 
 @dataclass
-class LensSFTConfig(TrainingArguments, ModelLoadingArguments):
+class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments):
     """Supervised consistency-lens training (a ``TrainingArguments`` with lens fields).
 
     > Data: ``train_data``/``val_data`` are dump split folders (``.../layer_L/train``); or
@@ -104,19 +104,6 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments):
         default=8, metadata={"help": "Sample explanations shown and saved per evaluation."}
     )
     plot: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Let a fresh run delete an earlier run's outputs in output_dir (else refused)."},
-    )
-
-    # --- divergence
-    on_nonfinite: Literal["stop", "skip"] = field(
-        default="stop",
-        metadata={"help": "A NaN/inf gradient stops the run (naming the step), or skips that update."},
-    )
-    max_nonfinite_skips: int = field(
-        default=3, metadata={"help": "With on_nonfinite=skip: stop after this many skipped updates."}
-    )
 
     # --- TrainingArguments fields whose default differs for a lens
     output_dir: str | None = field(default="outputs/sft", metadata={"help": "Run folder."})
@@ -196,11 +183,8 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments):
         for name in ("t_text", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"LensSFTConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.learning_rate < 0 or self.max_grad_norm < 0:
-            raise ConfigError(
-                f"learning_rate ({self.learning_rate}) and max_grad_norm ({self.max_grad_norm}) must be >= 0."
-            )
-        for name in ("num_explanations", "max_nonfinite_skips"):
+        self.check_run_guards()
+        for name in ("num_explanations",):
             if getattr(self, name) < 0:
                 raise ConfigError(f"LensSFTConfig.{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("lr_projection", "lr_prompt", "lr_base"):

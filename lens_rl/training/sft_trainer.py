@@ -34,6 +34,7 @@ from lens_rl.data.dataset import ActivationDataset, OnTheFlyDataset, materialize
 from lens_rl.models.lens import ConsistencyLens, LensModule, base_record
 from lens_rl.models.orig import OrigWrapper
 from lens_rl.models.surgery import resolve_layer
+from lens_rl.ops.sampling import step_seed
 from lens_rl.training.evaluate import evaluate_lens
 from lens_rl.training.guards import NonFiniteGuard, claim_output_dir, main_then_all
 from lens_rl.training.sft_config import LensSFTConfig
@@ -127,7 +128,7 @@ class LensSFTTrainer(Trainer):
             processing_class=tokenizer,
             data_collator=torch.utils.data.default_collate,
             callbacks=[
-                NonFiniteGuard(args.on_nonfinite, args.max_nonfinite_skips),
+                NonFiniteGuard(args),
                 _FinalEvaluationAfterSave(),
                 *(callbacks or []),
             ],
@@ -174,12 +175,7 @@ class LensSFTTrainer(Trainer):
             self._noise_step, self._noise_micro = step, 0
         else:
             self._noise_micro += 1
-        seed = (
-            self.args.seed * 1_000_003
-            + step * 7_919
-            + self._noise_micro * 104_729
-            + self.accelerator.process_index * 15_485_863
-        ) % (2**63)
+        seed = step_seed(self.args.seed, step, self._noise_micro, self.accelerator.process_index)
         return torch.Generator(device).manual_seed(seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

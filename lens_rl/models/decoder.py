@@ -56,7 +56,8 @@ from lens_rl.models.families import (
     load_causal_lm,
 )
 from lens_rl.models.surgery import checkpointed_blocks, hooked, replace_rows
-from lens_rl.ops.sampling import SamplingPolicy, entropy_from_log_probs, gumbel_noise
+from lens_rl.ops.diagnostics import token_scores
+from lens_rl.ops.sampling import SamplingPolicy, gumbel_noise
 
 EMBED_MARKER = "<embed>"
 
@@ -149,8 +150,8 @@ class FwdTokensOutput:
         hidden_states: ``(B, T, d)`` final hidden states, when requested.
     """
 
-    logprobs: torch.Tensor
-    entropies: torch.Tensor
+    logprobs: torch.Tensor | None
+    entropies: torch.Tensor | None
     logits: torch.Tensor
     hidden_states: torch.Tensor | None = None
 
@@ -571,6 +572,7 @@ class Decoder(nn.Module):
         *,
         policy: SamplingPolicy | None = None,
         return_hidden: bool = False,
+        scores: bool = True,
     ) -> FwdTokensOutput:
         """One teacher-forced pass over ``[prompt, slot, prompt_right, tokens]``, patched as in generation.
 
@@ -581,6 +583,8 @@ class Decoder(nn.Module):
             activation: ``(B, d)``.
             tokens: ``(B, T)`` token ids (e.g. ``Generated.hard_token_ids``).
             policy: score under this sampling policy (log q); default: plain softmax (log p).
+            scores: compute ``logprobs``/``entropies`` (with :func:`~lens_rl.ops.diagnostics.token_scores`,
+                the scorer the sequence processor and the trainer share); False: logits only.
         """
         if tokens.dim() != 2 or tokens.shape[0] != activation.shape[0]:
             raise ValueError(
@@ -596,11 +600,13 @@ class Decoder(nn.Module):
         p = self.prefix_len
         h_sel = hidden[:, p - 1 : p - 1 + tokens.shape[1]]  # (B, T, d)
         logits = self._head(h_sel)  # (B, T, V)
-        log_q = policy.log_probs(logits)
-        lp = log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        lp = ent = None
+        if scores:
+            sc = token_scores(logits, tokens, policy)
+            lp, ent = sc["logq"], sc["rb_entropy"]
         return FwdTokensOutput(
             logprobs=lp,
-            entropies=entropy_from_log_probs(log_q),
+            entropies=ent,
             logits=logits,
             hidden_states=h_sel if return_hidden else None,
         )

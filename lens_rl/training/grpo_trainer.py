@@ -24,6 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
+from transformers import Trainer
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
@@ -31,9 +33,10 @@ from lens_rl.data.dataset import ActivationDataset
 from lens_rl.models.families import embed_tokens
 from lens_rl.models.lens import ConsistencyLens, LensModule
 from lens_rl.models.orig import OrigWrapper
-from lens_rl.ops.diagnostics import DistributionDiagnostics
+from lens_rl.ops.diagnostics import DiagnosticsPack, DistributionDiagnostics, token_scores
 from lens_rl.ops.importance import importance_weights, mismatch_stats, token_log_ratio
-from lens_rl.ops.sampling import step_seed
+from lens_rl.ops.sampling import SamplingPolicy, step_seed
+from lens_rl.training.evaluate import evaluate_lens, print_eval
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.guards import NonFiniteGuard
 from lens_rl.training.losses import normalized_mse
@@ -45,15 +48,31 @@ class LensPolicy(LensModule):
 
 
 def _score(
-    lens: ConsistencyLens, acts: torch.Tensor, tokens: torch.Tensor, policy
-) -> tuple[torch.Tensor, ...]:
+    lens: ConsistencyLens,
+    acts: torch.Tensor,
+    tokens: torch.Tensor,
+    policy: SamplingPolicy,
+    encoder_mse: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The trainer's policy scores, in ONE call of the wrapped module (DDP marks each parameter
+    once): log q and H(q) of ``tokens`` (the one scorer, ``Decoder.fwd_tokens``), and, when
+    ``encoder_mse = (current_token, feature_var)``, the encoder's normalised MSE on them."""
     out = lens.decoder.fwd_tokens(acts, tokens, policy=policy)
-    return out.logprobs, out.entropies
+    mse = None
+    if encoder_mse is not None:
+        current_token, feature_var = encoder_mse
+        emb = embed_tokens(lens.decoder.base, tokens).detach()  # what the model embeds (Gemma: scaled)
+        mse = normalized_mse(lens.encoder(emb, current_token_ids=current_token), acts, feature_var)
+    return out.logprobs, out.entropies, mse
 
 
-def _encoder_mse(lens: ConsistencyLens, acts, ids, current_token, feature_var: torch.Tensor) -> torch.Tensor:
-    emb = embed_tokens(lens.decoder.base, ids).detach()  # what the model embeds (Gemma: scaled)
-    return normalized_mse(lens.encoder(emb, current_token_ids=current_token), acts, feature_var)
+def _score_rollouts(
+    lens: ConsistencyLens, acts: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, diagnostics
+) -> tuple[dict[str, torch.Tensor], DiagnosticsPack]:
+    """Scores of sampled tokens under the current parameters (theta_old) and the step
+    diagnostics, from one teacher-forced pass and one sweep over the vocabulary."""
+    logits = lens.decoder.fwd_tokens(acts, tokens, scores=False).logits
+    return diagnostics.score_and_diagnose(logits, tokens, mask)
 
 
 def _group_size(idx: torch.Tensor) -> int:
@@ -81,17 +100,20 @@ class LensGRPOTrainer(GRPOTrainer):
         train_store: ActivationDataset,
         reward_funcs: list | None = None,
         vllm_backend=None,
+        val_store: ActivationDataset | None = None,
     ) -> None:
         import datasets
 
         self.lens = lens
         self.orig = orig
         self.store = train_store
+        self.val_store = val_store
         self.lens_args = args
         self.var_mean = float(train_store.var.double().mean())
         self.vllm_backend = vllm_backend
         self.diagnostics = DistributionDiagnostics(args.policy, tokenizer.eos_token_id)
         self._rollout_calls = 0
+        self.last_samples: list[dict[str, Any]] = []
         rewards = [self._reconstruction_reward_fn(), *(reward_funcs or [])]
         ds = datasets.Dataset.from_dict(
             {
@@ -99,6 +121,13 @@ class LensGRPOTrainer(GRPOTrainer):
                 "index": list(range(len(train_store))),
             }
         )
+        # Trainer requires an eval_dataset when eval_strategy is set; the lens's evaluate() reads
+        # the val store itself (whole split), so this only stands for it.
+        eval_ds = None
+        if val_store is not None:
+            eval_ds = datasets.Dataset.from_dict({"prompt": ["val"], "index": [0]})
+        elif args.eval_strategy != "no":
+            raise ValueError("eval_strategy needs the val split (val_data).")
         beta = args.beta
         args.beta = 0.0  # TRL would build a reference model from a hub path; the lens supplies its own
         try:
@@ -107,6 +136,7 @@ class LensGRPOTrainer(GRPOTrainer):
                 reward_funcs=rewards,
                 args=args,
                 train_dataset=ds,
+                eval_dataset=eval_ds,
                 processing_class=tokenizer,
             )
         finally:
@@ -144,10 +174,21 @@ class LensGRPOTrainer(GRPOTrainer):
 
         return reconstruction
 
+    def _contexts(self, idx: torch.Tensor, width: int = 12) -> list[str]:
+        """The text around each activation, ``"...context [[token]]"`` (what the prompts of the
+        logged completions and of custom reward functions show)."""
+        ids, pos = self.store.input_ids[idx], self.store.token_pos[idx]
+        dec = self.processing_class.decode
+        return [
+            f"{dec(ids[b, max(0, int(p) - width) : int(p)])}[[{dec(ids[b, int(p) : int(p) + 1])}]]"
+            for b, p in enumerate(pos.tolist())
+        ]
+
     # ------------------------------------------------------------------ rollouts
     def _rollouts(
         self, acts: torch.Tensor, seed: int, idx: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids ``(N, t_text)`` and the sampler's own log q of each."""
         args = self.lens_args
         dec = self.lens.decoder
         if self.vllm_backend is None:
@@ -164,18 +205,21 @@ class LensGRPOTrainer(GRPOTrainer):
             )
             return gen.hard_token_ids, gen.logprobs
         self._sync_vllm_weights()
+        # One request per activation with n = group size (as the sequence processor sends them):
+        # the engine encodes each prompt once.
+        g = _group_size(idx)
         with torch.no_grad():
-            embeds = dec.prompt_embeds(acts)
+            embeds = dec.prompt_embeds(acts[::g])
         out = self.vllm_backend.generate(
             policy=args.policy,
-            n=1,
+            n=g,
             max_new_tokens=args.t_text,
             seed=seed,
             prompt_embeds=list(embeds),
             ignore_eos=True,
         )
-        ids = torch.tensor([r[0] for r in out.token_ids], device=acts.device)
-        lp = torch.tensor([r[0] for r in out.logprobs], device=acts.device, dtype=torch.float32)
+        ids = torch.tensor([s for r in out.token_ids for s in r], device=acts.device)
+        lp = torch.tensor([s for r in out.logprobs for s in r], device=acts.device, dtype=torch.float32)
         return ids, lp
 
     def _sync_vllm_weights(self) -> None:
@@ -197,9 +241,9 @@ class LensGRPOTrainer(GRPOTrainer):
         device = self.accelerator.device
         mode = "train" if self.model.training else "eval"
         args = self.lens_args
-        prompts = [x["prompt"] for x in inputs]
         idx = torch.tensor([x["index"] for x in inputs])
         acts = self.store.A[idx].float().to(device)
+        prompts = self._contexts(idx)
         # Seeded from the optimizer step (restored on resume), not from global RNG state.
         step = self.state.global_step
         self._rollout_calls = self._rollout_calls + 1 if getattr(self, "_rollout_step", None) == step else 0
@@ -208,14 +252,12 @@ class LensGRPOTrainer(GRPOTrainer):
         ids, sampler_lp = self._rollouts(acts, seed, idx)
         mask = torch.ones_like(ids, dtype=torch.long)
 
-        # Scores of the sampled tokens under the current parameters (theta_old), same policy.
+        # Scores of the sampled tokens under the current parameters (theta_old), same policy, through
+        # the wrapped module: under the trainer's autocast, so bf16 training measures (and corrects)
+        # its own mismatch to the sampler.
         with torch.no_grad():
-            logits = self.lens.decoder.fwd_tokens(acts, ids).logits
-            scores, pack = self.diagnostics.score_and_diagnose(logits, ids, mask)
-            logq_old = scores["logq"].float()
-            full_softmax_lp = torch.log_softmax(logits.float() / args.temperature, -1).gather(
-                -1, ids[..., None]
-            )[..., 0]
+            scores, pack = self.model(_score_rollouts, acts, ids, mask, self.diagnostics)
+        logq_old = scores["logq"].float()
 
         # Rewards (TRL's machinery: our reconstruction reward first, then any custom ones).
         completions = self.processing_class.batch_decode(ids)
@@ -224,27 +266,29 @@ class LensGRPOTrainer(GRPOTrainer):
         unscorable = torch.isnan(rewards_per_func).all(dim=1)
         rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
         rewards[unscorable] = torch.nan
-        advantages, std = group_advantages(rewards.view(-1, num_generations), self.scale_rewards)
-        advantages, std = advantages.flatten(), std.flatten()
+        all_advantages, std = group_advantages(rewards.view(-1, num_generations), self.scale_rewards)
+        all_advantages, std = all_advantages.flatten(), std.flatten()
         local = slice(
             self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts)
         )
-        advantages = advantages[local]
+        advantages = all_advantages[local]
 
         metrics = self._metrics[mode]
         for i, name in enumerate(self.reward_func_names):
             metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
+            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, i]).item())
         metrics["reward"].append(torch.nanmean(rewards).item())
         metrics["reward_std"].append(nanstd(rewards).item())
         metrics["frac_reward_zero_std"].append(
             float(torch.isclose(std, torch.zeros_like(std)).float().mean())
         )
-        step = pack.step
+        self._log_completions_and_reward_logs(prompts, completions, rewards_per_func, all_advantages, mode)
+        st = pack.step
         for key, val in (
-            ("rb_entropy", step.rb_entropy),
-            ("head_mass", step.head_mass),
-            ("top1_prob", step.top1_prob),
-            ("eff_support", step.eff_support),
+            ("rb_entropy", st.rb_entropy),
+            ("head_mass", st.head_mass),
+            ("top1_prob", st.top1_prob),
+            ("eff_support", st.eff_support),
         ):
             metrics[f"lens/{key}"].append(self.accelerator.gather(val.float().mean()).mean().item())
         if getattr(self, "_vllm_sync_seconds", None) is not None:
@@ -259,8 +303,13 @@ class LensGRPOTrainer(GRPOTrainer):
             "num_items_in_batch": self.accelerator.gather(mask.sum()).sum(),
             "activation": acts,
             "current_token": self.store.input_ids[idx, self.store.token_pos[idx]].long().to(device),
+            # the sampler's own log q: TRL's off_policy_mask_threshold reads it
+            "sampling_per_token_logps": sampler_lp,
         }
-        if self.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps:
+        # TRL's rule: old log-probs are needed when the batch is reused after an update (the
+        # generation and optimisation steps are misaligned) or to correct the sampler mismatch.
+        generate_every = args.steps_per_generation * self.num_iterations
+        if args.gradient_accumulation_steps % generate_every != 0 or args.lens_importance_sampling:
             out["old_per_token_logps"] = logq_old
         if args.lens_importance_sampling:
             lr = token_log_ratio(logq_old, sampler_lp, mask)
@@ -271,22 +320,57 @@ class LensGRPOTrainer(GRPOTrainer):
                 clip_min=args.vllm_importance_sampling_clip_min,
                 mask=mask,
             )
+            if args.vllm_importance_sampling_mode.startswith("sequence"):
+                w = w[:, :1]  # one weight per sequence, (N, 1), as TRL hands it to the loss
             out["importance_sampling_ratio"] = w.float()
             unclipped = importance_weights(
                 lr, mode=args.vllm_importance_sampling_mode, clip_max=None, mask=mask
             )
-            for k, v in mismatch_stats(lr, mask, w, unclipped).items():
+            for k, v in mismatch_stats(lr, mask, w.expand_as(lr), unclipped).items():
                 metrics[f"sampling/lens_is/{k}"].append(v)
-            trl_lr = token_log_ratio(full_softmax_lp, sampler_lp, mask)
-            metrics["sampling/full_softmax_ratio_mean"].append(float(trl_lr.exp().mean()))
+            # TRL's ratio against the untruncated tempered softmax (the issue-6789 bias), for
+            # comparison: log softmax(z/T)_y = log q_y + log(head mass), no second vocabulary pass.
+            full_lp = logq_old + pack.step.head_mass.float().clamp(min=1e-30).log()
+            metrics["sampling/full_softmax_ratio_mean"].append(
+                float(token_log_ratio(full_lp, sampler_lp, mask).exp().mean())
+            )
         if self.beta != 0.0:
+            # The reference is the frozen LM after a fixed text prefix, under the policy's
+            # temperature (truncation with beta > 0 is refused by the config: the KL is infinite).
             prefix = self.prefix_ids.to(device).expand(len(prompts), -1)
             with torch.no_grad():
                 ref_logits = self.orig.logits(torch.cat([prefix, ids], dim=1))[:, prefix.shape[1] - 1 : -1]
-                out["ref_per_token_logps"] = torch.log_softmax(ref_logits.float(), -1).gather(
-                    -1, ids[..., None]
-                )[..., 0]
+                out["ref_per_token_logps"] = token_scores(ref_logits, ids, args.policy)["logq"].float()
         return out
+
+    def _log_completions_and_reward_logs(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        rewards_per_func: torch.Tensor,
+        all_advantages: torch.Tensor,
+        mode: str,
+    ) -> None:
+        """TRL's bookkeeping after the rewards: the completion log that ``log_completions``
+        prints and writes (activation context as the prompt, the explanation as the
+        completion, each reward and the advantage), and the flush of the reward functions'
+        ``log_extra`` columns and ``log_metric`` scalars (gathered over processes)."""
+        device = self.accelerator.device
+        self._logs["prompt"].extend(gather_object(prompts))
+        self._logs["completion"].extend(gather_object(completions))
+        for i, name in enumerate(self.reward_func_names):
+            self._logs["rewards"][name].extend(rewards_per_func[:, i].tolist())
+        self._logs["advantages"].extend(all_advantages.tolist())
+        for column in sorted(set(gather_object(list(self._pending_extra_logs)))):
+            values = self._pending_extra_logs.get(column, [None] * len(prompts))
+            self._logs["extra"][column].extend(gather_object(values))
+        self._pending_extra_logs.clear()
+        for name in sorted(set(gather_object(list(self._pending_metrics)))):
+            values = self._pending_metrics.get(name, [])
+            local_stats = torch.tensor([sum(values), len(values)], dtype=torch.float32, device=device)
+            total, count = self.accelerator.gather(local_stats).view(-1, 2).sum(dim=0).tolist()
+            self._metrics[mode][name].append(total / max(count, 1))
+        self._pending_metrics.clear()
 
     # ------------------------------------------------------------------ scoring and loss
     def _get_per_token_logps_and_entropies(
@@ -301,27 +385,89 @@ class LensGRPOTrainer(GRPOTrainer):
         **kwargs,
     ):
         tokens = input_ids[:, -logits_to_keep:]
-        logps, ents = model(_score, self._current_activation, tokens, self.lens_args.policy)
+        logps, ents, mse = model(
+            _score, self._current_activation, tokens, self.lens_args.policy, self._encoder_mse_inputs
+        )
+        self._encoder_mse = mse
         return logps, (ents if compute_entropy else None), None
 
     def _compute_loss(self, model, inputs):
         self._current_activation = inputs["activation"]
+        w = self.lens_args.encoder_mse_weight
+        self._encoder_mse_inputs = (
+            (inputs["current_token"], self.store.var.to(inputs["activation"].device)) if w > 0 else None
+        )
         use_vllm = self.use_vllm
         self.use_vllm = "importance_sampling_ratio" in inputs  # lets TRL apply our weights
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
             self.use_vllm = use_vllm
-        w = self.lens_args.encoder_mse_weight
         if w > 0:  # the encoder keeps learning to read the explanations the policy now writes
-            mse = model(
-                _encoder_mse,
-                inputs["activation"],
-                inputs["completion_ids"],
-                inputs["current_token"],
-                self.store.var.to(inputs["activation"].device),
-            )
+            mse = self._encoder_mse
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["lens/encoder_mse"].append(float(mse.detach()))
-            loss = loss + w * mse
+            # scaled for gradient accumulation like TRL's own terms (HF's auto-scaling is off)
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + w * mse / normalizer
         return loss
+
+    # ------------------------------------------------------------------ evaluation and logs
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Whole-set lens evaluation of the val split (FVE, functional KL, LM KL, sample
+        explanations), sharded over processes; logged as ``eval_*`` and printed."""
+        if self.val_store is None:
+            raise ValueError("evaluate() needs the val split (val_data).")
+        acc = self.accelerator
+        args = self.lens_args
+        metrics, samples = evaluate_lens(
+            self.lens,
+            self.orig,
+            self.val_store,
+            layer=self.store.layer,
+            t_text=args.t_text,
+            train_mean=self.store.mean,
+            train_var=self.store.var,
+            prefix_ids=self.prefix_ids.to(acc.device),
+            tokenizer=self.processing_class,
+            batch_size=args.per_device_eval_batch_size,
+            seed=args.seed + 7919,
+            resample_ablation=False,
+            num_explanations=args.num_completions_to_print or 8,
+            process_index=acc.process_index,
+            num_processes=acc.num_processes,
+            reduce=(lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None,
+            device=acc.device,
+        )
+        self.last_samples = samples
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        if acc.is_main_process:
+            print_eval(self.state.global_step, metrics, samples)
+        Trainer.log(self, dict(metrics))  # not TRL's log(): that would flush the training metrics
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's log (metrics, the completions table, parquet, W&B) plus the completions as
+        TensorBoard text when ``log_completions`` and TensorBoard are on."""
+        if self.accelerator.is_main_process and self.log_completions and self._logs["prompt"]:
+            for cb in self.callback_handler.callbacks:
+                writer = getattr(cb, "tb_writer", None)
+                if writer is not None:
+                    rows = list(
+                        zip(
+                            self._logs["prompt"],
+                            self._logs["completion"],
+                            self._logs["advantages"],
+                            strict=False,
+                        )
+                    )[: self.num_completions_to_print or 8]
+                    text = "\n".join(f"| {p!r} | {c!r} | {a:+.3f} |" for p, c, a in rows)
+                    writer.add_text(
+                        "completions",
+                        "| activation context | explanation | advantage |\n|---|---|---|\n" + text,
+                        self.state.global_step,
+                    )
+        super().log(logs, start_time)

@@ -89,6 +89,8 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
                 cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib,
                 seed=cfg.seed,
                 dtype=cfg.model_dtype,
+                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                max_model_len=cfg.vllm_max_model_length,
             )
             backend_name = "vllm"
         except ImportError:
@@ -126,7 +128,9 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
 
     before = evaluate()
     try:
-        trainer = LensGRPOTrainer(cfg, lens, orig, tok, store, reward_funcs=reward_funcs, vllm_backend=vllm)
+        trainer = LensGRPOTrainer(
+            cfg, lens, orig, tok, store, reward_funcs=reward_funcs, vllm_backend=vllm, val_store=val
+        )
         trainer.train(resume_from_checkpoint=resume)
     finally:  # the engine's processes and its /dev/shm weight folder go, whether training ended or failed
         if vllm is not None:

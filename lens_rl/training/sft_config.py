@@ -23,29 +23,8 @@ from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
 from lens_rl.models.loading import ModelLoadingArguments
 from lens_rl.training.guards import RunGuardArguments
+from lens_rl.training.refusals import TRAINING_ARGS_REFUSED, refuse_fields
 from lens_rl.training.schedules import parse_schedule
-
-# TrainingArguments fields that only steer the token-level evaluation loop the lens replaces
-# with its whole-set evaluation, or features a lens cannot use, with the value that is accepted.
-_REFUSED: dict[str, tuple[object, str]] = {
-    "remove_unused_columns": (False, "the lens batches are fixed records, not model inputs"),
-    "push_to_hub": (False, "nothing is uploaded; the lens is saved to <output_dir>/lens"),
-    "load_best_model_at_end": (False, "not supported by the lens trainer; pick a checkpoint-N folder"),
-    "torch_compile": (False, "not supported by the lens generators"),
-    "use_liger_kernel": (False, "the lens computes its own logits"),
-    "neftune_noise_alpha": (None, "the lens feeds activations, not token embeddings"),
-    "label_smoothing_factor": (0.0, "the lens has no token labels"),
-    "label_names": (None, "the lens has no labels"),
-    "auto_find_batch_size": (False, "not supported by the lens trainer"),
-    "include_for_metrics": ([], "evaluation is the lens's whole-set evaluation"),
-    "batch_eval_metrics": (False, "evaluation is the lens's whole-set evaluation"),
-    "eval_accumulation_steps": (None, "evaluation is the lens's whole-set evaluation"),
-    "eval_do_concat_batches": (True, "evaluation is the lens's whole-set evaluation"),
-    "eval_use_gather_object": (False, "evaluation is the lens's whole-set evaluation"),
-    "prediction_loss_only": (False, "evaluation is the lens's whole-set evaluation"),
-    "bf16_full_eval": (False, "the evaluation runs in the training dtype"),
-    "fp16_full_eval": (False, "the evaluation runs in the training dtype"),
-}
 
 
 @dataclass
@@ -148,10 +127,7 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments)
             f.name for f in dataclasses.fields(TrainingArguments)
         }
         validate_types(self, only=own)
-        for name, (accepted, why) in _REFUSED.items():
-            value = getattr(self, name)
-            if value != accepted and not (accepted == [] and not value):
-                raise ConfigError(f"LensSFTConfig.{name}={value!r} is not supported: {why}.")
+        refuse_fields(self, TRAINING_ARGS_REFUSED)
         if isinstance(self.resume_from_checkpoint, bool):
             self.resume_from_checkpoint = "true" if self.resume_from_checkpoint else None
         cuda = torch.cuda.is_available()

@@ -1,0 +1,89 @@
+"""Inherited config fields the lens cannot honour, refused at parse time naming the field.
+
+``LensSFTConfig`` inherits every ``transformers.TrainingArguments`` field and ``LensGRPOConfig``
+every TRL ``GRPOConfig`` field. A field either keeps its upstream meaning or appears in one of
+the tables below with the only value accepted and the reason; :func:`refuse_fields` raises a
+:class:`~lens_rl.config.ConfigError` for any other value, naming the field, the value and what
+to do instead. Nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+from lens_rl.config import ConfigError
+
+_EVAL = "the lens evaluates the whole val split itself (FVE, functional KL, explanations)"
+
+# TrainingArguments fields (both stages).
+TRAINING_ARGS_REFUSED: dict[str, tuple[object, str]] = {
+    "remove_unused_columns": (False, "the lens batches are fixed records, not model inputs"),
+    "push_to_hub": (False, "nothing is uploaded; the lens is saved to <output_dir>/lens"),
+    "load_best_model_at_end": (False, "not supported by the lens trainer; pick a checkpoint-N folder"),
+    "torch_compile": (False, "not supported by the lens generators"),
+    "use_liger_kernel": (False, "the lens computes its own logits"),
+    "neftune_noise_alpha": (None, "the lens feeds activations, not token embeddings"),
+    "label_smoothing_factor": (0.0, "the lens has no token labels"),
+    "label_names": (None, "the lens has no labels"),
+    "auto_find_batch_size": (False, "not supported by the lens trainer"),
+    "include_for_metrics": ([], _EVAL),
+    "batch_eval_metrics": (False, _EVAL),
+    "eval_accumulation_steps": (None, _EVAL),
+    "eval_do_concat_batches": (True, _EVAL),
+    "eval_use_gather_object": (False, _EVAL),
+    "prediction_loss_only": (False, _EVAL),
+    "bf16_full_eval": (False, "the evaluation runs in the training dtype"),
+    "fp16_full_eval": (False, "the evaluation runs in the training dtype"),
+}
+
+_ROLLOUTS = "the lens generates fixed-length explanations from activations itself"
+_SERVER = "only for vllm_mode='server', which the lens does not support (rollout_backend picks the engine)"
+
+# TRL GRPOConfig fields (RL stage) beyond TrainingArguments.
+GRPO_REFUSED: dict[str, tuple[object, str]] = {
+    "model_init_kwargs": (None, "the lens loads the model itself: use model_dtype / attn_implementation"),
+    "trust_remote_code": (False, "the lens loads local models of known families only"),
+    "router_aux_loss_coef": (None, "the lens scorer returns no router logits (MoE aux loss)"),
+    "cast_lm_head_to_fp32": (False, "not implemented for the lens head; use model_dtype float32"),
+    "num_generations_eval": (None, _EVAL + "; eval_steps / per_device_eval_batch_size steer it"),
+    "pad_to_multiple_of": ("auto", _ROLLOUTS + " (no prompt padding)"),
+    "generation_kwargs": (None, _ROLLOUTS + "; the sampling fields (temperature, top_p, top_k, min_p) apply"),
+    "chat_template_kwargs": (None, "the decoder prompt is the lens's own, not a chat"),
+    "repetition_penalty": (1.0, "the lens sampling policy has no repetition penalty (log q would differ)"),
+    "cache_implementation": (None, _ROLLOUTS),
+    "use_vllm": (False, "TRL's text-prompt vLLM integration; set rollout_backend=vllm instead"),
+    "vllm_mode": ("colocate", "the lens runs vLLM in-process (colocate) only"),
+    "vllm_model_impl": ("vllm", "the lens vLLM backend uses vLLM's own model implementation"),
+    "vllm_enable_sleep_mode": (False, "not supported by the lens vLLM backend"),
+    "vllm_structured_outputs_regex": (None, _ROLLOUTS),
+    "vllm_server_base_url": (None, _SERVER),
+    "vllm_server_host": ("0.0.0.0", _SERVER),
+    "vllm_server_port": (8000, _SERVER),
+    "vllm_server_timeout": (240.0, _SERVER),
+    "vllm_group_port": (51216, _SERVER),
+    "vllm_tensor_parallel_size": (1, "the lens vLLM backend runs one engine per process"),
+    "multi_objective_aggregation": ("sum_then_normalize", "the lens trainer implements TRL's default only"),
+    "mask_truncated_completions": (
+        False,
+        "explanations are exactly t_text tokens long (EOS is ignored), so none is truncated",
+    ),
+    "sync_ref_model": (False, "the beta-KL reference is the frozen original LM, never synced"),
+    "max_tool_calling_iterations": (None, "explanations call no tools"),
+    "log_completions_hub_repo": (None, "nothing is uploaded"),
+    "use_transformers_continuous_batching": (False, _ROLLOUTS),
+    "transformers_continuous_batching_config": (None, _ROLLOUTS),
+    "use_transformers_paged": (False, _ROLLOUTS),
+    "vllm_importance_sampling_cap": (None, "deprecated by TRL: use vllm_importance_sampling_clip_max"),
+}
+
+
+def refuse_fields(cfg: object, table: dict[str, tuple[object, str]]) -> None:
+    """Raise :class:`ConfigError` naming the first field of ``table`` whose value on ``cfg`` is
+    not the accepted one (an empty list or dict counts as ``[]``/``None``)."""
+    cls = type(cfg).__name__
+    for name, (accepted, why) in table.items():
+        if not hasattr(cfg, name):
+            continue
+        value = getattr(cfg, name)
+        empty = value in (None, [], {}) or (isinstance(value, (list, dict)) and not value)
+        if value == accepted or (accepted in (None, []) and empty):
+            continue
+        raise ConfigError(f"{cls}.{name}={value!r} is not supported: {why} (leave it at {accepted!r}).")

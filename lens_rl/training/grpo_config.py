@@ -90,6 +90,16 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments):
                 f"t_text={self.t_text}: explanations are exactly t_text tokens; set t_text instead."
             )
         self.max_completion_length = self.t_text
+        if self.fsdp:
+            raise ConfigError(
+                f"LensGRPOConfig.fsdp={self.fsdp!r} is not supported: rollouts and scoring do not gather "
+                "sharded parameters (use DDP, or DeepSpeed ZeRO-1/2)."
+            )
+        if _zero_stage(self.deepspeed) == 3:
+            raise ConfigError(
+                "LensGRPOConfig.deepspeed: ZeRO-3 is not supported: rollouts and scoring do not gather "
+                "sharded parameters (use ZeRO-1/2)."
+            )
         requested_beta = self.beta
         if not torch.cuda.is_available():
             if self.bf16 is None:
@@ -114,16 +124,6 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments):
         self.check_run_guards()
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}.")
-        if self.fsdp:
-            raise ConfigError(
-                f"LensGRPOConfig.fsdp={self.fsdp!r} is not supported: rollouts and scoring do not gather "
-                "sharded parameters (use DDP, or DeepSpeed ZeRO-1/2)."
-            )
-        if _zero_stage(self.deepspeed) == 3:
-            raise ConfigError(
-                "LensGRPOConfig.deepspeed: ZeRO-3 is not supported: rollouts and scoring do not gather "
-                "sharded parameters (use ZeRO-1/2)."
-            )
         correction = self.vllm_importance_sampling_correction
         if self.lens_importance_sampling is None:
             self.lens_importance_sampling = correction

@@ -43,6 +43,9 @@ from lens_rl.training.losses import normalized_mse
 from lens_rl.training.rewards import group_advantages, reconstruction_reward
 
 
+LOGQ_FLOOR = -1e4  # stands for log q = -inf (a token outside the policy's truncated support)
+
+
 class LensPolicy(LensModule):
     """What TRL sees as ``model``: the lens (see :class:`~lens_rl.models.lens.LensModule`)."""
 
@@ -58,12 +61,16 @@ def _score(
     once): log q and H(q) of ``tokens`` (the one scorer, ``Decoder.fwd_tokens``), and, when
     ``encoder_mse = (current_token, feature_var)``, the encoder's normalised MSE on them."""
     out = lens.decoder.fwd_tokens(acts, tokens, policy=policy)
+    # A token outside the truncated support has log q = -inf and, locally, zero gradient: a
+    # constant floor keeps TRL's arithmetic finite (ratio exp(floor - old) = 0, no gradient;
+    # masked positions multiply it by 0 instead of producing NaN).
+    logq = torch.where(torch.isfinite(out.logprobs), out.logprobs, torch.full_like(out.logprobs, LOGQ_FLOOR))
     mse = None
     if encoder_mse is not None:
         current_token, feature_var = encoder_mse
         emb = embed_tokens(lens.decoder.base, tokens).detach()  # what the model embeds (Gemma: scaled)
         mse = normalized_mse(lens.encoder(emb, current_token_ids=current_token), acts, feature_var)
-    return out.logprobs, out.entropies, mse
+    return logq, out.entropies, mse
 
 
 def _score_rollouts(
@@ -258,6 +265,12 @@ class LensGRPOTrainer(GRPOTrainer):
         with torch.no_grad():
             scores, pack = self.model(_score_rollouts, acts, ids, mask, self.diagnostics)
         logq_old = scores["logq"].float()
+        # A sampled token outside the trainer's own support (q_theta_old = 0: a tie at the nucleus
+        # edge resolved differently by the sampler's numerics) is one the policy cannot produce:
+        # it is left out of the loss (TRL's completion mask), and counted.
+        outside = ~torch.isfinite(logq_old)
+        mask = mask.masked_fill(outside, 0)
+        logq_old = logq_old.masked_fill(outside, LOGQ_FLOOR)
 
         # Rewards (TRL's machinery: our reconstruction reward first, then any custom ones).
         completions = self.processing_class.batch_decode(ids)
@@ -291,6 +304,9 @@ class LensGRPOTrainer(GRPOTrainer):
             ("eff_support", st.eff_support),
         ):
             metrics[f"lens/{key}"].append(self.accelerator.gather(val.float().mean()).mean().item())
+        metrics["sampling/outside_trainer_support"].append(
+            float(self.accelerator.gather(outside.sum()).sum())
+        )
         if getattr(self, "_vllm_sync_seconds", None) is not None:
             metrics["sampling/vllm_sync_seconds"].append(self._vllm_sync_seconds)
 

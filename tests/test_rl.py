@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -212,15 +213,6 @@ def test_functional_kl_reward_and_encoder_cotraining(tiny_model_dir, splits, tmp
     assert torch.equal(w0, torch.eye(w0.shape[0]))  # without it the encoder stays as it was
 
 
-def test_two_process_ddp_run(tiny_model_dir, splits, tmp_path):
-    """`accelerate launch` with 2 CPU processes forms one gloo group (not two solo runs)."""
-    out = tmp_path / "ddp"
-    accelerate_launch("rl_lens.py", _argv(tiny_model_dir, splits, out), num_processes=2, port=29547)
-    final = json.loads((out / "final_metrics.json").read_text())
-    assert final["num_processes"] == 2
-    assert (out / "lens" / "lens.safetensors").exists()
-
-
 @pytest.mark.vllm
 def test_vllm_weight_sync_for_a_trainable_base(tiny_model_dir, splits, tmp_path):
     """Decoder base and LM head train; vLLM samples from the synced engine. If the weights were
@@ -288,3 +280,77 @@ def test_group_size_detection_for_kv_cache_expansion():
     assert _group_size(torch.tensor([3, 7, 3, 7])) == 1  # interleaved
     assert _group_size(torch.tensor([5, 5, 5])) == 3
     assert _group_size(torch.tensor([1, 2, 3])) == 1
+
+
+def _length_reward(prompts, completions, completion_ids, log_metric=None, log_extra=None, **kwargs):
+    """A custom reward (TRL signature) that logs a metric and an extra completions column."""
+    log_metric("custom/explanation_chars", sum(len(c) for c in completions) / len(completions))
+    log_extra("chars", [len(c) for c in completions])
+    return [0.0 for _ in completions]
+
+
+def test_explanations_and_custom_metrics_are_visible(tiny_model_dir, splits, tmp_path, capsys):
+    """log_completions prints/writes the activation context, explanation, rewards and advantage
+    (rich table, parquet, TensorBoard text); the val split is evaluated every eval_steps with
+    sample explanations printed; a custom reward's log_metric/log_extra reach the logs."""
+    import pandas as pd
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "vis"
+    cfg = _cfg(
+        tiny_model_dir,
+        splits,
+        out,
+        val_data=str(splits["val"]),
+        eval_strategy="steps",
+        eval_steps=1,
+        log_completions="true",
+        num_completions_to_print=3,
+        report_to="tensorboard",
+    )
+    cfg.reward_weights = [1.0, 0.0]  # the custom reward only logs
+    res = run_rl(cfg, reward_funcs=[_length_reward])
+    hist = res["log_history"]
+    evals = [h for h in hist if "eval_fve" in h]
+    assert [h["step"] for h in evals] == [1, 2]
+    assert all(math.isfinite(h["eval_fve"]) and h["eval_fve"] <= 1 and h["eval_kl_recon"] >= 0 for h in evals)
+    assert any(h.get("custom/explanation_chars", 0) > 0 for h in hist)
+    printed = capsys.readouterr().out
+    assert "eval at step 2" in printed and "explanation" in printed
+    tables = sorted((out / "completions").glob("completions_*.parquet"))
+    assert tables
+    df = pd.read_parquet(tables[-1])
+    assert {"prompt", "completion", "reconstruction", "_length_reward", "chars", "advantage"} <= set(df.columns)
+    assert df["prompt"].str.contains(r"\[\[").all()  # the activation's context, its token marked
+    assert (df["completion"].str.len() > 0).all()
+    assert df["chars"].tolist() == df["completion"].str.len().tolist()
+    events = sorted(out.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"tensors": 0}).Reload()
+    assert any("completions" in t for t in acc.Tags()["tensors"])
+
+
+def test_two_process_ddp_with_encoder_cotraining(tiny_model_dir, splits, tmp_path):
+    """2 gloo processes, the encoder trained on the rollouts too (one wrapped call per micro-batch:
+    DDP marks each parameter once), gradient accumulation 2: completes and moves the encoder."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ddp_enc"
+    accelerate_launch(
+        "rl_lens.py",
+        _argv(
+            tiny_model_dir,
+            splits,
+            out,
+            encoder_mse_weight=1.0,
+            gradient_accumulation_steps=2,
+            learning_rate=1e-2,
+        ),
+        num_processes=2,
+        port=29551,
+    )
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["num_processes"] == 2
+    assert any("lens/encoder_mse" in h for h in final["log_history"])
+    w = load_file(str(out / "lens" / "lens.safetensors"))["encoder.proj.weight"]
+    assert (w - torch.eye(w.shape[0])).abs().max() > 1e-4

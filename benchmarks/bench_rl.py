@@ -130,10 +130,32 @@ def main() -> None:
     def rollout():
         hf_rollout(g_count)
 
+    from lens_rl.training.grpo_trainer import _score_rollouts
+
+    mask = torch.ones_like(ids)
+
     def scoring():
+        """The trainer's rollout scoring: one pass, one vocabulary sweep (log q, H(q), diagnostics)."""
         with torch.no_grad():
-            logits = dec.fwd_tokens(rep, ids).logits
-            diag.score_and_diagnose(logits, ids)
+            _score_rollouts(lens, rep, ids, mask, diag)
+
+    def scoring_before():
+        """The trainer's scoring before the one-scorer change (session 3): fwd_tokens scored the
+        tokens itself (full log q + entropy), then the diagnostics sweep, then a third full
+        tempered log-softmax for TRL's ratio."""
+        with torch.no_grad():
+            logits = dec.fwd_tokens(rep, ids, scores=False).logits
+            log_q = policy.log_probs(logits)
+            log_q.gather(-1, ids[..., None])
+            (log_q.exp() * log_q.nan_to_num(neginf=0.0)).sum(-1)
+            diag.score_and_diagnose(logits, ids, mask)
+            torch.log_softmax(logits.float() / policy.temperature, -1).gather(-1, ids[..., None])
+
+    def bare():
+        """The floor: the same forward + one log-softmax + gather."""
+        with torch.no_grad():
+            logits = dec.fwd_tokens(rep, ids, scores=False).logits
+            torch.log_softmax(logits, -1).gather(-1, ids[..., None])
 
     def update():
         out = dec.fwd_tokens(rep, ids, policy=policy)
@@ -147,6 +169,17 @@ def main() -> None:
     }
     total = sum(split.values())
     report["step_split_s"] = split
+    score_cmp = {
+        name: median_time(fn, max(args.repeats, 5), warmup=True)
+        for name, fn in (("bare", bare), ("before", scoring_before), ("after", scoring))
+    }
+    report["rollout_scoring_s"] = score_cmp
+    report["rollout_scoring_speed_vs_bare"] = {
+        "before": score_cmp["bare"] / score_cmp["before"],
+        "after": score_cmp["bare"] / score_cmp["after"],
+        "after_over_before": score_cmp["before"] / score_cmp["after"],
+    }
+    print(json.dumps(report["rollout_scoring_speed_vs_bare"]))
     report["step_split_fraction"] = {k: v / total for k, v in split.items()}
     print(json.dumps(report["step_split_fraction"]))
     out = Path(args.out)

@@ -74,7 +74,9 @@ def _rollout(trainer: LensGRPOTrainer, rows: int) -> dict:
     trainer.model.train()
     out = trainer._generate_and_score_completions(batch)
     n = trainer.args.per_device_train_batch_size
-    return {k: (v[:n] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v) for k, v in out.items()}
+    return {
+        k: (v[:n] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v) for k, v in out.items()
+    }
 
 
 def _perturb(lens: ConsistencyLens, scale: float = 3e-2) -> list[torch.nn.Parameter]:
@@ -87,7 +89,9 @@ def _perturb(lens: ConsistencyLens, scale: float = 3e-2) -> list[torch.nn.Parame
     return params
 
 
-def _reference_loss(trainer: LensGRPOTrainer, inputs: dict, loss_type: str, level: str, ga: int) -> torch.Tensor:
+def _reference_loss(
+    trainer: LensGRPOTrainer, inputs: dict, loss_type: str, level: str, ga: int
+) -> torch.Tensor:
     """TRL 1.16's GRPO loss (grpo_trainer.py `_compute_loss`) written out for the lens policy."""
     args = trainer.lens_args
     lens = trainer.lens
@@ -120,7 +124,9 @@ def _reference_loss(trainer: LensGRPOTrainer, inputs: dict, loss_type: str, leve
     if loss_type == "cispo":
         per_tok = -coef_1.clamp(max=eps).detach() * adv * logq
     elif loss_type == "sapo":
-        tau = torch.where(adv > 0, torch.tensor(args.sapo_temperature_pos), torch.tensor(args.sapo_temperature_neg))
+        tau = torch.where(
+            adv > 0, torch.tensor(args.sapo_temperature_pos), torch.tensor(args.sapo_temperature_neg)
+        )
         per_tok = -(torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau) * adv
     elif loss_type == "vespo":
         seq = (log_ratio.clamp(-20, 20) * mask).sum(-1, keepdim=True)
@@ -192,7 +198,11 @@ def test_loss_and_gradient_match_trl_formula(parts, tmp_path, tiny_model_dir, ti
                     assert g is None or g.abs().max() == 0
                     continue
                 scale = r.abs().max().clamp(min=1e-8)
-                assert (g - r).abs().max() <= GRAD_RTOL * scale, (loss_type, level, float((g - r).abs().max() / scale))
+                assert (g - r).abs().max() <= GRAD_RTOL * scale, (
+                    loss_type,
+                    level,
+                    float((g - r).abs().max() / scale),
+                )
             checked += 1
     assert checked >= 14
 
@@ -203,7 +213,11 @@ def test_encoder_mse_is_scaled_for_accumulation(parts, tmp_path, tiny_model_dir,
     for ga in (1, 2):
         for w in (0.0, 0.5):
             cfg = _config(
-                tmp_path, tiny_model_dir, tiny_dump["train"], gradient_accumulation_steps=ga, encoder_mse_weight=w
+                tmp_path,
+                tiny_model_dir,
+                tiny_dump["train"],
+                gradient_accumulation_steps=ga,
+                encoder_mse_weight=w,
             )
             trainer = _trainer(parts, cfg)
             inputs = _rollout(trainer, 8 * cfg.steps_per_generation)

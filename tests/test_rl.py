@@ -320,7 +320,9 @@ def test_explanations_and_custom_metrics_are_visible(tiny_model_dir, splits, tmp
     tables = sorted((out / "completions").glob("completions_*.parquet"))
     assert tables
     df = pd.read_parquet(tables[-1])
-    assert {"prompt", "completion", "reconstruction", "_length_reward", "chars", "advantage"} <= set(df.columns)
+    assert {"prompt", "completion", "reconstruction", "_length_reward", "chars", "advantage"} <= set(
+        df.columns
+    )
     assert df["prompt"].str.contains(r"\[\[").all()  # the activation's context, its token marked
     assert (df["completion"].str.len() > 0).all()
     assert df["chars"].tolist() == df["completion"].str.len().tolist()

@@ -162,14 +162,23 @@ def test_group_advantages_and_loss_normalisations():
     nan_r = torch.tensor([[1.0, float("nan"), 0.0]], dtype=torch.float64)  # unscorable -> 0
     nan_adv, _ = group_advantages(nan_r, "none")
     assert nan_adv.tolist() == [[0.5, 0.0, -0.5]]
-    logq = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
     a = torch.tensor([1.0, -2.0])
-    assert pg_loss(logq, mask, a, "grpo", 3).item() == pytest.approx(((3.0 / 2) + (-1.0)) / 2)
-    assert pg_loss(logq, mask, a, "dapo", 3).item() == pytest.approx((3.0 - 1.0) / 3)
-    assert pg_loss(logq, mask, a, "dr_grpo", 3).item() == pytest.approx((3.0 - 1.0) / (2 * 3))
+
+    def grad(loss_type):  # the gradient in log q: -A / normaliser on scored tokens
+        logq = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+        (g,) = torch.autograd.grad(pg_loss(logq, mask, a, loss_type, 3), logq)
+        return g
+
+    row = torch.tensor([[-1.0, -1.0, 0.0], [2.0, 0.0, 0.0]])
+    torch.testing.assert_close(grad("grpo"), row / torch.tensor([[2.0], [1.0]]) / 2)
+    torch.testing.assert_close(grad("sapo"), grad("grpo"))
+    torch.testing.assert_close(grad("dapo"), row / 3)
+    torch.testing.assert_close(grad("bnpo"), row / 3)
+    torch.testing.assert_close(grad("dr_grpo"), row / (2 * 3))
+    torch.testing.assert_close(grad("luspo"), row / 2)
     with pytest.raises(ValueError, match="loss_type"):
-        pg_loss(logq, mask, a, "sapo", 3)
+        pg_loss(torch.zeros(2, 3), mask, a, "vespo", 3)
 
 
 # ---------------------------------------------------------------------------- first order vs exact

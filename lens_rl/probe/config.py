@@ -57,7 +57,12 @@ class EntropyProbeConfig(ValidatedConfig):
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (None: off)."})
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] = field(
+        default="dapo",
+        metadata={
+            "help": "TRL loss_type (normalised by lens_rl.training.loss_norm); vespo is not supported."
+        },
+    )
     scale_rewards: Literal["group", "batch", "none"] = "group"
     optimizer_state: str | None = field(
         default=None,

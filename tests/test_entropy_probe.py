@@ -535,8 +535,16 @@ def test_snis_flags_tokens_that_leave_the_nucleus():
 
 
 def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
-    """``trl_checkpoint``: the probe loads the RL run's lens weights and AdamW state (2 steps)
-    from ``checkpoint-2`` of ``run_rl``, and v still equals a real step from that state."""
+    """``trl_checkpoint`` sets the probe from the run: a 2-step run (linear schedule, lr 1e-2,
+    temperature 0.9, top_p 0.95, t_text 4, G 4) saved at steps 1 and 2.
+
+    - checkpoint-1: the probe takes the run's settings, its lens weights and AdamW state (1 step),
+      and the next step's lr from the scheduler: 1e-2 x (2 - 1) / 2 = 5e-3 (the optimizer.pt
+      group lr is the same value here); v equals a real optimizer step from that state.
+    - the run folder resolves to checkpoint-2, the end of the schedule: the next lr is 0 and the
+      probe refuses with a message naming --learning_rate; with an explicit learning_rate it
+      probes that hypothetical step (nonzero |v|) and reports the override.
+    """
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -562,8 +570,11 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
         "output_dir": tmp_path / "rl",
         "max_steps": 2,
         "save_strategy": "steps",
-        "save_steps": 2,
+        "save_steps": 1,
         "learning_rate": 1e-2,
+        "lr_scheduler_type": "linear",
+        "temperature": 0.9,
+        "top_p": 0.95,
         "per_device_train_batch_size": 8,
         "num_generations": 4,
         "t_text": 4,
@@ -575,7 +586,7 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
         [LensGRPOConfig], [x for k, v in args.items() for x in (f"--{k}", str(v))], typecheck=False
     )
     run_rl(rl_cfg)
-    ckpt = tmp_path / "rl" / "checkpoint-2"
+    ckpt = tmp_path / "rl" / "checkpoint-1"
 
     loaded = ConsistencyLens.from_pretrained(tmp_path / "lens0", base=orig.model, tokenizer=tok)
     load_trl_checkpoint(loaded, ckpt)
@@ -585,22 +596,38 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
     assert torch.equal(loaded.decoder.base.lm_head.weight, saved[head])
     assert not torch.equal(lens.decoder.base.lm_head.weight, saved[head])  # the run moved it
 
-    cfg = EntropyProbeConfig(
-        policy="lens",
-        model_name_or_path=str(tiny_model_dir),
-        lens_path=str(tmp_path / "lens0"),
-        trl_checkpoint=str(ckpt),
-        activations=str(tiny_dump["train"]),
-        batch_size_e=16,
-        batch_size_u=4,
-        num_generations=4,
-        max_new_tokens=4,
-        learning_rate=1e-2,
-        etas=[1e-4],
-        resample_check=False,
-        output_dir=str(tmp_path / "probe"),
-    )
+    def probe_cfg(checkpoint, **kw) -> EntropyProbeConfig:
+        base = dict(batch_size_e=16, batch_size_u=4, etas=[1e-4], resample_check=False)
+        return EntropyProbeConfig(
+            trl_checkpoint=str(checkpoint), output_dir=str(tmp_path / "probe"), **base, **kw
+        )
+
+    cfg = probe_cfg(ckpt)
     res = run_entropy_probe(cfg, show_progress=False)
-    assert res["update"]["optimizer_steps_before"] == 2
+    assert (cfg.policy, cfg.model_name_or_path, cfg.lens_path) == (
+        "lens",
+        str(tiny_model_dir),
+        str(tmp_path / "lens0"),
+    )
+    assert (cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.num_generations) == (0.9, 0.95, 4, 4)
+    assert cfg.loss_type == "dapo" and cfg.activations == str(tiny_dump["train"])
+    assert cfg.learning_rate == pytest.approx(5e-3, rel=1e-12)
+    assert res["run"]["next_step_lr"] == pytest.approx([5e-3, 5e-3], rel=1e-12)
+    assert res["run"]["overrides"] == {}
+    saved_opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert [g["lr"] for g in saved_opt["param_groups"]] == pytest.approx([5e-3, 5e-3], rel=1e-12)
+    assert res["update"]["optimizer_steps_before"] == 1
+    assert res["update"]["v_norm"] > 0
+    check = res["update"]["verify_against_optimizer_step"]
+    assert check["max_abs_err"] <= 4 * check["rounding_scale"]
+
+    with pytest.raises(
+        ConfigError, match=r"checkpoint-2 is at step 2 of 2 .* learning rate is 0\.0.*--learning_rate"
+    ):
+        run_entropy_probe(probe_cfg(tmp_path / "rl"), show_progress=False)
+    res = run_entropy_probe(probe_cfg(tmp_path / "rl", learning_rate=1e-3), show_progress=False)
+    assert res["run"]["checkpoint"] == str(tmp_path / "rl" / "checkpoint-2")
+    assert res["run"]["overrides"] == {"learning_rate": {"run": 0.0, "probe": 1e-3}}
+    assert res["update"]["optimizer_steps_before"] == 2 and res["update"]["v_norm"] > 0
     check = res["update"]["verify_against_optimizer_step"]
     assert check["max_abs_err"] <= 4 * check["rounding_scale"]

@@ -110,6 +110,7 @@ def _generation_config(cfg: EntropyProbeConfig) -> GenerationConfig:
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,
+        min_p=cfg.min_p,
         max_new_tokens=cfg.max_new_tokens,
         num_return_sequences=cfg.num_generations,
         gen_batch_size=cfg.gen_batch_size,
@@ -235,6 +236,11 @@ def compute_update_vector(
                 f"{state_path} does not fit the probe's AdamW parameter groups ({e}); it must come from "
                 "an optimizer over the same trainable parameters, grouped as transformers.Trainer does."
             ) from e
+        # the saved groups carry the lr of the saved step (0 at the end of a linear schedule); the
+        # probed step uses the config's (a run's next-step lr, or an explicit override)
+        for i, group in enumerate(opt.param_groups):
+            group.update(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+            group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
     module.zero_grad(set_to_none=True)
     res = subject.sp.teacher_force_logprobs(seqs_u, with_grad=True, compute_rb=False, progress=progress)
     adv = group_advantages(rewards, cfg.scale_rewards)[0].flatten().to(res.token_logqs.device)
@@ -243,7 +249,7 @@ def compute_update_vector(
     loss = pg_loss(token_logq, mask, adv, cfg.loss_type, cfg.max_new_tokens)
     loss.backward()
     trainable = [p for p in module.parameters() if p.requires_grad]
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")  # 0: off, as transformers
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
     direction = adamw_direction(opt)
     info: dict[str, Any] = {
@@ -568,6 +574,20 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
 
     from lens_rl.models.families import load_causal_lm
 
+    console = Console(width=max(Console().width, 132))
+    run_record = None
+    if cfg.trl_checkpoint:
+        from lens_rl.probe.from_run import apply_run, read_run
+
+        settings = read_run(cfg.trl_checkpoint)
+        run_record = apply_run(cfg, settings)
+        console.print(
+            f"probing the next step of {run_record['checkpoint']} (step {run_record['global_step']} of "
+            f"{run_record['max_steps']}); from the run: "
+            + ", ".join(f"{k}={v}" for k, v in run_record["from_run"].items())
+        )
+        for k, v in run_record["overrides"].items():
+            console.print(f"[yellow]override: {k}={v['probe']} (the run has {v['run']})[/yellow]")
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
@@ -580,13 +600,21 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
         from lens_rl.models.lens import ConsistencyLens
 
         base = load_causal_lm(cfg.model_name_or_path, dtype=torch.float32)
-        lens = ConsistencyLens.from_pretrained(cfg.lens_path, base=base, tokenizer=tok).to(device)
+        if cfg.lens_path is not None:
+            lens = ConsistencyLens.from_pretrained(cfg.lens_path, base=base, tokenizer=tok).to(device)
+        else:  # a run that started from a fresh lens: its architecture from the run's config
+            args = settings.args
+            lens = ConsistencyLens.build(
+                base, tok, args.decoder_config, args.encoder_config, share_base=True
+            ).to(device)
         store = ActivationDataset(cfg.activations)
         store.check_compatible(base.get_input_embeddings().weight.shape[1])
         subject = lens_subject(lens, tok, store, cfg)
         if cfg.trl_checkpoint:
             subject.optimizer_module = load_trl_checkpoint(lens, cfg.trl_checkpoint)
     results = probe(subject, cfg, show_progress=show_progress).results
+    if run_record is not None:
+        results["run"] = run_record
     results["config"] = cfg.to_dict()
     results["versions"] = _versions()
     results["closeness"] = {norm: closeness(results, norm) for norm in NORMALIZATIONS}
@@ -595,7 +623,6 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_probe(results, out / "probe.png")
-    console = Console(width=max(Console().width, 132))
     console.print(summary_table(results, "per_token"))
     console.print(summary_table(results, "per_sequence"))
     for norm, c in results["closeness"].items():

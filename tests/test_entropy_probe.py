@@ -431,6 +431,52 @@ def test_script_writes_outputs(toy, tmp_path):
     assert (out / "probe.png").stat().st_size > 10_000
     assert json.loads((out / "config.json").read_text())["batch_size_e"] == 32
     assert "Entropy probe" in res.stdout
+    for phase in ("sample E", "sample U", "update vector", "score E", "JVP along v", "SNIS over 2 eta"):
+        assert phase in res.stdout, phase  # one progress bar per phase
+    for norm in ("per_token", "per_sequence"):
+        assert results["covariance"][norm]["dh_deta"]["se"] > 0
+        assert results["covariance"][norm]["replicate_units"] == 2  # B_U GRPO groups
+        for e in results["entries"]:
+            cov = results["covariance"][norm]["dh_deta"]["value"]
+            assert e[norm]["covariance"]["value"] == pytest.approx(e["eta"] * cov, rel=1e-12)
+            d = e[norm]["covariance_difference"]
+            assert d["value"] == pytest.approx(
+                e[norm]["truth"]["value"] - e["eta"] * cov, rel=1e-9, abs=1e-15
+            )
+            assert d["se"] == pytest.approx(e[norm]["truth"]["se"], rel=1e-9)  # given U, only E varies
+        assert set(results["closeness"][norm]) == {"first_order", "covariance", "covariance_over_first_order"}
+    assert "is closer" in res.stdout
+
+
+@pytest.mark.parametrize("n_etas", [5, 13])
+def test_probe_plot_marks_lr_and_its_tick_labels_do_not_overlap(n_etas):
+    """The eta axis: a vertical line at eta = lr, at most 6 labelled ticks, none overlapping
+    (label bounding boxes after drawing), over the default sweep and a dense one."""
+    from matplotlib.lines import Line2D
+
+    from lens_rl.probe.runner import probe_figure
+
+    lr = 3e-5
+    etas = [lr * 2 ** (k - n_etas // 2) for k in range(n_etas)]
+    est = {"value": 0.0, "se": 1e-3, "ci": [-2e-3, 2e-3], "level": 0.95}
+    keys = ("truth", "prediction", "covariance", "resample", "difference", "covariance_difference")
+    results = {
+        "learning_rate": lr,
+        "best_baseline": {n: "position" for n in NORMS},
+        "entries": [{"eta": e} | {n: {k: est for k in keys} for n in NORMS} for e in etas],
+    }
+    fig = probe_figure(results)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        labels = [t for t in ax.get_xticklabels(which="both") if t.get_text() and t.get_visible()]
+        assert 2 <= len(labels) <= 6
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                assert not boxes[i].overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+        vlines = [ln for ln in ax.get_lines() if isinstance(ln, Line2D) and list(ln.get_xdata()) == [lr, lr]]
+        assert len(vlines) == 1
 
 
 @pytest.mark.parametrize(

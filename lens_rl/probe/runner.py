@@ -465,8 +465,20 @@ def probe(subject: ProbeSubject, cfg: EntropyProbeConfig, show_progress: bool = 
 
 # ---------------------------------------------------------------------------- outputs
 def plot_probe(results: dict[str, Any], out_path: str | Path) -> Path:
+    """Save :func:`probe_figure` as a PNG; return its path."""
+    import matplotlib.pyplot as plt
+
+    fig = probe_figure(results)
+    out = Path(out_path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def probe_figure(results: dict[str, Any]):
     """Predicted vs true deltaH over eta (one panel per normalisation), with CI error bars; the
-    first-order prediction, the covariance baseline and a dotted line at ``eta = lr``."""
+    first-order prediction, the covariance baseline and a dotted line at ``eta = lr``. The eta
+    axis is logarithmic with one label per probed eta (at most 6) and no minor labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -509,10 +521,7 @@ def plot_probe(results: dict[str, Any], out_path: str | Path) -> Path:
         ax.set_title(f"entropy change, {norm.replace('_', '-')}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out_path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def closeness(results: dict[str, Any], norm: str) -> dict[str, float]:

@@ -677,3 +677,55 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
     assert res["update"]["optimizer_steps_before"] == 2 and res["update"]["v_norm"] > 0
     check = res["update"]["verify_against_optimizer_step"]
     assert check["max_abs_err"] <= 4 * check["rounding_scale"]
+
+
+def test_probe_from_a_fresh_lens_run_and_refusals(tiny_model_dir, tiny_dump, tmp_path):
+    """A run that started from a fresh lens (no sft_lens; constant schedule): the probe rebuilds
+    the lens from the run's decoder/encoder config, loads checkpoint-1 and probes the next step
+    at the run's lr 1e-2 (v = a real step). Settings the probe cannot reproduce are refused by
+    name (beta > 0 set on the run's loaded arguments)."""
+    from lens_rl.config import parse_args
+    from lens_rl.probe.from_run import apply_run, read_run
+    from lens_rl.probe.runner import run_entropy_probe
+    from lens_rl.training.grpo_config import LensGRPOConfig
+    from lens_rl.training.rl_stage import run_rl
+
+    args = {
+        "model_name_or_path": tiny_model_dir,
+        "train_data": tiny_dump["train"],
+        "output_dir": tmp_path / "rl",
+        "decoder": '{"trainable_output_head": true}',
+        "max_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 1,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "t_text": 4,
+        "rollout_backend": "hf",
+        "report_to": "none",
+        "disable_tqdm": "true",
+    }
+    (rl_cfg,) = parse_args(
+        [LensGRPOConfig], [x for k, v in args.items() for x in (f"--{k}", str(v))], typecheck=False
+    )
+    run_rl(rl_cfg)
+    cfg = EntropyProbeConfig(
+        trl_checkpoint=str(tmp_path / "rl"),
+        batch_size_e=8,
+        batch_size_u=2,
+        etas=[1e-4],
+        resample_check=False,
+        output_dir=str(tmp_path / "probe"),
+    )
+    res = run_entropy_probe(cfg, show_progress=False)
+    assert cfg.lens_path is None and cfg.learning_rate == pytest.approx(1e-2, rel=1e-12)
+    assert res["update"]["optimizer_steps_before"] == 1 and res["update"]["v_norm"] > 0
+    check = res["update"]["verify_against_optimizer_step"]
+    assert check["max_abs_err"] <= 4 * check["rounding_scale"]
+
+    settings = read_run(tmp_path / "rl")
+    settings.args.beta = 0.01
+    with pytest.raises(ConfigError, match=r"cannot reproduce this run's step: beta=0.01"):
+        apply_run(EntropyProbeConfig(trl_checkpoint=str(tmp_path / "rl")), settings)

@@ -138,7 +138,9 @@ def read_run(path: str | Path) -> RunSettings:
         "beta": float(args.beta),
         "epsilon": float(args.epsilon),
         "epsilon_high": None if args.epsilon_high is None else float(args.epsilon_high),
+        # the probe's dr_grpo constant is t_text; TRL 1.16's trainer reads args.max_completion_length
         "max_completion_length_used": int(args.t_text),
+        "run_max_completion_length": getattr(args, "max_completion_length", None),
     }
     return RunSettings(ckpt, args, values, record)
 

@@ -581,7 +581,7 @@ def test_snis_flags_tokens_that_leave_the_nucleus():
     assert float(snis_stat(st, "per_token")(torch.ones(1, 4, dtype=torch.float64))) == pytest.approx(1.0)
 
 
-def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
+def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path, capsys):
     """``trl_checkpoint`` sets the probe from the run: a 2-step run (linear schedule, lr 1e-2,
     temperature 0.9, top_p 0.95, t_text 4, G 4) saved at steps 1 and 2.
 
@@ -589,8 +589,8 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
       and the next step's lr from the scheduler: 1e-2 x (2 - 1) / 2 = 5e-3 (the optimizer.pt
       group lr is the same value here); v equals a real optimizer step from that state.
     - the run folder resolves to checkpoint-2, the end of the schedule: the next lr is 0 and the
-      probe refuses with a message naming --learning_rate; with an explicit learning_rate it
-      probes that hypothetical step (nonzero |v|) and reports the override.
+      probe refuses with a message naming --learning_rate; with --learning_rate on the script's
+      command line it probes that hypothetical step (nonzero |v|) and prints the override.
     """
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -672,7 +672,23 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
         ConfigError, match=r"checkpoint-2 is at step 2 of 2 .* learning rate is 0\.0.*--learning_rate"
     ):
         run_entropy_probe(probe_cfg(tmp_path / "rl"), show_progress=False)
-    res = run_entropy_probe(probe_cfg(tmp_path / "rl", learning_rate=1e-3), show_progress=False)
+    # the script: an explicit flag overrides the run's value and is printed as an override
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "entropy_probe.py"
+    spec = importlib.util.spec_from_file_location("entropy_probe_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    res = module.main(
+        ["--trl_checkpoint", str(tmp_path / "rl"), "--learning_rate", "1e-3", "--batch_size_e", "16"]
+        + ["--batch_size_u", "4", "--etas", "1e-4", "--resample_check", "false"]
+        + ["--output_dir", str(tmp_path / "probe_cli")]
+    )
+    printed = capsys.readouterr().out
+    assert "override: learning_rate=0.001 (the run has 0.0)" in printed
+    assert "from the run: policy=lens" in printed and "temperature=0.9" in printed
     assert res["run"]["checkpoint"] == str(tmp_path / "rl" / "checkpoint-2")
     assert res["run"]["overrides"] == {"learning_rate": {"run": 0.0, "probe": 1e-3}}
     assert res["update"]["optimizer_steps_before"] == 2 and res["update"]["v_norm"] > 0

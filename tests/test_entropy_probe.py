@@ -17,6 +17,8 @@ from lens_rl.config import ConfigError
 from lens_rl.probe.config import EntropyProbeConfig
 from lens_rl.probe.estimators import (
     BASELINES,
+    covariance_stat,
+    covariance_terms,
     estimate,
     prediction_stat,
     prediction_terms,
@@ -162,14 +164,23 @@ def test_group_advantages_and_loss_normalisations():
     nan_r = torch.tensor([[1.0, float("nan"), 0.0]], dtype=torch.float64)  # unscorable -> 0
     nan_adv, _ = group_advantages(nan_r, "none")
     assert nan_adv.tolist() == [[0.5, 0.0, -0.5]]
-    logq = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
     a = torch.tensor([1.0, -2.0])
-    assert pg_loss(logq, mask, a, "grpo", 3).item() == pytest.approx(((3.0 / 2) + (-1.0)) / 2)
-    assert pg_loss(logq, mask, a, "dapo", 3).item() == pytest.approx((3.0 - 1.0) / 3)
-    assert pg_loss(logq, mask, a, "dr_grpo", 3).item() == pytest.approx((3.0 - 1.0) / (2 * 3))
+
+    def grad(loss_type):  # the gradient in log q: -A / normaliser on scored tokens
+        logq = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+        (g,) = torch.autograd.grad(pg_loss(logq, mask, a, loss_type, 3), logq)
+        return g
+
+    row = torch.tensor([[-1.0, -1.0, 0.0], [2.0, 0.0, 0.0]])
+    torch.testing.assert_close(grad("grpo"), row / torch.tensor([[2.0], [1.0]]) / 2)
+    torch.testing.assert_close(grad("sapo"), grad("grpo"))
+    torch.testing.assert_close(grad("dapo"), row / 3)
+    torch.testing.assert_close(grad("bnpo"), row / 3)
+    torch.testing.assert_close(grad("dr_grpo"), row / (2 * 3))
+    torch.testing.assert_close(grad("luspo"), row / 2)
     with pytest.raises(ValueError, match="loss_type"):
-        pg_loss(logq, mask, a, "sapo", 3)
+        pg_loss(torch.zeros(2, 3), mask, a, "vespo", 3)
 
 
 # ---------------------------------------------------------------------------- first order vs exact
@@ -223,6 +234,71 @@ def test_jvp_and_double_backward_agree(toy):
         x, y = getattr(a, name), getattr(b, name)
         assert float((x - y).abs().max()) <= 1e-5 * float(x.abs().max()), name
         assert float(x.abs().max()) > 0
+
+
+# ---------------------------------------------------------------------------- covariance baseline
+def test_covariance_is_the_natural_pg_entropy_derivative_of_a_tabular_softmax():
+    """One state, softmax over 7 actions, logits step ``z += eta A`` (natural PG for a tabular
+    softmax): -Cov_pi(log pi, A) from covariance_stat (one token per action, weight pi) equals
+    dH/d eta from autograd (bound 1e-12, float64)."""
+    gen = torch.Generator().manual_seed(0)
+    z, adv = (
+        torch.randn(7, generator=gen, dtype=torch.float64),
+        torch.randn(7, generator=gen, dtype=torch.float64),
+    )
+    eta = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    logp = torch.log_softmax(z + eta * adv, -1)
+    (dh,) = torch.autograd.grad(-(logp.exp() * logp).sum(), eta)
+    pi = logp.detach().exp()
+    terms = covariance_terms(logp.detach()[:, None], torch.ones(7, 1, dtype=torch.bool), adv, weight=pi)
+    for norm in NORMS:  # one token per sequence: both normalisations agree
+        got = float(covariance_stat(terms, norm)(torch.ones(1, 7, dtype=torch.float64)))
+        assert got == pytest.approx(float(dh), abs=1e-12, rel=0)
+    assert abs(float(dh)) > 1e-2
+
+
+def test_covariance_estimator_against_its_exact_value_on_the_toy(toy):
+    """The covariance baseline's target on the toy LM: the token-level covariance of log q and
+    a fixed advantage A(x, y) = r(y) - E_q[r | x] (r = distinct-token fraction) under
+    prompts uniform x responses ~ q, computed here by enumeration with explicit sums. (1) fed
+    the enumeration with exact weights, covariance_stat equals it (bound 1e-10); (2) from 3000
+    sampled responses, its 99.9% interval contains it (SE from the jackknife)."""
+    model, tok, _ = toy
+    cfg = _cfg(gen_batch_size=500, tf_batch_size=500)
+    subject = lm_subject(model, tok, cfg, pool=list(TOY_PROMPTS))
+    sp = subject.sp
+    n_p = len(TOY_PROMPTS)
+    enum = enumeration_batch(tok, list(TOY_PROMPTS), T)
+    logq = sp.teacher_force_logprobs(enum).token_logqs.double()  # (P, R, T)
+    mask = enum.gen_mask.bool()
+    logq = torch.where(mask, logq, 0.0)
+    q = logq.sum(-1).exp()  # (P, R)
+    torch.testing.assert_close(q.sum(-1), torch.ones(n_p, dtype=torch.float64), atol=1e-9, rtol=0)
+    r = subject.rewards(enum, torch.arange(n_p))  # (P, R)
+    mean_r = (q * r).sum(-1)  # (P,)
+    adv = r - mean_r[:, None]
+    # explicit token-level moments: every token of y weighs pi(x) q(y|x)
+    w_tok = (q / n_p)[..., None] * mask
+    z = w_tok.sum()
+    e_l, e_a = (w_tok * logq).sum() / z, (w_tok * adv[..., None]).sum() / z
+    exact = -float((w_tok * (logq - e_l) * (adv[..., None] - e_a)).sum() / z)
+    exact_seq = exact * float(z / (q / n_p).sum())
+    terms = covariance_terms(_flat(logq), _flat(mask), adv.reshape(-1), weight=(q / n_p).reshape(-1))
+    ones = torch.ones(1, q.numel(), dtype=torch.float64)
+    assert float(covariance_stat(terms, "per_token")(ones)) == pytest.approx(exact, abs=1e-10, rel=0)
+    assert float(covariance_stat(terms, "per_sequence")(ones)) == pytest.approx(exact_seq, abs=1e-10, rel=0)
+
+    n = 3000
+    idx = torch.randint(0, n_p, (n,), generator=torch.Generator().manual_seed(3))
+    seqs = sp.generate_batched(subject.prompts(idx), G=1, seed=11)
+    lq = _flat(sp.teacher_force_logprobs(seqs).token_logqs)
+    a = subject.rewards(seqs, idx)[:, 0] - mean_r[idx]
+    sampled = covariance_terms(lq, _flat(seqs.gen_mask).bool(), a)
+    for norm, target in (("per_token", exact), ("per_sequence", exact_seq)):
+        est = estimate(covariance_stat(sampled, norm), n, level=0.999)
+        print(f"{norm}: exact {target:+.5f}, sampled {est.value:+.5f} +- {est.se:.5f}")
+        assert est.covers(target), (norm, est, target)
+        assert est.se < 0.2 * abs(target)  # the check has power: the interval excludes 0
 
 
 # ---------------------------------------------------------------------------- the probe vs exact
@@ -355,6 +431,53 @@ def test_script_writes_outputs(toy, tmp_path):
     assert (out / "probe.png").stat().st_size > 10_000
     assert json.loads((out / "config.json").read_text())["batch_size_e"] == 32
     assert "Entropy probe" in res.stdout
+    for phase in ("sample E", "sample U", "update vector", "score E", "JVP along v", "SNIS over 2 eta"):
+        assert phase in res.stdout, phase  # one progress bar per phase
+    for norm in ("per_token", "per_sequence"):
+        assert results["covariance"][norm]["dh_deta"]["se"] > 0
+        assert results["covariance"][norm]["replicate_units"] == 2  # B_U GRPO groups
+        for e in results["entries"]:
+            cov = results["covariance"][norm]["dh_deta"]["value"]
+            assert e[norm]["covariance"]["value"] == pytest.approx(e["eta"] * cov, rel=1e-12)
+            d = e[norm]["covariance_difference"]
+            assert d["value"] == pytest.approx(
+                e[norm]["truth"]["value"] - e["eta"] * cov, rel=1e-9, abs=1e-15
+            )
+            assert d["se"] == pytest.approx(e[norm]["truth"]["se"], rel=1e-9)  # given U, only E varies
+        assert set(results["closeness"][norm]) == {"first_order", "covariance", "covariance_over_first_order"}
+    assert "is closer" in res.stdout
+
+
+@pytest.mark.parametrize("multipliers", [(0.25, 0.5, 1.0, 2.0, 4.0), tuple(2.0**k for k in range(-6, 7))])
+def test_probe_plot_marks_lr_and_its_tick_labels_do_not_overlap(multipliers):
+    """The eta axis: a vertical line at eta = lr, at most 6 labelled ticks, none overlapping
+    (label bounding boxes after drawing), over the default sweep and a dense one. (Matplotlib's
+    default log axis labelled minor ticks of the default sweep at lr 1e-4: 3 overlapping pairs.)"""
+    from matplotlib.lines import Line2D
+
+    from lens_rl.probe.runner import probe_figure
+
+    lr = 1e-4
+    etas = [lr * m for m in multipliers]
+    est = {"value": 0.0, "se": 1e-3, "ci": [-2e-3, 2e-3], "level": 0.95}
+    keys = ("truth", "prediction", "covariance", "resample", "difference", "covariance_difference")
+    results = {
+        "learning_rate": lr,
+        "best_baseline": {n: "position" for n in NORMS},
+        "entries": [{"eta": e} | {n: {k: est for k in keys} for n in NORMS} for e in etas],
+    }
+    fig = probe_figure(results)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        labels = [t for t in ax.get_xticklabels(which="both") if t.get_text() and t.get_visible()]
+        assert 2 <= len(labels) <= 6
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                assert not boxes[i].overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+        vlines = [ln for ln in ax.get_lines() if isinstance(ln, Line2D) and list(ln.get_xdata()) == [lr, lr]]
+        assert len(vlines) == 1
 
 
 @pytest.mark.parametrize(
@@ -458,9 +581,17 @@ def test_snis_flags_tokens_that_leave_the_nucleus():
     assert float(snis_stat(st, "per_token")(torch.ones(1, 4, dtype=torch.float64))) == pytest.approx(1.0)
 
 
-def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
-    """``trl_checkpoint``: the probe loads the RL run's lens weights and AdamW state (2 steps)
-    from ``checkpoint-2`` of ``run_rl``, and v still equals a real step from that state."""
+def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path, capsys):
+    """``trl_checkpoint`` sets the probe from the run: a 2-step run (linear schedule, lr 1e-2,
+    temperature 0.9, top_p 0.95, t_text 4, G 4) saved at steps 1 and 2.
+
+    - checkpoint-1: the probe takes the run's settings, its lens weights and AdamW state (1 step),
+      and the next step's lr from the scheduler: 1e-2 x (2 - 1) / 2 = 5e-3 (the optimizer.pt
+      group lr is the same value here); v equals a real optimizer step from that state.
+    - the run folder resolves to checkpoint-2, the end of the schedule: the next lr is 0 and the
+      probe refuses with a message naming --learning_rate; with --learning_rate on the script's
+      command line it probes that hypothetical step (nonzero |v|) and prints the override.
+    """
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -486,8 +617,11 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
         "output_dir": tmp_path / "rl",
         "max_steps": 2,
         "save_strategy": "steps",
-        "save_steps": 2,
+        "save_steps": 1,
         "learning_rate": 1e-2,
+        "lr_scheduler_type": "linear",
+        "temperature": 0.9,
+        "top_p": 0.95,
         "per_device_train_batch_size": 8,
         "num_generations": 4,
         "t_text": 4,
@@ -499,7 +633,7 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
         [LensGRPOConfig], [x for k, v in args.items() for x in (f"--{k}", str(v))], typecheck=False
     )
     run_rl(rl_cfg)
-    ckpt = tmp_path / "rl" / "checkpoint-2"
+    ckpt = tmp_path / "rl" / "checkpoint-1"
 
     loaded = ConsistencyLens.from_pretrained(tmp_path / "lens0", base=orig.model, tokenizer=tok)
     load_trl_checkpoint(loaded, ckpt)
@@ -509,22 +643,106 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path):
     assert torch.equal(loaded.decoder.base.lm_head.weight, saved[head])
     assert not torch.equal(lens.decoder.base.lm_head.weight, saved[head])  # the run moved it
 
+    def probe_cfg(checkpoint, **kw) -> EntropyProbeConfig:
+        base = dict(batch_size_e=16, batch_size_u=4, etas=[1e-4], resample_check=False)
+        return EntropyProbeConfig(
+            trl_checkpoint=str(checkpoint), output_dir=str(tmp_path / "probe"), **base, **kw
+        )
+
+    cfg = probe_cfg(ckpt)
+    res = run_entropy_probe(cfg, show_progress=False)
+    assert (cfg.policy, cfg.model_name_or_path, cfg.lens_path) == (
+        "lens",
+        str(tiny_model_dir),
+        str(tmp_path / "lens0"),
+    )
+    assert (cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.num_generations) == (0.9, 0.95, 4, 4)
+    assert cfg.loss_type == "dapo" and cfg.activations == str(tiny_dump["train"])
+    assert cfg.learning_rate == pytest.approx(5e-3, rel=1e-12)
+    assert res["run"]["next_step_lr"] == pytest.approx([5e-3, 5e-3], rel=1e-12)
+    assert res["run"]["overrides"] == {}
+    saved_opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert [g["lr"] for g in saved_opt["param_groups"]] == pytest.approx([5e-3, 5e-3], rel=1e-12)
+    assert res["update"]["optimizer_steps_before"] == 1
+    assert res["update"]["v_norm"] > 0
+    check = res["update"]["verify_against_optimizer_step"]
+    assert check["max_abs_err"] <= 4 * check["rounding_scale"]
+
+    with pytest.raises(
+        ConfigError, match=r"checkpoint-2 is at step 2 of 2 .* learning rate is 0\.0.*--learning_rate"
+    ):
+        run_entropy_probe(probe_cfg(tmp_path / "rl"), show_progress=False)
+    # the script: an explicit flag overrides the run's value and is printed as an override
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "entropy_probe.py"
+    spec = importlib.util.spec_from_file_location("entropy_probe_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    res = module.main(
+        ["--trl_checkpoint", str(tmp_path / "rl"), "--learning_rate", "1e-3", "--batch_size_e", "16"]
+        + ["--batch_size_u", "4", "--etas", "1e-4", "--resample_check", "false"]
+        + ["--output_dir", str(tmp_path / "probe_cli")]
+    )
+    printed = capsys.readouterr().out
+    assert "override: learning_rate=0.001 (the run has 0.0)" in printed
+    assert "from the run: policy=lens" in printed and "temperature=0.9" in printed
+    assert res["run"]["checkpoint"] == str(tmp_path / "rl" / "checkpoint-2")
+    assert res["run"]["overrides"] == {"learning_rate": {"run": 0.0, "probe": 1e-3}}
+    assert res["update"]["optimizer_steps_before"] == 2 and res["update"]["v_norm"] > 0
+    check = res["update"]["verify_against_optimizer_step"]
+    assert check["max_abs_err"] <= 4 * check["rounding_scale"]
+
+
+def test_probe_from_a_fresh_lens_run_and_refusals(tiny_model_dir, tiny_dump, tmp_path):
+    """A run that started from a fresh lens (no sft_lens; constant schedule): the probe rebuilds
+    the lens from the run's decoder/encoder config, loads checkpoint-1 and probes the next step
+    at the run's lr 1e-2 (v = a real step). Settings the probe cannot reproduce are refused by
+    name (beta > 0 set on the run's loaded arguments)."""
+    from lens_rl.config import parse_args
+    from lens_rl.probe.from_run import apply_run, read_run
+    from lens_rl.probe.runner import run_entropy_probe
+    from lens_rl.training.grpo_config import LensGRPOConfig
+    from lens_rl.training.rl_stage import run_rl
+
+    args = {
+        "model_name_or_path": tiny_model_dir,
+        "train_data": tiny_dump["train"],
+        "output_dir": tmp_path / "rl",
+        "decoder": '{"trainable_output_head": true}',
+        "max_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 1,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "t_text": 4,
+        "rollout_backend": "hf",
+        "report_to": "none",
+        "disable_tqdm": "true",
+    }
+    (rl_cfg,) = parse_args(
+        [LensGRPOConfig], [x for k, v in args.items() for x in (f"--{k}", str(v))], typecheck=False
+    )
+    run_rl(rl_cfg)
     cfg = EntropyProbeConfig(
-        policy="lens",
-        model_name_or_path=str(tiny_model_dir),
-        lens_path=str(tmp_path / "lens0"),
-        trl_checkpoint=str(ckpt),
-        activations=str(tiny_dump["train"]),
-        batch_size_e=16,
-        batch_size_u=4,
-        num_generations=4,
-        max_new_tokens=4,
-        learning_rate=1e-2,
+        trl_checkpoint=str(tmp_path / "rl"),
+        batch_size_e=8,
+        batch_size_u=2,
         etas=[1e-4],
         resample_check=False,
         output_dir=str(tmp_path / "probe"),
     )
     res = run_entropy_probe(cfg, show_progress=False)
-    assert res["update"]["optimizer_steps_before"] == 2
+    assert cfg.lens_path is None and cfg.learning_rate == pytest.approx(1e-2, rel=1e-12)
+    assert res["update"]["optimizer_steps_before"] == 1 and res["update"]["v_norm"] > 0
     check = res["update"]["verify_against_optimizer_step"]
     assert check["max_abs_err"] <= 4 * check["rounding_scale"]
+
+    settings = read_run(tmp_path / "rl")
+    settings.args.beta = 0.01
+    with pytest.raises(ConfigError, match=r"cannot reproduce this run's step: beta=0.01"):
+        apply_run(EntropyProbeConfig(trl_checkpoint=str(tmp_path / "rl")), settings)

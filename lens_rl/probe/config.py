@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from lens_rl.config import ConfigError, ValidatedConfig
 from lens_rl.probe.estimators import BASELINES
+
+# Fields a run sets (trl_checkpoint) unless given explicitly; their built-in defaults otherwise.
+BUILTIN_DEFAULTS: dict[str, object] = {
+    "policy": "lm",
+    "num_generations": 4,
+    "max_new_tokens": 16,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "learning_rate": 1e-4,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "loss_type": "dapo",
+    "scale_rewards": "group",
+}
+RUN_FIELDS: tuple[str, ...] = (*BUILTIN_DEFAULTS, "model_name_or_path", "lens_path", "activations")
 
 
 @dataclass
@@ -14,14 +35,27 @@ class EntropyProbeConfig(ValidatedConfig):
     """One probe: sample E and U, compute v, predict deltaH, measure it over an eta sweep."""
 
     # ---- the policy
-    policy: Literal["lm", "lens"] = field(
-        default="lm",
-        metadata={"help": "lm: a causal LM with text prompts; lens: a lens decoder with activations."},
+    policy: Literal["lm", "lens"] | None = field(
+        default=None,
+        metadata={
+            "help": "lm: a causal LM with text prompts; lens: a lens decoder with activations "
+            "(default: lens with trl_checkpoint, else lm)."
+        },
     )
-    model_name_or_path: str = field(default="", metadata={"help": "Local LM directory (lens: the base LM)."})
-    lens_path: str | None = field(default=None, metadata={"help": "Saved lens directory (policy=lens)."})
+    model_name_or_path: str = field(
+        default="", metadata={"help": "Local LM directory (lens: the base LM; default: the run's)."}
+    )
+    lens_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Saved lens directory (policy=lens; default: the run's sft_lens or its fresh lens)."
+        },
+    )
     activations: str | None = field(
-        default=None, metadata={"help": "Activation dump split directory: the prompt pool (policy=lens)."}
+        default=None,
+        metadata={
+            "help": "Activation dump split directory: the prompt pool (policy=lens; default: the run's)."
+        },
     )
     prompt_dataset: str = field(default="pydoc_openings", metadata={"help": "Registered prompt pool (lm)."})
     prompt_split: str = field(default="train", metadata={"help": "Split of the prompt pool."})
@@ -42,23 +76,45 @@ class EntropyProbeConfig(ValidatedConfig):
     # ---- batches and sampling policy (shared by sampler, log q, RB entropy and weights)
     batch_size_e: int = field(default=256, metadata={"help": "B_E: evaluation sequences (with replacement)."})
     batch_size_u: int = field(default=8, metadata={"help": "B_U: prompts in the update batch."})
-    num_generations: int = field(default=4, metadata={"help": "G: responses per update prompt."})
-    max_new_tokens: int = field(default=16, metadata={"help": "Response length (lens: explanation length)."})
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    num_generations: int | None = field(
+        default=None, metadata={"help": "G: responses per update prompt (4)."}
+    )
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Response length (16; lens: the explanation length t_text; also dr_grpo's "
+            "max_completion_length)."
+        },
+    )
+    temperature: float | None = field(default=None, metadata={"help": "Sampling temperature (1.0)."})
+    top_p: float | None = field(default=None, metadata={"help": "Nucleus mass (1.0: off)."})
+    top_k: int | None = field(default=None, metadata={"help": "Top-k (0: off)."})
+    min_p: float | None = field(default=None, metadata={"help": "Min-p (0.0: off)."})
     gen_batch_size: int = 64
     tf_batch_size: int = 32
 
     # ---- the update (as training would take it)
-    learning_rate: float = field(default=1e-4, metadata={"help": "lr of the step whose effect is probed."})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (None: off)."})
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "lr of the step whose effect is probed (1e-4; with trl_checkpoint: the lr the run's "
+            "scheduler gives the next step)."
+        },
+    )
+    adam_beta1: float | None = None
+    adam_beta2: float | None = None
+    adam_epsilon: float | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = field(
+        default=None, metadata={"help": "Gradient clipping (1.0; 0: off, as transformers)."}
+    )
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] | None = field(
+        default=None,
+        metadata={
+            "help": "TRL loss_type (dapo; normalised by lens_rl.training.loss_norm); vespo is not supported."
+        },
+    )
+    scale_rewards: Literal["group", "batch", "none"] | None = None
     optimizer_state: str | None = field(
         default=None,
         metadata={"help": "torch.save'd AdamW state_dict for the same parameter groups (None: fresh)."},
@@ -66,8 +122,10 @@ class EntropyProbeConfig(ValidatedConfig):
     trl_checkpoint: str | None = field(
         default=None,
         metadata={
-            "help": "policy=lens: a checkpoint-N folder of scripts/rl_lens.py; its lens weights and AdamW "
-            "state (optimizer.pt) replace lens_path's weights and the fresh optimizer."
+            "help": "A checkpoint-N folder of scripts/rl_lens.py, or its output folder (the latest "
+            "checkpoint): the probe takes the run's settings (next step's lr from the scheduler, sampling "
+            "policy, loss_type, G, t_text, base model, lens, data), its lens weights and AdamW state. "
+            "Fields given explicitly override the run's and are reported as overrides."
         },
     )
     verify_update: bool = field(default=True, metadata={"help": "Check v against a real optimizer.step()."})
@@ -95,10 +153,33 @@ class EntropyProbeConfig(ValidatedConfig):
     output_dir: str = "outputs/entropy_probe"
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
 
+    def __post_init__(self) -> None:
+        self.explicit = sorted(f for f in RUN_FIELDS if getattr(self, f) not in (None, ""))
+        if self.trl_checkpoint is None:
+            self.fill_defaults()
+        super().__post_init__()
+
+    def fill_defaults(self) -> None:
+        """Set every field still unset (None) to its built-in default."""
+        for name, value in BUILTIN_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    @property
+    def resolved(self) -> bool:
+        """Whether every run-derived field has a value (after :meth:`fill_defaults`)."""
+        return all(getattr(self, name) is not None for name in BUILTIN_DEFAULTS)
+
     def validate(self) -> None:  # noqa: D102
+        if not self.resolved:  # trl_checkpoint: checked again once the run's settings are in
+            if self.optimizer_state:
+                raise ConfigError("Give trl_checkpoint (it holds optimizer.pt) or optimizer_state, not both.")
+            return
         if not self.model_name_or_path:
             raise ConfigError("model_name_or_path is required (a local model directory).")
-        if self.policy == "lens" and (self.lens_path is None or self.activations is None):
+        if self.policy == "lens" and (
+            self.activations is None or (self.lens_path is None and not self.trl_checkpoint)
+        ):
             raise ConfigError("policy=lens needs lens_path (a saved lens) and activations (a dump split).")
         if self.policy == "lm" and (self.lens_path or self.activations or self.trl_checkpoint):
             raise ConfigError("lens_path/activations/trl_checkpoint are for policy=lens; set policy: lens.")
@@ -118,8 +199,10 @@ class EntropyProbeConfig(ValidatedConfig):
             raise ConfigError("cross_fit_folds must be >= 1 (1 = fit in-sample, biased; 2+ = cross-fitted).")
         if not 0 < self.ci_level < 1:
             raise ConfigError(f"ci_level must be in (0, 1), got {self.ci_level}.")
-        if self.learning_rate <= 0:
-            raise ConfigError("learning_rate must be > 0.")
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be finite and > 0, got {self.learning_rate}.")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}.")
         if self.etas is not None and (not self.etas or any(e <= 0 for e in self.etas)):
             raise ConfigError(f"etas must be positive step sizes, got {self.etas}.")
         if self.clip_log_weight is not None and self.clip_log_weight <= 0:

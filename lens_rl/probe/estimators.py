@@ -332,3 +332,83 @@ def base_entropy_stat(
         return (cw @ h.double()) / den
 
     return stat
+
+
+# ---------------------------------------------------------------------------- covariance baseline
+@dataclass
+class CovarianceTerms:
+    """Per-sequence sums of the covariance baseline (float64 ``(N,)``): ``sum_t log q``,
+    ``sum_t A``, ``sum_t A log q`` and ``T`` over the scored tokens of each update sequence."""
+
+    logq: torch.Tensor
+    adv: torch.Tensor
+    adv_logq: torch.Tensor
+    length: torch.Tensor
+    weight: torch.Tensor
+    count: torch.Tensor  # sequences summed into each row (1; G when rows are GRPO groups)
+
+    def by_group(self, group_size: int) -> CovarianceTerms:
+        """Rows summed over consecutive groups of ``group_size`` (GRPO groups share advantages,
+        so replicates leave out whole groups)."""
+
+        def g(x: torch.Tensor) -> torch.Tensor:
+            return x.view(-1, group_size).sum(-1)
+
+        if not torch.equal(self.weight, torch.ones_like(self.weight)):
+            raise ValueError("by_group is for unweighted samples.")
+        return CovarianceTerms(
+            g(self.logq),
+            g(self.adv),
+            g(self.adv_logq),
+            g(self.length),
+            torch.ones(self.logq.numel() // group_size, dtype=torch.float64),
+            g(self.count),
+        )
+
+
+def covariance_terms(
+    token_logq: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> CovarianceTerms:
+    """Inputs of :func:`covariance_stat` from ``(N, T)`` log q, mask and ``(N,)`` or ``(N, T)``
+    advantages (``weight``: sequence weights, e.g. exact probabilities in an enumeration)."""
+    mf = mask.to(torch.float64)
+    lq = torch.where(mask.bool(), token_logq.detach().double(), torch.zeros_like(mf))
+    a = advantages.detach().double()
+    a = (a[:, None] if a.dim() == 1 else a).expand_as(mf) * mf
+    n = mf.shape[0]
+    return CovarianceTerms(
+        logq=lq.sum(-1),
+        adv=a.sum(-1),
+        adv_logq=(a * lq).sum(-1),
+        length=mf.sum(-1),
+        weight=torch.ones(n, dtype=torch.float64) if weight is None else weight.double(),
+        count=torch.ones(n, dtype=torch.float64),
+    )
+
+
+def covariance_stat(terms: CovarianceTerms, normalize: Normalize) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``c -> -Cov(log q, A)``: the entropy-change-per-unit-eta of Cui et al. 2025 (arXiv
+    2505.22617, and verl's Clip-Cov/KL-Cov covariance), on replicate weights ``c (r, N)``.
+
+    ``Cov`` is the token-level covariance over every scored token of the update batch:
+    ``mean_tok(log q A) - mean_tok(log q) mean_tok(A)``. For a tabular softmax policy whose
+    logits take the natural-policy-gradient step ``z(s, a) += eta A(s, a)``,
+    ``dH(s)/d eta = -Cov_{a ~ pi(.|s)}(log pi(a|s), A(s, a))`` exactly; the paper applies it to
+    LLMs with ``eta`` the learning rate and the covariance over sampled tokens, which is what
+    this returns (per token: the mean per-token entropy change; per sequence: that times the
+    mean number of tokens per sequence). It does not look at v: its scale is the natural-PG
+    logit step, not the optimizer's parameter step.
+    """
+
+    def stat(c: torch.Tensor) -> torch.Tensor:
+        cw = c * terms.weight
+        tokens = cw @ terms.length
+        cov = (cw @ terms.adv_logq) / tokens - (cw @ terms.logq) * (cw @ terms.adv) / tokens**2
+        if normalize == "per_sequence":
+            return -cov * tokens / (cw @ terms.count)
+        return -cov
+
+    return stat

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from lens_rl.probe.estimators import (
     FEATURE_NAMES,
     Estimate,
     base_entropy_stat,
+    covariance_stat,
+    covariance_terms,
     estimate,
     prediction_stat,
     prediction_terms,
@@ -62,6 +65,13 @@ from lens_rl.processing.sequence_processor import (
 from lens_rl.training.rewards import group_advantages, reconstruction_reward
 
 NORMALIZATIONS = ("per_token", "per_sequence")
+COVARIANCE_REFERENCE = (
+    "Cui et al. 2025 (arXiv 2505.22617): deltaH ~ -eta Cov(log q, A) over every scored token of the "
+    "update batch U (A: the GRPO advantages of the step); per_sequence = per_token x mean tokens per "
+    "sequence of U. Exact for a tabular softmax under the natural-PG logit step z += eta A; it does not "
+    "use v. Its SE: jackknife over U's GRPO groups. covariance_difference = truth - eta (-Cov), SE "
+    "given U (the truth's, over E)."
+)
 
 
 # ---------------------------------------------------------------------------- the policy under probe
@@ -100,6 +110,7 @@ def _generation_config(cfg: EntropyProbeConfig) -> GenerationConfig:
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,
+        min_p=cfg.min_p,
         max_new_tokens=cfg.max_new_tokens,
         num_return_sequences=cfg.num_generations,
         gen_batch_size=cfg.gen_batch_size,
@@ -198,7 +209,11 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def compute_update_vector(
-    subject: ProbeSubject, seqs_u: BatchedSequences, rewards: torch.Tensor, cfg: EntropyProbeConfig
+    subject: ProbeSubject,
+    seqs_u: BatchedSequences,
+    rewards: torch.Tensor,
+    cfg: EntropyProbeConfig,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """v for one AdamW step on the GRPO loss over U (see :mod:`lens_rl.probe.update_vector`)."""
     module = subject.module
@@ -221,14 +236,20 @@ def compute_update_vector(
                 f"{state_path} does not fit the probe's AdamW parameter groups ({e}); it must come from "
                 "an optimizer over the same trainable parameters, grouped as transformers.Trainer does."
             ) from e
+        # the saved groups carry the lr of the saved step (0 at the end of a linear schedule); the
+        # probed step uses the config's (a run's next-step lr, or an explicit override)
+        for i, group in enumerate(opt.param_groups):
+            group.update(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+            group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
     module.zero_grad(set_to_none=True)
-    res = subject.sp.teacher_force_logprobs(seqs_u, with_grad=True, compute_rb=False)
+    res = subject.sp.teacher_force_logprobs(seqs_u, with_grad=True, compute_rb=False, progress=progress)
     adv = group_advantages(rewards, cfg.scale_rewards)[0].flatten().to(res.token_logqs.device)
     mask = seqs_u.gen_mask.reshape(adv.shape[0], -1)
-    loss = pg_loss(res.token_logqs.reshape(adv.shape[0], -1), mask, adv, cfg.loss_type, cfg.max_new_tokens)
+    token_logq = res.token_logqs.reshape(adv.shape[0], -1)
+    loss = pg_loss(token_logq, mask, adv, cfg.loss_type, cfg.max_new_tokens)
     loss.backward()
     trainable = [p for p in module.parameters() if p.requires_grad]
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")  # 0: off, as transformers
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
     direction = adamw_direction(opt)
     info: dict[str, Any] = {
@@ -246,7 +267,21 @@ def compute_update_vector(
         info["verify_against_optimizer_step"] = verify_against_step(opt, direction)
     module.zero_grad(set_to_none=True)
     v_named = named_direction(module, direction)
-    info["v_norm"] = float(torch.sqrt(sum(v.double().pow(2).sum() for v in v_named.values())))
+    v_norm = float(
+        torch.sqrt(
+            sum((v.double().pow(2).sum() for v in v_named.values()), torch.zeros((), dtype=torch.float64))
+        )
+    )
+    lr = float(opt.defaults["lr"])
+    if not (math.isfinite(v_norm) and v_norm > 0 and math.isfinite(lr) and lr > 0):
+        raise ValueError(
+            f"The update direction is zero or not finite (|v| = {v_norm}, lr = {lr}, |g| = {grad_norm}, "
+            f"reward std {info['reward_std']:.3g}): there is no step to probe. A zero reward spread in "
+            "every group gives zero advantages; try another seed or a larger batch_size_u."
+        )
+    info["v_norm"] = v_norm
+    # the covariance baseline (Cui et al. 2025) reads the update batch: popped by probe()
+    info["_covariance_terms"] = covariance_terms(token_logq, mask, adv)
     return v_named, info
 
 
@@ -264,6 +299,17 @@ def _features(pack, mask: torch.Tensor) -> torch.Tensor:
     return torch.stack(cols, -1)
 
 
+@contextlib.contextmanager
+def _phase(
+    timer: _Timer, name: str, description: str, total: int, show: bool
+) -> Iterator[Callable[[int], None]]:
+    """A timed phase with a progress bar (rate and ETA) over ``total`` items."""
+    from lens_rl.utils.progress import progress_bar
+
+    with timer.phase(name), progress_bar(description, total, enabled=show) as advance:
+        yield lambda k=1: advance(k)
+
+
 def _est(stat, n: int, cfg: EntropyProbeConfig, salt: int) -> Estimate:
     return estimate(stat, n, cfg.se_method, cfg.ci_level, cfg.n_bootstrap, seed=cfg.seed + salt)
 
@@ -278,30 +324,35 @@ class ProbeOutput:
 
 def probe(subject: ProbeSubject, cfg: EntropyProbeConfig, show_progress: bool = True) -> ProbeOutput:
     """Run phases 1-7 on ``subject``."""
-    from lens_rl.utils.progress import progress_bar
-
     sp = subject.sp
     if cfg.batch_size_u > subject.pool_size:
         raise ValueError(f"batch_size_u={cfg.batch_size_u} exceeds the prompt pool ({subject.pool_size}).")
     subject.module.eval()
     timer = _Timer()
     gen = torch.Generator().manual_seed(cfg.seed)
-    with timer.phase("sample_e"):
+    n_e, n_u = cfg.batch_size_e, cfg.batch_size_u * cfg.num_generations
+
+    def bar(name: str, description: str, total: int):
+        return _phase(timer, name, description, total, show_progress)
+
+    with bar("sample_e", "sample E (sequences)", n_e) as adv:
         idx_e = torch.randint(0, subject.pool_size, (cfg.batch_size_e,), generator=gen)
-        seqs_e = sp.generate_batched(subject.prompts(idx_e), G=1, seed=cfg.seed + 1)
-    with timer.phase("sample_u"):
+        seqs_e = sp.generate_batched(subject.prompts(idx_e), G=1, seed=cfg.seed + 1, progress=adv)
+    with bar("sample_u", "sample U (sequences)", n_u) as adv:
         idx_u = torch.randperm(subject.pool_size, generator=gen)[: cfg.batch_size_u]
-        seqs_u = sp.generate_batched(subject.prompts(idx_u), G=cfg.num_generations, seed=cfg.seed + 2)
+        seqs_u = sp.generate_batched(
+            subject.prompts(idx_u), G=cfg.num_generations, seed=cfg.seed + 2, progress=adv
+        )
         rewards = subject.rewards(seqs_u, idx_u)
-    with timer.phase("update_vector"):
-        v_named, update_info = compute_update_vector(subject, seqs_u, rewards, cfg)
-    with timer.phase("score_e"):
-        base, diag = sp.teacher_force_logprobs_with_diagnostics(seqs_e)
+    with bar("update_vector", "update vector (U scored)", n_u) as adv:
+        v_named, update_info = compute_update_vector(subject, seqs_u, rewards, cfg, progress=adv)
+    with bar("score_e", "score E", n_e) as adv:
+        base, diag = sp.teacher_force_logprobs_with_diagnostics(seqs_e, progress=adv)
         mask = _flat(seqs_e.gen_mask).bool()
         logq0, rb0 = _flat(base.token_logqs), _flat(base.rb_entropies)
         feats = _features(diag.diagnostics, mask)
-    with timer.phase("jvp"):
-        tang = sp.teacher_force_jvp(seqs_e, v_named, method=cfg.jvp_method)
+    with bar("jvp", "JVP along v", n_e) as adv:
+        tang = sp.teacher_force_jvp(seqs_e, v_named, method=cfg.jvp_method, progress=adv)
     n = mask.shape[0]
     consistency = {
         "max_abs_rb_jvp_primal_vs_scored": float((_flat(tang.rb_entropies) - rb0).abs().max()),
@@ -343,10 +394,21 @@ def probe(subject: ProbeSubject, cfg: EntropyProbeConfig, show_progress: bool = 
                 best = (bl, est, stat)
         results["best_baseline"][norm] = best[0]
         pred_stats[norm] = best[2]
+    cov_terms = update_info.pop("_covariance_terms")
+    if cfg.batch_size_u >= 2:  # advantages are relative to the group: replicates leave out whole groups
+        cov_terms = cov_terms.by_group(cfg.num_generations)
+    n_cov = cov_terms.logq.numel()
+    cov_est = {norm: _est(covariance_stat(cov_terms, norm), n_cov, cfg, 5) for norm in NORMALIZATIONS}
+    results["covariance"] = {
+        norm: {"dh_deta": cov_est[norm].as_dict(), "replicate_units": n_cov} for norm in NORMALIZATIONS
+    } | {"reference": COVARIANCE_REFERENCE}
     entries = []
-    with timer.phase("truth"), progress_bar("SNIS over eta", len(cfg.eta_list), enabled=show_progress) as adv:
+    n_eta = len(cfg.eta_list)
+    with bar("truth", f"SNIS over {n_eta} eta (E scored)", n_eta * n_e) as adv:
         for eta in cfg.eta_list:
-            new = sp.teacher_force_logprobs(seqs_e, params_override=sp.build_params_override(v_named, eta))
+            new = sp.teacher_force_logprobs(
+                seqs_e, params_override=sp.build_params_override(v_named, eta), progress=adv
+            )
             st = snis_terms(
                 logq0, _flat(new.token_logqs), rb0, _flat(new.rb_entropies), mask, cfg.clip_log_weight
             )
@@ -359,16 +421,22 @@ def probe(subject: ProbeSubject, cfg: EntropyProbeConfig, show_progress: bool = 
                     "difference": _est(
                         lambda c, t=truth, p=pred, e=eta: t(c) - e * p(c), n, cfg, 2
                     ).as_dict(),
+                    "covariance": Estimate(
+                        eta * cov_est[norm].value, eta * cov_est[norm].se, cfg.ci_level
+                    ).as_dict(),
+                    # given U (which fixes v and the covariance) only E varies: the truth's SE
+                    "covariance_difference": _est(
+                        lambda c, t=truth, k=eta * cov_est[norm].value: t(c) - k, n, cfg, 2
+                    ).as_dict(),
                 }
             entries.append(entry)
-            adv()
     if cfg.resample_check:
-        with timer.phase("resample"):
+        with bar("resample", f"resample E at {n_eta} eta (sampled + scored)", 2 * n_eta * n_e) as adv:
             for entry in entries:
                 with shifted_parameters(subject.module, v_named, entry["eta"]):
-                    seqs_r = sp.generate_batched(subject.prompts(idx_e), G=1, seed=cfg.seed + 1)
+                    seqs_r = sp.generate_batched(subject.prompts(idx_e), G=1, seed=cfg.seed + 1, progress=adv)
                 scored = sp.teacher_force_logprobs(
-                    seqs_r, params_override=sp.build_params_override(v_named, entry["eta"])
+                    seqs_r, params_override=sp.build_params_override(v_named, entry["eta"]), progress=adv
                 )
                 m_r = _flat(seqs_r.gen_mask).bool()
                 h_r = (_flat(scored.rb_entropies).double() * m_r).sum(-1)
@@ -384,6 +452,7 @@ def probe(subject: ProbeSubject, cfg: EntropyProbeConfig, show_progress: bool = 
                 )
     results.update(
         {
+            "learning_rate": cfg.learning_rate,
             "entries": entries,
             "update": update_info,
             "consistency": consistency,
@@ -396,44 +465,83 @@ def probe(subject: ProbeSubject, cfg: EntropyProbeConfig, show_progress: bool = 
 
 # ---------------------------------------------------------------------------- outputs
 def plot_probe(results: dict[str, Any], out_path: str | Path) -> Path:
-    """Predicted vs true deltaH over eta (one panel per normalisation), with CI error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Save :func:`probe_figure` as a PNG; return its path."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    etas = [e["eta"] for e in results["entries"]]
-    for ax, norm in zip(axes, NORMALIZATIONS, strict=True):
-        for key, style in (("truth", "o-"), ("prediction", "s--"), ("resample", "^:")):
-            if key not in results["entries"][0][norm]:
-                continue
-            vals = [e[norm][key]["value"] for e in results["entries"]]
-            err = [
-                [v - e[norm][key]["ci"][0] for v, e in zip(vals, results["entries"], strict=True)],
-                [e[norm][key]["ci"][1] - v for v, e in zip(vals, results["entries"], strict=True)],
-            ]
-            label = key if key != "prediction" else f"first order ({results['best_baseline'][norm]} baseline)"
-            ax.errorbar(etas, vals, yerr=err, fmt=style, capsize=3, label=label)
-        ax.axhline(0.0, color="grey", lw=0.5)
-        ax.set_xscale("log")
-        ax.set_xlabel("eta (step size; eta = lr is the real step)")
-        ax.set_ylabel("deltaH")
-        ax.set_title(f"entropy change, {norm.replace('_', '-')}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig = probe_figure(results)
     out = Path(out_path)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
 
+def probe_figure(results: dict[str, Any]):
+    """Predicted vs true deltaH over eta (one panel per normalisation), with CI error bars; the
+    first-order prediction, the covariance baseline and a dotted line at ``eta = lr``. The eta
+    axis is logarithmic with one label per probed eta (at most 6) and no minor labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    entries = results["entries"]
+    etas = [e["eta"] for e in entries]
+    lr = results.get("learning_rate")
+    for ax, norm in zip(axes, NORMALIZATIONS, strict=True):
+        series = (
+            ("truth", "o-", "truth (SNIS)"),
+            ("prediction", "s--", f"first order ({results['best_baseline'][norm]} baseline)"),
+            ("covariance", "d-.", "covariance (Cui et al. 2025)"),
+            ("resample", "^:", "resample"),
+        )
+        for key, style, label in series:
+            if key not in entries[0][norm]:
+                continue
+            vals = [e[norm][key]["value"] for e in entries]
+            err = [
+                [v - e[norm][key]["ci"][0] for v, e in zip(vals, entries, strict=True)],
+                [e[norm][key]["ci"][1] - v for v, e in zip(vals, entries, strict=True)],
+            ]
+            ax.errorbar(etas, vals, yerr=err, fmt=style, capsize=3, label=label)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        if lr:
+            ax.axvline(lr, color="black", ls=":", lw=1, label=f"eta = lr = {lr:.2g}")
+        ax.set_xscale("log")
+        # one labelled tick per probed eta (at most 6, evenly thinned), no minor labels: no overlap
+        step = max(1, math.ceil(len(etas) / 6))
+        ticks = etas[::step]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticklabels([f"{t:.2g}" for t in ticks], rotation=35, ha="right", fontsize=8)
+        ax.set_xlabel("eta (step size; eta = lr is the real step)")
+        ax.set_ylabel("deltaH")
+        ax.set_title(f"entropy change, {norm.replace('_', '-')}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def closeness(results: dict[str, Any], norm: str) -> dict[str, float]:
+    """Mean over the eta sweep of ``|truth - estimate|``, for the first-order prediction and
+    the covariance baseline (``first_order``, ``covariance``), and the ratio of the two."""
+    entries = results["entries"]
+    fo = sum(abs(e[norm]["difference"]["value"]) for e in entries) / len(entries)
+    cov = sum(abs(e[norm]["covariance_difference"]["value"]) for e in entries) / len(entries)
+    return {"first_order": fo, "covariance": cov, "covariance_over_first_order": cov / max(fo, 1e-300)}
+
+
 def summary_table(results: dict[str, Any], norm: str = "per_token"):
-    """A rich table: truth, prediction, paired difference, resample, ESS per eta."""
+    """A rich table: truth, first order, covariance baseline, paired differences, resample, ESS."""
     from rich.table import Table
 
     def fmt(e: dict | None) -> str:
         return "-" if e is None else f"{e['value']:+.3e} ± {e['se']:.1e}"
+
+    def in_ci(d: dict) -> str:
+        return "yes" if d["ci"][0] <= 0 <= d["ci"][1] else "NO"
 
     level = results["entries"][0][norm]["truth"]["level"]
     table = Table(title=f"Entropy probe ({norm.replace('_', '-')}; ± SE, CI level {level})")
@@ -443,18 +551,24 @@ def summary_table(results: dict[str, Any], norm: str = "per_token"):
         "first order",
         "true - first order",
         "0 in CI",
+        "covariance (Cui)",
+        "true - cov",
+        "0 in CI ",
         "resample",
         "ESS/N",
     ):
         table.add_column(col, justify="right")
     for e in results["entries"]:
-        d = e[norm]["difference"]
+        d, dc = e[norm]["difference"], e[norm]["covariance_difference"]
         table.add_row(
             f"{e['eta']:.2e}",
             fmt(e[norm]["truth"]),
             fmt(e[norm]["prediction"]),
             fmt(d),
-            "yes" if d["ci"][0] <= 0 <= d["ci"][1] else "NO",
+            in_ci(d),
+            fmt(e[norm]["covariance"]),
+            fmt(dc),
+            in_ci(dc),
             fmt(e[norm].get("resample")),
             f"{e['weights']['ess_fraction']:.3f}",
         )
@@ -469,6 +583,20 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
 
     from lens_rl.models.families import load_causal_lm
 
+    console = Console(width=max(Console().width, 132))
+    run_record = None
+    if cfg.trl_checkpoint:
+        from lens_rl.probe.from_run import apply_run, read_run
+
+        settings = read_run(cfg.trl_checkpoint)
+        run_record = apply_run(cfg, settings)
+        console.print(
+            f"probing the next step of {run_record['checkpoint']} (step {run_record['global_step']} of "
+            f"{run_record['max_steps']}); from the run: "
+            + ", ".join(f"{k}={v}" for k, v in run_record["from_run"].items())
+        )
+        for k, v in run_record["overrides"].items():
+            console.print(f"[yellow]override: {k}={v['probe']} (the run has {v['run']})[/yellow]")
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
@@ -481,23 +609,37 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
         from lens_rl.models.lens import ConsistencyLens
 
         base = load_causal_lm(cfg.model_name_or_path, dtype=torch.float32)
-        lens = ConsistencyLens.from_pretrained(cfg.lens_path, base=base, tokenizer=tok).to(device)
+        if cfg.lens_path is not None:
+            lens = ConsistencyLens.from_pretrained(cfg.lens_path, base=base, tokenizer=tok).to(device)
+        else:  # a run that started from a fresh lens: its architecture from the run's config
+            args = settings.args
+            lens = ConsistencyLens.build(
+                base, tok, args.decoder_config, args.encoder_config, share_base=True
+            ).to(device)
         store = ActivationDataset(cfg.activations)
         store.check_compatible(base.get_input_embeddings().weight.shape[1])
         subject = lens_subject(lens, tok, store, cfg)
         if cfg.trl_checkpoint:
             subject.optimizer_module = load_trl_checkpoint(lens, cfg.trl_checkpoint)
     results = probe(subject, cfg, show_progress=show_progress).results
+    if run_record is not None:
+        results["run"] = run_record
     results["config"] = cfg.to_dict()
     results["versions"] = _versions()
+    results["closeness"] = {norm: closeness(results, norm) for norm in NORMALIZATIONS}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_probe(results, out / "probe.png")
-    console = Console(width=max(Console().width, 132))
     console.print(summary_table(results, "per_token"))
     console.print(summary_table(results, "per_sequence"))
+    for norm, c in results["closeness"].items():
+        closer = "first order" if c["first_order"] <= c["covariance"] else "covariance"
+        console.print(
+            f"{norm}: mean |truth - estimate| over eta: first order {c['first_order']:.3e}, covariance "
+            f"{c['covariance']:.3e} ({c['covariance_over_first_order']:.3g}x): {closer} is closer"
+        )
     low = [e["eta"] for e in results["entries"] if e["weights"]["ess_fraction"] < 0.1]
     if low:
         console.print(

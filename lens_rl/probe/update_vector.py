@@ -26,7 +26,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+PROBE_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 ScaleRewards = Literal["group", "batch", "none"]
 
 
@@ -39,27 +40,36 @@ def pg_loss(
 ) -> torch.Tensor:
     """The on-policy GRPO loss whose gradient is the training gradient.
 
-    At the first step after sampling the PPO ratio is 1 (clipping inactive), so TRL's per-token
-    loss ``-min(r A, clip(r) A)`` has gradient ``-A grad log q``. Normalisation per
-    ``loss_type`` follows TRL 1.16 ``GRPOTrainer._compute_loss`` for one process, one
-    accumulation step and ``steps_per_generation = 1`` (the probe's update is one full batch):
-    grpo = mean over sequences of token means; bnpo and dapo = sum over tokens / token count;
-    dr_grpo = sum / (sequences x ``max_completion_length``).
+    At the first step after sampling the ratio ``r = exp(log q - log q_old)`` is 1, so
+    clipping is inactive and every supported ``loss_type``'s per-token loss has gradient
+    ``-A grad log q`` (grpo/bnpo/dr_grpo/dapo/luspo: ``-min(r A, clip(r) A)``; cispo:
+    ``-min(r, eps_high).detach() A log q`` with ``eps_high >= 1``; sapo:
+    ``-4 sigmoid(tau (r - 1)) / tau A``, slope 1 at ``r = 1``). The per-token surrogate
+    ``-A r`` (value ``-A``, TRL's value for all but sapo) is aggregated by the trainer's own
+    :func:`lens_rl.training.loss_norm.aggregate_loss` for one process, one accumulation step
+    and ``steps_per_generation = 1`` (the probe's update is one full batch). vespo (a
+    sequence-level gamma weight) is not supported.
 
     Args:
         token_logq: ``(N, T)`` teacher-forced log q with gradient.
         mask: ``(N, T)`` scored tokens.
         advantages: ``(N,)``.
+        max_completion_length: dr_grpo's constant (the lens: ``t_text``).
     """
+    from lens_rl.training.loss_norm import aggregate_loss
+
+    if loss_type not in PROBE_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {PROBE_LOSS_TYPES}; got {loss_type!r}.")
     m = mask.to(token_logq.dtype)
-    per_token = -advantages.to(token_logq.dtype)[:, None] * token_logq * m
-    if loss_type == "grpo":
-        return (per_token.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    if loss_type in ("bnpo", "dapo"):
-        return per_token.sum() / m.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
-        return per_token.sum() / (per_token.shape[0] * max_completion_length)
-    raise ValueError(f"loss_type must be one of grpo, bnpo, dr_grpo, dapo; got {loss_type!r}.")
+    ratio = torch.exp(torch.where(mask.bool(), token_logq - token_logq.detach(), 0.0))
+    per_token = -advantages.to(token_logq.dtype)[:, None] * ratio
+    return aggregate_loss(
+        per_token,
+        m,
+        loss_type,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=m.sum(),
+    ).loss
 
 
 def build_optimizer(

@@ -239,13 +239,20 @@ class SequenceProcessor:
         G: int | None = None,
         gen_batch_size: int | None = None,
         seed: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> BatchedSequences:
-        """Generate G responses per prompt (text prompts, or activations ``(B, d)`` in lens mode)."""
+        """Generate G responses per prompt (text prompts, or activations ``(B, d)`` in lens mode).
+        ``progress(n)`` is called with the number of responses finished after each batch."""
         g_count = G or self.config.num_return_sequences
         seed = self.config.seed if seed is None else seed
         if self.is_lens:
-            return self._generate_lens(prompts, g_count, seed)
-        return self._generate_text(list(prompts), g_count, gen_batch_size or self.config.gen_batch_size, seed)
+            out = self._generate_lens(prompts, g_count, seed)
+            if progress is not None:
+                progress(out.gen_lens.numel())
+            return out
+        return self._generate_text(
+            list(prompts), g_count, gen_batch_size or self.config.gen_batch_size, seed, progress
+        )
 
     def _generate_lens(self, activations: torch.Tensor, g_count: int, seed: int) -> BatchedSequences:
         if not isinstance(activations, torch.Tensor) or activations.dim() != 2:
@@ -287,7 +294,12 @@ class SequenceProcessor:
         )
 
     def _generate_text(
-        self, prompts: list[str], g_count: int, gen_batch_size: int, seed: int
+        self,
+        prompts: list[str],
+        g_count: int,
+        gen_batch_size: int,
+        seed: int,
+        progress: Callable[[int], None] | None = None,
     ) -> BatchedSequences:
         tok = self.tokenizer
         side, tok.padding_side = tok.padding_side, "left"  # prompts are left-padded; restored below
@@ -323,6 +335,8 @@ class SequenceProcessor:
                 seqs[s:e, : out.sequences.shape[1]] = out.sequences.cpu()
                 steps_run[s:e] = out.sequences.shape[1] - p_len
                 logq[s:e, : out.sampler_logq.shape[1]] = out.sampler_logq.float().cpu()
+                if progress is not None:
+                    progress(e - s)
         else:
             ids = [
                 row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)
@@ -343,6 +357,8 @@ class SequenceProcessor:
                     seqs[r, p_len : p_len + len(sample_ids)] = torch.tensor(sample_ids)
                     logq[r, : len(sample_lp)] = torch.tensor(sample_lp)
                     r += 1
+            if progress is not None:
+                progress(n)
         gen_part = seqs[:, p_len:]
         if self.config.backend == "vllm":  # vLLM returns each sample up to its own stop
             gen_lens = torch.tensor([len(s) for req in out.token_ids for s in req])
@@ -434,13 +450,15 @@ class SequenceProcessor:
         compute_rb: bool = True,
         params_override: dict[str, torch.Tensor] | None = None,
         return_diagnostics: bool = False,
+        progress: Callable[[int], None] | None = None,
     ):
         """Score the generated tokens: log p, log q, RB entropy, surprisal, sums (``(B, G, ·)``).
 
         No-grad: through ``functional_call`` with ``params_override`` (default: the live
         parameters). With-grad: the live module, graph kept; with ``params_override`` the graph
         runs through the mapping's tensors instead (e.g. ``theta + eta v`` with ``eta`` a
-        tensor that requires grad, for exact derivatives in eta).
+        tensor that requires grad, for exact derivatives in eta). ``progress(n)`` is called with
+        the number of sequences scored after each batch.
         Returns :class:`LogprobResults`, plus :class:`DiagnosticsResults` if requested.
         """
         b, g_count = sequences.sequences.shape[:2]
@@ -466,6 +484,8 @@ class SequenceProcessor:
             m = mask[rows].to(scores["logp"].dtype)
             for k in parts:
                 parts[k].append(torch.where(m.bool(), scores[k], torch.zeros_like(scores[k])))
+            if progress is not None:
+                progress(rows.stop - rows.start)
         full = {k: torch.cat(v).view(b, g_count, -1) for k, v in parts.items()}
         rb_torch = full["rb_entropy"] if (with_grad and self.config.rb_requires_grad) else None
         res = LogprobResults(
@@ -506,6 +526,7 @@ class SequenceProcessor:
         v_named: dict[str, torch.Tensor],
         method: Literal["jvp", "double_backward"] = "jvp",
         tf_batch_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> TangentResults:
         """Per-token log q and RB entropy at theta and their directional derivatives along v.
 
@@ -514,7 +535,8 @@ class SequenceProcessor:
         ``functional_call``; attention runs on SDPA's math kernel, the only one with forward-mode
         formulas on CPU); ``double_backward`` gets the same numbers from reverse mode (the
         ``grad(grad(f, theta, u), u)`` trick) for ops without forward-mode support. Parameters
-        not in ``v_named`` are held fixed. Values outside ``gen_mask`` are 0.
+        not in ``v_named`` are held fixed. Values outside ``gen_mask`` are 0. ``progress(n)`` is
+        called with the number of sequences done after each batch.
         """
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -549,6 +571,8 @@ class SequenceProcessor:
             m = mask[rows]
             for k, val in zip(("logq", "rb", "d_logq", "d_rb"), (lq, rb, dlq, drb), strict=True):
                 parts[k].append(torch.where(m, val.detach(), torch.zeros_like(val)))
+            if progress is not None:
+                progress(rows.stop - rows.start)
         full = {k: torch.cat(v).view(b, g_count, -1) for k, v in parts.items()}
         return TangentResults(
             token_logqs=full["logq"],

@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--encoder_mse_weights", type=float, nargs="+", default=[0.0])
     ap.add_argument("--max_steps", type=int, default=60)
     ap.add_argument("--output_dir", default="outputs/rl_lr_sweep")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more LensGRPOConfig flags")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "rl_lr_sweep.json"))
     args = ap.parse_args()
 
@@ -53,12 +54,14 @@ def main() -> None:
                 "--encoder_mse_weight", str(w),
                 "--max_steps", str(args.max_steps),
                 "--disable_tqdm", "true",
+                *args.extra,
             ]  # fmt: skip
             (cfg,) = parse_args([LensGRPOConfig], argv, typecheck=False)
             t0 = time.perf_counter()
             res = run_rl(cfg)
             rewards = [h["reward"] for h in res["log_history"] if "reward" in h]
             row = {
+                "extra": " ".join(args.extra),
                 "learning_rate": lr,
                 "encoder_mse_weight": w,
                 "max_steps": args.max_steps,

@@ -42,7 +42,6 @@ from lens_rl.training.guards import NonFiniteGuard
 from lens_rl.training.losses import normalized_mse
 from lens_rl.training.rewards import group_advantages, reconstruction_reward
 
-
 LOGQ_FLOOR = -1e4  # stands for log q = -inf (a token outside the policy's truncated support)
 
 

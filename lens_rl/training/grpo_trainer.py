@@ -5,15 +5,26 @@ policy.
 Overridden surface (everything else is TRL 1.16's ``GRPOTrainer``):
 
 - ``_generate_and_score_completions``: rollouts from activations (HF nondiff generator with the
-  prefix encoded once per group, or vLLM with the decoder prompt as ``prompt_embeds`` and a
-  trainable base synced into the engine after each optimizer step), rewards through TRL's reward-function machinery
-  (the reconstruction reward first), group advantages (TRL's ``sum_then_normalize`` rule),
-  importance weights q_theta_old / q_sampler under the SAME sampling policy (fixing the top-p
-  bias of TRL issue #6789), RB-entropy diagnostics, optional KL reference log-probs;
-- ``_get_per_token_logps_and_entropies``: log q and entropies from ``Decoder.fwd_tokens`` under
-  the sampling policy, through the wrapper's forward (so DDP sees the computation);
-- ``_compute_loss``: hands the batch's activations to the scorer and lets TRL multiply its loss
-  by the lens's importance weights.
+  prefix encoded once per group, or vLLM with one request of n = group size per activation and
+  the decoder prompt as ``prompt_embeds``; a trainable base is synced into the engine after each
+  optimizer step); theta_old scores and step diagnostics from one teacher-forced pass and one
+  vocabulary sweep, through the wrapped module (the trainer's autocast); rewards through TRL's
+  reward-function machinery (the reconstruction reward first; prompts are the activations'
+  contexts), group advantages (TRL's ``sum_then_normalize`` rule), TRL's completion log and the
+  reward functions' ``log_metric``/``log_extra`` flush; importance weights q_theta_old / q_sampler
+  under the SAME sampling policy (fixing the top-p bias of TRL issue #6789); TRL's rule for
+  keeping old log-probs; the sampler's log-probs for ``off_policy_mask_threshold``; optional KL
+  reference log-probs under the policy's temperature;
+- ``_get_per_token_logps_and_entropies``: log q and H(q) from ``Decoder.fwd_tokens`` (the
+  shared scorer), plus the encoder's MSE when it co-trains, in ONE call of the wrapped module
+  (DDP marks each parameter once);
+- ``_compute_loss``: hands the batch's activations to the scorer, lets TRL apply its loss and
+  the lens's importance weights, adds the encoder term scaled for gradient accumulation;
+- ``evaluate``: the whole val split (FVE, functional KL, explanations), every ``eval_steps``;
+- ``log``: TRL's, plus the completions as TensorBoard text.
+
+Which config fields hold and which are refused: ``lens_rl/training/refusals.py`` and
+``LensGRPOConfig``; the loss equals TRL's formulas option by option (``tests/test_grpo_parity.py``).
 
 The policy optimised is the sampling policy q_theta (temperature + truncation), so the PPO
 ratio, the importance weights and the entropy all live on the same measure.

@@ -189,7 +189,9 @@ class LensGRPOTrainer(GRPOTrainer):
         step = self.state.global_step
         if getattr(self, "_vllm_synced_step", None) == step:
             return
-        seconds = self.vllm_backend.sync_weights(base.state_dict().items())
+        from lens_rl.models.lora import merged_state_dict  # issue 17: LoRA deltas merged, HF names
+
+        seconds = self.vllm_backend.sync_weights(merged_state_dict(base).items())
         self._vllm_synced_step = step
         self._vllm_sync_seconds = seconds
 

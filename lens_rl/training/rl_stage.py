@@ -47,6 +47,8 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
             raise ValueError(
                 f"{cfg.sft_lens} was trained at layer {lens.meta['layer']}, the data is layer {store.layer}."
             )
+        if cfg.peft_config is not None:  # issue 17: LoRA adapters on a loaded lens
+            lens.add_lora(cfg.decoder_config.lora, cfg.encoder_config.lora)
     else:
         lens = ConsistencyLens.build(
             orig.model,

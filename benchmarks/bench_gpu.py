@@ -96,6 +96,7 @@ def bench_rollouts(dec, model_dir: str, dtype_name: str, device, args) -> dict:
     out["hf_s"] = median_time(hf, args.repeats, warmup=True)
     out["hf_tokens_per_s"] = n_act * g * t / out["hf_s"]
     if args.no_vllm:
+        print("rollouts", json.dumps(out), flush=True)
         return out
     from lens_rl.generation.vllm_backend import VLLMBackend
 

@@ -58,6 +58,12 @@ def test_row_views_index_like_tensors(bf16_split):
     assert torch.equal(rec["A_prime"], a[j].float()) and torch.equal(rec["prime_input_ids"], ids[j].long())
     # statistics of the stored values, computed at dump time
     torch.testing.assert_close(ds.mean, a.double().mean(0).float(), rtol=0, atol=1e-6)
+    # a DataLoader batch (__getitems__, one read per tensor) holds exactly the per-record values
+    batch = ds.__getitems__([12, 0, 29, 12])
+    for got, k in zip(batch, [12, 0, 29, 12], strict=True):
+        want = ds[k]
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[f], want[f]) and got[f].dtype == want[f].dtype for f in want)
     # a copy in another process (DataLoader workers) reopens its own files
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone.A[idx], a[idx])

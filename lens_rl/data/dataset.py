@@ -244,6 +244,30 @@ class ActivationDataset(Dataset):
             "prime_token_pos": self.token_pos[j],
         }
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """The records of ``indices`` (what ``__getitem__`` gives for each), read in one pass per
+        tensor: ``DataLoader`` calls this for a whole batch instead of one read per record."""
+        i = torch.as_tensor(indices, dtype=torch.long)
+        j = self.a_prime_index[i]
+        both = torch.cat([i, j])
+        a = self.A[both].float()
+        ids = self.input_ids[both].long()
+        pos = self.token_pos[both]
+        n = len(indices)
+        return [
+            {
+                "A": a[k],
+                "A_prime": a[n + k],
+                "input_ids": ids[k],
+                "token_pos": pos[k],
+                "index": i[k],
+                "a_prime_index": j[k],
+                "prime_input_ids": ids[n + k],
+                "prime_token_pos": pos[n + k],
+            }
+            for k in range(n)
+        ]
+
     def check_compatible(self, d_model: int, layer: int | None = None, vocab_size: int | None = None) -> None:
         """Raise :class:`DumpError` if the dump's width, layer or token ids do not fit the model."""
         if self.metadata["d_model"] != d_model:

@@ -132,8 +132,7 @@ class FileCache:
         self._fds: OrderedDict[Path, int] = OrderedDict()
         self._pid = os.getpid()
 
-    def pread(self, path: Path, nbytes: int, offset: int) -> bytearray:
-        """``nbytes`` bytes of ``path`` from ``offset`` (an error if the file is shorter)."""
+    def _fd(self, path: Path) -> int:
         if self._pid != os.getpid():  # a forked copy: the parent's descriptors are not ours to cache
             self._fds = OrderedDict()
             self._pid = os.getpid()
@@ -143,14 +142,22 @@ class FileCache:
             while len(self._fds) >= self.capacity:
                 os.close(self._fds.popitem(last=False)[1])
         self._fds[path] = fd
-        out = bytearray(nbytes)
-        view = memoryview(out)
-        done = 0
-        while done < nbytes:  # read straight into the buffer the tensor will wrap (no copies)
+        return fd
+
+    def preadinto(self, path: Path, view: memoryview, offset: int) -> None:
+        """Fill ``view`` with the bytes of ``path`` from ``offset`` (an error if the file is shorter)."""
+        fd = self._fd(path)
+        done, nbytes = 0, len(view)
+        while done < nbytes:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
                 raise ShardFormatError(f"{path}: ended after {offset + done} bytes (truncated).")
             done += got
+
+    def pread(self, path: Path, nbytes: int, offset: int) -> bytearray:
+        """``nbytes`` bytes of ``path`` from ``offset``, in a new buffer."""
+        out = bytearray(nbytes)
+        self.preadinto(path, memoryview(out), offset)
         return out
 
     def close(self) -> None:
@@ -202,6 +209,7 @@ class ShardedRows:
         self._infos = [h.tensors[name] for h in headers]
         self._paths = [h.path for h in headers]
         self._starts = torch.tensor(list(starts), dtype=torch.long)
+        self._start_list = list(starts)
         self._counts = [i.shape[0] for i in self._infos]
         self._files = files
         first = self._infos[0]
@@ -218,35 +226,25 @@ class ShardedRows:
         return len(self.shape)
 
     def _read(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows ``rows`` (1-D, already in range), in that order."""
+        """Rows ``rows`` (1-D, already in range), in that order: read straight into the output
+        tensor's memory, one read per run of consecutive rows of one shard."""
         n = rows.numel()
         out = torch.empty((n, *self.row_shape), dtype=self.dtype)
-        if n == 0:
+        rb = self._infos[0].row_bytes
+        if n == 0 or rb == 0:
             return out
-        shard = torch.searchsorted(self._starts, rows.contiguous(), right=True) - 1
-        order = torch.argsort(rows, stable=True)
-        sorted_rows = rows[order].tolist()
-        sorted_shard = shard[order].tolist()
-        i = 0
-        while i < n:  # one read per run of consecutive rows in the same shard
-            s, r0 = sorted_shard[i], sorted_rows[i]
-            j = i + 1
-            while (
-                j < n
-                and sorted_shard[j] == s
-                and sorted_rows[j] - r0 <= j - i
-                and sorted_rows[j] >= sorted_rows[j - 1]
-            ):
-                j += 1
-            last = sorted_rows[j - 1]
-            info = self._infos[s]
-            local = r0 - int(self._starts[s])
-            buf = self._files.pread(
-                self._paths[s], (last - r0 + 1) * info.row_bytes, info.offset + local * info.row_bytes
-            )
-            block = _to_tensor(buf, self.dtype, (last - r0 + 1, *self.row_shape))
-            out[order[i:j]] = block[torch.tensor(sorted_rows[i:j]) - r0]
-            i = j
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        shard = (torch.searchsorted(self._starts, rows.contiguous(), right=True) - 1).tolist()
+        rl = rows.tolist()
+        k = 0
+        while k < n:
+            s, r0 = shard[k], rl[k]
+            m = k + 1
+            while m < n and shard[m] == s and rl[m] == rl[m - 1] + 1:
+                m += 1
+            offset = self._infos[s].offset + (r0 - self._start_list[s]) * rb
+            self._files.preadinto(self._paths[s], view[k * rb : m * rb], offset)
+            k = m
         return out
 
     def _rows(self, key) -> tuple[torch.Tensor, bool]:

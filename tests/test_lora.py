@@ -168,3 +168,32 @@ def test_lora_rl_with_vllm_rollouts(tiny_model_dir, tiny_dump, tmp_path):
     assert logs[-1]["sampling/vllm_sync_seconds"] > 0
     saved = load_file(str(tmp_path / "rl" / "lens" / LENS_WEIGHTS))
     assert any(".lora_B." in k and v.abs().max() > 0 for k, v in saved.items())
+
+
+@pytest.mark.slow  # ~30-60 s: two processes under `accelerate launch`
+def test_lora_sft_under_two_process_ddp(tiny_model_dir, tiny_dump, tmp_path):
+    """DDP (gloo, 2 processes) with adapters on both bases: every adapter that gets a gradient
+    is in the DDP bucket (the encoder's unreached ones are frozen, as for a trainable base), the
+    run finishes and saves trained adapters."""
+    from script_runner import accelerate_launch
+
+    out = tmp_path / "ddp"
+    args = [
+        *("--model_name_or_path", str(tiny_model_dir), "--train_data", str(tiny_dump["train"])),
+        *("--output_dir", str(out), "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no"),
+        *(
+            "--per_device_train_batch_size",
+            "4",
+            "--t_text",
+            "3",
+            "--plot",
+            "false",
+            "--learning_rate",
+            "1e-2",
+        ),
+        *("--peft_config", json.dumps(LORA)),
+    ]
+    res = accelerate_launch("sft_lens.py", args, num_processes=2, port=29561)
+    assert "world size 2" in res.stdout + res.stderr
+    saved = load_file(str(out / "lens" / LENS_WEIGHTS))
+    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in saved.items())

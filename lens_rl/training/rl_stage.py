@@ -91,7 +91,7 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
                 cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib,
                 seed=cfg.seed,
                 dtype=cfg.model_dtype,
-                # issue 17: TRL's vllm_* fields reach the engine (CUDA; ignored by vllm-cpu)
+                # issue 17: TRL's vllm_* fields reach the engine (memory fraction: CUDA only)
                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                 max_model_len=cfg.vllm_max_model_length,
             )

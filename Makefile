@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup demo test test-slow test-all lint format bench clean
+.PHONY: setup demo test test-slow test-all lint format bench gpu-check clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
@@ -47,6 +47,16 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_scoring.py --model_dir .cache/lens_rl/base-llama-d128 --out benchmarks/results/scoring.json
 	$(PY) benchmarks/bench_rl.py --out benchmarks/results/rl.json
 	$(PY) benchmarks/bench_probe.py --model_dir .cache/lens_rl/base-llama-d128 --out benchmarks/results/probe.json
+
+## GPU tests and GPU figures (scripts/gpu_check.py). Without an NVIDIA GPU: says so, runs nothing, exits 0.
+gpu-check:
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory setup && $(PY) scripts/gpu_check.py; \
+	else \
+		echo "gpu-check: no NVIDIA GPU here (nvidia-smi finds none). Nothing was run."; \
+		echo "On a machine with an NVIDIA GPU, \`make gpu-check\` builds ~1B-parameter random models locally,"; \
+		echo "runs the \`gpu\` tests and the GPU benchmarks, and writes benchmarks/results/gpu_check.json."; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -38,7 +38,7 @@ fi
 
 # Fail loudly here rather than in the first test.
 "$VENV/bin/python" - <<'PY'
-import torch, transformers, trl, accelerate, datasets  # noqa: F401
+import torch, transformers, trl, accelerate, datasets, peft  # noqa: F401
 from transformers import LlamaForCausalLM, GPT2LMHeadModel, Qwen2ForCausalLM  # noqa: F401
 import lens_rl
 print(f"[setup] ok: torch {torch.__version__}, transformers {transformers.__version__}, "

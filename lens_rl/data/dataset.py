@@ -10,13 +10,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from lens_rl.data.dump import DTYPES, FORMAT_VERSION, tensors_digest
-from lens_rl.data.windows import WindowSet
+from lens_rl.data.shards import (
+    DTYPES,
+    FORMAT_VERSION,
+    FileCache,
+    ShardedRows,
+    ShardFormatError,
+    ShardHeader,
+    read_header,
+    stream_shard,
+)
+
+if TYPE_CHECKING:  # windows imports transformers; the dump reader does not need it
+    from lens_rl.data.windows import WindowSet
 
 REQUIRED_KEYS = ("A", "input_ids", "token_pos", "index", "a_prime_index")
 # Larger magnitudes in A are taken for corruption (a flipped exponent bit gives ~1e37); the
@@ -28,12 +40,38 @@ class DumpError(ValueError):
     """A dump folder is missing, incomplete, corrupted or inconsistent with its metadata."""
 
 
-class ActivationDataset(Dataset):
-    """Activation records of one split of a dump (single- or multi-process).
+class _Moments:
+    """Running per-feature sum and sum of squares (float64) of A, chunk by chunk."""
 
-    Every shard listed in ``metadata.json`` is opened and checked (keys, shapes, dtype, layer,
-    index coverage) when the dataset is built, so a bad dump fails before training starts.
-    The split is held in memory (A in its storage dtype; converted to fp32 per record).
+    def __init__(self, d: int) -> None:
+        self.n = 0
+        self.total = torch.zeros(d, dtype=torch.float64)
+        self.total_sq = torch.zeros(d, dtype=torch.float64)
+
+    def add(self, a: torch.Tensor) -> None:
+        a = a.double()
+        self.n += a.shape[0]
+        self.total += a.sum(0)
+        self.total_sq += (a * a).sum(0)
+
+    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / max(self.n, 1)
+        var = (self.total_sq / max(self.n, 1) - mean * mean).clamp(min=0)
+        return mean.float(), var.float()
+
+
+class ActivationDataset(Dataset):
+    """Activation records of one split of a dump (single- or multi-process), read lazily.
+
+    Every shard listed in ``metadata.json`` is checked when the dataset is built (keys, shapes,
+    dtype, layer, index coverage, content checksum, finite and plausible ``A``, positions and
+    ``A'`` indices in range), one bounded chunk at a time, so a bad dump fails before training
+    starts and the check's memory does not grow with the dump. Afterwards ``A``, ``input_ids``,
+    ``token_pos`` and ``a_prime_index`` are :class:`~lens_rl.data.shards.ShardedRows` views:
+    indexing them (``store.A[idx]``, ``store.input_ids[idx, store.token_pos[idx]]``) reads only
+    those rows from disk, so resident memory stays flat in the number of activations. ``A`` is
+    returned in its storage dtype (``float32``, ``float16`` or ``bfloat16``); records upcast it
+    to fp32.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -54,34 +92,27 @@ class ActivationDataset(Dataset):
         n, d, s_len = md["num_samples"], md["d_model"], md["seq_len"]
         self.layer: int = md["layer"]
         dtype = DTYPES[md["dtype"]]
-        self.A = torch.empty(n, d, dtype=dtype)
-        self.input_ids = torch.empty(n, s_len, dtype=torch.int32)
-        self.token_pos = torch.empty(n, dtype=torch.long)
-        self.a_prime_index = torch.empty(n, dtype=torch.long)
-        seen = torch.zeros(n, dtype=torch.bool)
-        for shard in md["shards"]:
+        shards = sorted(md["shards"], key=lambda s: s["start"])
+        headers = []
+        covered = 0
+        for shard in shards:
             file = self.path / shard["file"]
             if not file.exists():
                 raise DumpError(f"Shard {file} listed in {meta_path} is missing.")
             try:
-                with safe_open(str(file), "pt") as f:
-                    keys = set(f.keys())
-                    missing = [k for k in REQUIRED_KEYS if k not in keys]
-                    if missing:
-                        raise DumpError(f"Shard {file} lacks tensors {missing}.")
-                    smeta = f.metadata() or {}
-                    t = {k: f.get_tensor(k) for k in REQUIRED_KEYS}
-                    stored = {k: f.get_tensor(k) for k in keys}
-            except DumpError:
-                raise
-            except Exception as e:  # safetensors raises its own error types on corrupted files
+                header = read_header(file)
+            except (ShardFormatError, OSError) as e:
                 raise DumpError(f"Shard {file} cannot be read (corrupted or truncated): {e}") from e
-            if "sha256" in smeta and tensors_digest(stored) != smeta["sha256"]:
-                raise DumpError(
-                    f"Shard {file}: content checksum mismatch (the file changed after it was written); "
-                    "delete it and rerun the dump to redo it."
-                )
+            missing = [k for k in REQUIRED_KEYS if k not in header.tensors]
+            if missing:
+                raise DumpError(f"Shard {file} lacks tensors {missing}.")
             c, start = shard["count"], shard["start"]
+            if start != covered:
+                raise DumpError(
+                    f"Shard {file} starts at sample {start}; the shards before it end at {covered} "
+                    f"(samples [{min(start, covered)}, {max(start, covered)}) are in no shard or in two)."
+                )
+            covered = start + c
             expect = {
                 "A": (c, d),
                 "input_ids": (c, s_len),
@@ -90,58 +121,34 @@ class ActivationDataset(Dataset):
                 "a_prime_index": (c,),
             }
             for k, shape in expect.items():
-                if tuple(t[k].shape) != shape:
+                if header.tensors[k].shape != shape:
                     raise DumpError(
-                        f"Shard {file}: {k} has shape {tuple(t[k].shape)}, metadata implies {shape}."
+                        f"Shard {file}: {k} has shape {header.tensors[k].shape}, metadata implies {shape}."
                     )
-            if t["A"].dtype != dtype:
-                raise DumpError(f"Shard {file}: A is {t['A'].dtype}, metadata says {md['dtype']}.")
-            if int(smeta.get("layer", self.layer)) != self.layer:
+            if header.tensors["A"].dtype != dtype:
                 raise DumpError(
-                    f"Shard {file} was captured at layer {smeta.get('layer')}, metadata says {self.layer}."
+                    f"Shard {file}: A is {header.tensors['A'].dtype}, metadata says {md['dtype']}."
                 )
-            idx = t["index"]
-            if not torch.equal(idx, torch.arange(start, start + c)):
-                raise DumpError(f"Shard {file}: index does not cover [{start}, {start + c}).")
-            self.A[idx] = t["A"]
-            self.input_ids[idx] = t["input_ids"]
-            self.token_pos[idx] = t["token_pos"]
-            self.a_prime_index[idx] = t["a_prime_index"]
-            seen[idx] = True
-        if not bool(seen.all()):
-            raise DumpError(f"{self.path}: {int((~seen).sum())} of {n} samples are in no shard.")
-
-        def shard_of(i: int) -> Path:
-            return next(
-                self.path / s["file"] for s in md["shards"] if s["start"] <= i < s["start"] + s["count"]
-            )
-
-        finite = torch.isfinite(self.A.float()).all(dim=1)
-        if not bool(finite.all()):
-            i = int((~finite).nonzero()[0])
-            raise DumpError(f"Shard {shard_of(i)}: A of sample {i} contains NaN or inf.")
-        big = self.A.float().abs().amax(dim=1)
-        if bool((big > MAX_ABS_ACTIVATION).any()):
-            i = int(big.argmax())
-            raise DumpError(
-                f"Shard {shard_of(i)}: sample {i} has |A| = {float(big[i]):.3g} > {MAX_ABS_ACTIVATION:g} "
-                "(a corrupted value; residual streams stay far below this)."
-            )
-        bad_pos = (self.token_pos < 0) | (self.token_pos >= s_len)
-        if bool(bad_pos.any()):
-            i = int(bad_pos.nonzero()[0])
-            raise DumpError(
-                f"Shard {shard_of(i)}: token_pos {int(self.token_pos[i])} of sample {i} outside the window "
-                f"[0, {s_len})."
-            )
-        bad_prime = (self.a_prime_index < 0) | (self.a_prime_index >= n)
-        if bool(bad_prime.any()):
-            i = int(bad_prime.nonzero()[0])
-            raise DumpError(
-                f"Shard {shard_of(i)}: a_prime_index {int(self.a_prime_index[i])} of sample {i} outside [0, {n})."
-            )
+            if int(header.metadata.get("layer", self.layer)) != self.layer:
+                raise DumpError(
+                    f"Shard {file} was captured at layer {header.metadata.get('layer')}, metadata says "
+                    f"{self.layer}."
+                )
+            headers.append(header)
+        if covered != n:
+            raise DumpError(f"{self.path}: {n - covered} of {n} samples are in no shard.")
         stats_path = self.path / "stats.safetensors"
-        if stats_path.exists():
+        sums = None if stats_path.exists() else _Moments(d)
+        self._ids_range = [None, None]
+        for shard, header in zip(shards, headers, strict=True):
+            self._check_shard(header, shard["start"], n, s_len, sums)
+        self._files = FileCache()
+        starts = [s["start"] for s in shards]
+        self.A = ShardedRows("A", headers, starts, self._files)
+        self.input_ids = ShardedRows("input_ids", headers, starts, self._files)
+        self.token_pos = ShardedRows("token_pos", headers, starts, self._files)
+        self.a_prime_index = ShardedRows("a_prime_index", headers, starts, self._files)
+        if sums is None:
             try:
                 with safe_open(str(stats_path), "pt") as f:
                     self.mean, self.var = f.get_tensor("mean"), f.get_tensor("var")
@@ -157,11 +164,72 @@ class ActivationDataset(Dataset):
                     "reconstruction loss divides by the variance. Recompute the statistics (rerun the dump)."
                 )
         else:
-            a = self.A.double()
-            self.mean, self.var = a.mean(0).float(), a.var(0, unbiased=False).float()
+            self.mean, self.var = sums.mean_var()
+
+    def _check_shard(
+        self, header: ShardHeader, start: int, n: int, s_len: int, sums: _Moments | None
+    ) -> None:
+        """Stream one shard: checksum, index coverage, finite and plausible A, positions and A'
+        indices in range, token id range; accumulate the moments of A when there is no stats file."""
+        file = header.path
+
+        def on_chunk(name: str, r: int, t: torch.Tensor) -> None:
+            first = start + r
+            if name == "A":
+                a = t.float()
+                finite = torch.isfinite(a).all(dim=1)
+                if not bool(finite.all()):
+                    i = first + int((~finite).nonzero()[0])
+                    raise DumpError(f"Shard {file}: A of sample {i} contains NaN or inf.")
+                big = a.abs().amax(dim=1)
+                if bool((big > MAX_ABS_ACTIVATION).any()):
+                    k = int(big.argmax())
+                    raise DumpError(
+                        f"Shard {file}: sample {first + k} has |A| = {float(big[k]):.3g} > "
+                        f"{MAX_ABS_ACTIVATION:g} (a corrupted value; residual streams stay far below this)."
+                    )
+                if sums is not None:
+                    sums.add(t)
+            elif name == "index":
+                if not torch.equal(t.long(), torch.arange(first, first + t.shape[0])):
+                    c = header.tensors["index"].shape[0]
+                    raise DumpError(f"Shard {file}: index does not cover [{start}, {start + c}).")
+            elif name == "token_pos":
+                bad = (t < 0) | (t >= s_len)
+                if bool(bad.any()):
+                    k = int(bad.nonzero()[0])
+                    raise DumpError(
+                        f"Shard {file}: token_pos {int(t[k])} of sample {first + k} outside the window "
+                        f"[0, {s_len})."
+                    )
+            elif name == "a_prime_index":
+                bad = (t < 0) | (t >= n)
+                if bool(bad.any()):
+                    k = int(bad.nonzero()[0])
+                    raise DumpError(
+                        f"Shard {file}: a_prime_index {int(t[k])} of sample {first + k} outside [0, {n})."
+                    )
+            elif name == "input_ids" and t.numel():
+                lo, hi = int(t.min()), int(t.max())
+                cur_lo, cur_hi = self._ids_range
+                self._ids_range = [
+                    lo if cur_lo is None else min(lo, cur_lo),
+                    hi if cur_hi is None else max(hi, cur_hi),
+                ]
+
+        want = header.metadata.get("sha256")
+        try:
+            got = stream_shard(header, on_chunk, digest=want is not None)
+        except (ShardFormatError, OSError) as e:
+            raise DumpError(f"Shard {file} cannot be read (corrupted or truncated): {e}") from e
+        if want is not None and got != want:
+            raise DumpError(
+                f"Shard {file}: content checksum mismatch (the file changed after it was written); "
+                "delete it and rerun the dump to redo it."
+            )
 
     def __len__(self) -> int:
-        return self.A.shape[0]
+        return len(self.A)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j = int(self.a_prime_index[i])
@@ -176,12 +244,36 @@ class ActivationDataset(Dataset):
             "prime_token_pos": self.token_pos[j],
         }
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """The records of ``indices`` (what ``__getitem__`` gives for each), read in one pass per
+        tensor: ``DataLoader`` calls this for a whole batch instead of one read per record."""
+        i = torch.as_tensor(indices, dtype=torch.long)
+        j = self.a_prime_index[i]
+        both = torch.cat([i, j])
+        a = self.A[both].float()
+        ids = self.input_ids[both].long()
+        pos = self.token_pos[both]
+        n = len(indices)
+        return [
+            {
+                "A": a[k],
+                "A_prime": a[n + k],
+                "input_ids": ids[k],
+                "token_pos": pos[k],
+                "index": i[k],
+                "a_prime_index": j[k],
+                "prime_input_ids": ids[n + k],
+                "prime_token_pos": pos[n + k],
+            }
+            for k in range(n)
+        ]
+
     def check_compatible(self, d_model: int, layer: int | None = None, vocab_size: int | None = None) -> None:
         """Raise :class:`DumpError` if the dump's width, layer or token ids do not fit the model."""
         if self.metadata["d_model"] != d_model:
             raise DumpError(f"{self.path}: d_model {self.metadata['d_model']} != the model's {d_model}.")
         if vocab_size is not None:
-            lo, hi = int(self.input_ids.min()), int(self.input_ids.max())
+            lo, hi = self._ids_range
             if lo < 0 or hi >= vocab_size:
                 raise DumpError(
                     f"{self.path}: token ids span [{lo}, {hi}], outside the model's vocabulary of {vocab_size}."

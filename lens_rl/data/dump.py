@@ -30,12 +30,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lens_rl.config import ConfigError, ValidatedConfig
+from lens_rl.data.shards import DTYPES, FORMAT_VERSION, read_header, stream_shard, tensors_digest
 from lens_rl.data.windows import WindowSet, build_windows, tokenize_corpus
 from lens_rl.models.loading import ModelLoadingArguments
 from lens_rl.utils.progress import progress_bar
-
-FORMAT_VERSION = 1
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -136,16 +134,6 @@ def split_dir(output_dir: str | Path, model_name_or_path: str, layer: int, split
 
 def _shard_name(start: int) -> str:
     return f"shard_{start:09d}.safetensors"
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the named tensors' bytes (sorted by name): the shard's content checksum."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _content_config(cfg: DumpConfig) -> dict:
@@ -277,12 +265,16 @@ def _finalize_split(
     shards = []
     total = torch.zeros(d_model, dtype=torch.float64)
     total_sq = torch.zeros(d_model, dtype=torch.float64)
+
+    def add(name: str, first_row: int, a: torch.Tensor) -> None:
+        a = a.to(torch.float64)
+        total.add_(a.sum(0))
+        total_sq.add_((a * a).sum(0))
+
     for path in sorted(out.glob("rank_*/shard_*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-            a = f.get_tensor("A").to(torch.float64)
-        total += a.sum(0)
-        total_sq += (a * a).sum(0)
+        header = read_header(path)
+        meta = header.metadata
+        stream_shard(header, add, names=["A"])  # one bounded chunk in memory at a time
         shards.append(
             {"file": str(path.relative_to(out)), "start": int(meta["start"]), "count": int(meta["count"])}
         )

@@ -55,6 +55,7 @@ from lens_rl.models.families import (
     lm_logits,
     load_causal_lm,
 )
+from lens_rl.models.lora import check_lora_config, lora_base, lora_parameters
 from lens_rl.models.surgery import checkpointed_blocks, hooked, replace_rows
 from lens_rl.ops.diagnostics import token_scores
 from lens_rl.ops.sampling import SamplingPolicy, gumbel_noise
@@ -90,9 +91,18 @@ class DecoderConfig(ValidatedConfig):
     trainable_projection: bool = field(default=True, metadata={"help": "Train the projection(s) of A."})
     trainable_prompt: bool = field(default=True, metadata={"help": "Train the soft-prompt embeddings."})
     use_dropout: bool = field(default=False, metadata={"help": "Keep the base's dropout on in train mode."})
+    lora: dict | None = field(
+        default=None,
+        metadata={
+            "help": "peft.LoraConfig options (r, lora_alpha, target_modules, ...): train LoRA adapters on "
+            "the base, which stays frozen and shared (see lens_rl.models.lora)."
+        },
+    )
 
     def validate(self) -> None:
         """Reject prompts without exactly one slot and impossible patching combinations."""
+        self.lora = check_lora_config(self.lora, "decoder.lora")
+        refuse_lora_with_full_training(self.lora, self, "decoder", _FULL_TRAINING)
         if self.prompt.count(EMBED_MARKER) != 1:
             raise ConfigError(
                 f"DecoderConfig.prompt must contain exactly one {EMBED_MARKER!r} slot, got {self.prompt!r}."
@@ -104,6 +114,20 @@ class DecoderConfig(ValidatedConfig):
             )
         if self.per_layer_projections and self.patch_all_layers is False:
             raise ConfigError("DecoderConfig.per_layer_projections=True needs patch_all_layers (True or N).")
+
+
+_FULL_TRAINING = ("trainable_base", "trainable_embeddings", "trainable_output_head")
+
+
+def refuse_lora_with_full_training(lora: dict | None, cfg, part: str, names: tuple[str, ...]) -> None:
+    """LoRA adapters sit on a base whose weights are shared (frozen); training full base weights
+    as well would change the orig model's."""
+    on = [n for n in names if getattr(cfg, n)]
+    if lora and on:
+        raise ConfigError(
+            f"{part}.lora trains adapters on the shared frozen base; it cannot be combined with {on}. "
+            "Use one or the other."
+        )
 
 
 @dataclass
@@ -187,6 +211,8 @@ class Decoder(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
+        if config.lora:  # adapters on a structural copy sharing every weight (no deep copy)
+            base = lora_base(base, config.lora, "decoder.lora")
         self.base = base
         self.family = check_lens_family(base)  # raises on unsupported architectures
         # Block checkpointing of cache-free passes (fwd_tokens, generate_soft); set by
@@ -229,8 +255,12 @@ class Decoder(nn.Module):
         """Build a decoder on ``base``: a deep copy, or (``share_weights``) the same frozen module.
 
         Sharing saves memory when only the projections and prompt train; it is refused when any
-        base weight is trainable, since that would also change the orig model.
+        base weight is trainable, since that would also change the orig model. With
+        ``config.lora`` the base is never copied: the adapters go on a structural copy that shares
+        every weight (:func:`lens_rl.models.lora.lora_base`).
         """
+        if config.lora:
+            return cls(base, tokenizer, config)
         if share_weights:
             trainable = [
                 n
@@ -285,6 +315,21 @@ class Decoder(nn.Module):
         if hasattr(self, "prompt_left_emb"):
             self.prompt_left_emb.requires_grad_(cfg.trainable_prompt)
             self.prompt_right_emb.requires_grad_(cfg.trainable_prompt)
+        for p in lora_parameters(self.base):
+            p.requires_grad_(True)
+
+    def enable_lora(self, lora: dict, where: str = "peft_config") -> None:
+        """Add LoRA adapters to a built decoder (e.g. an SFT lens that trained without them)."""
+        if self.config.lora:
+            raise ConfigError(
+                f"{where}: the decoder already has LoRA adapters ({self.config.lora}); leave {where} unset "
+                "to go on training them."
+            )
+        lora = check_lora_config(lora, where)
+        refuse_lora_with_full_training(lora, self.config, "decoder", _FULL_TRAINING)
+        self.base = lora_base(self.base, lora, where)
+        self.config.lora = lora
+        self._apply_trainability()
 
     def projection_parameters(self) -> list[nn.Parameter]:
         """Parameters of the projection(s) of A (for per-group learning rates)."""

@@ -17,8 +17,9 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens_rl.config import ConfigError, ValidatedConfig
-from lens_rl.models.decoder import _identity_linear
+from lens_rl.models.decoder import _identity_linear, refuse_lora_with_full_training
 from lens_rl.models.families import check_lens_family, embed_tokens
+from lens_rl.models.lora import check_lora_config, lora_base, lora_parameters
 from lens_rl.models.surgery import checkpointed_blocks, run_until
 
 TEXT_MARKER = "<text>"
@@ -43,9 +44,18 @@ class EncoderConfig(ValidatedConfig):
     trainable_base: bool = field(default=False, metadata={"help": "Train the encoder's base LM."})
     trainable_projection: bool = field(default=True, metadata={"help": "Train the output projection."})
     trainable_prompt: bool = field(default=True, metadata={"help": "Train the soft-prompt embeddings."})
+    lora: dict | None = field(
+        default=None,
+        metadata={
+            "help": "peft.LoraConfig options: train LoRA adapters on the base, which stays frozen and "
+            "shared (see lens_rl.models.lora)."
+        },
+    )
 
     def validate(self) -> None:
-        """A non-empty prompt must contain the marker exactly once."""
+        """A non-empty prompt must contain the marker exactly once; LoRA excludes a trainable base."""
+        self.lora = check_lora_config(self.lora, "encoder.lora")
+        refuse_lora_with_full_training(self.lora, self, "encoder", ("trainable_base",))
         if self.prompt and self.prompt.count(TEXT_MARKER) != 1:
             raise ConfigError(
                 f"EncoderConfig.prompt must be empty or contain exactly one {TEXT_MARKER!r}, got {self.prompt!r}."
@@ -71,6 +81,8 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
+        if config.lora:  # adapters on a structural copy sharing every weight (no deep copy)
+            base = lora_base(base, config.lora, "encoder.lora")
         self.base = base.train(False)
         n = check_lens_family(base).n_layers  # raises on unsupported architectures
         if not -n <= config.output_layer < n:
@@ -89,11 +101,13 @@ class Encoder(nn.Module):
         self.prompt_right_emb = nn.Parameter(emb_r.detach().clone())
         for p in self.base.parameters():
             p.requires_grad_(config.trainable_base)
+        for p in lora_parameters(self.base):
+            p.requires_grad_(True)
         self.frozen_unused: list[str] = []  # base parameters left frozen because no gradient reaches them
         self.checkpointing: dict | None = (
             None  # block checkpointing (ConsistencyLens.gradient_checkpointing_enable)
         )
-        if config.trainable_base:
+        if config.trainable_base or config.lora:
             self._freeze_unused_base()
         self.proj.requires_grad_(config.trainable_projection)
         self.prompt_left_emb.requires_grad_(config.trainable_prompt)
@@ -129,10 +143,26 @@ class Encoder(nn.Module):
         config: EncoderConfig,
         share_weights: bool = False,
     ) -> Encoder:
-        """Build on a deep copy of ``base`` or (``share_weights``, frozen base only) on ``base`` itself."""
+        """Build on a deep copy of ``base`` or (``share_weights``, frozen base only) on ``base`` itself;
+        with ``config.lora`` never on a copy (the adapters go on a structural copy sharing the weights)."""
         if share_weights and config.trainable_base:
             raise ConfigError("share_weights=True needs EncoderConfig.trainable_base=False.")
-        return cls(base if share_weights else copy.deepcopy(base), tokenizer, config)
+        return cls(base if share_weights or config.lora else copy.deepcopy(base), tokenizer, config)
+
+    def enable_lora(self, lora: dict, where: str = "peft_config") -> None:
+        """Add LoRA adapters to a built encoder (e.g. an SFT lens that trained without them)."""
+        if self.config.lora:
+            raise ConfigError(
+                f"{where}: the encoder already has LoRA adapters ({self.config.lora}); leave {where} unset "
+                "to go on training them."
+            )
+        lora = check_lora_config(lora, where)
+        refuse_lora_with_full_training(lora, self.config, "encoder", ("trainable_base",))
+        self.base = lora_base(self.base, lora, where).train(False)
+        self.config.lora = lora
+        for p in lora_parameters(self.base):
+            p.requires_grad_(True)
+        self._freeze_unused_base()
 
     def train(self, mode: bool = True) -> Encoder:
         """Train mode for the lens parts; the base keeps dropout off."""

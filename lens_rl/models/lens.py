@@ -100,6 +100,14 @@ class ConsistencyLens(nn.Module):
         """Run ``fn(self, *args, **kwargs)``: the loss computation, inside the wrapper's forward."""
         return fn(self, *args, **kwargs)
 
+    def add_lora(self, decoder: dict | None = None, encoder: dict | None = None) -> None:
+        """Add LoRA adapters (peft.LoraConfig options) to the decoder and/or encoder base of a built
+        or loaded lens; they are saved and reloaded with it (the options go into its config)."""
+        if decoder is not None:
+            self.decoder.enable_lora(decoder)
+        if encoder is not None:
+            self.encoder.enable_lora(encoder)
+
     def gradient_checkpointing_enable(
         self,
         gradient_checkpointing_kwargs: dict[str, Any] | None = None,

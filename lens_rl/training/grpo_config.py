@@ -19,6 +19,7 @@ from lens_rl.config import ConfigError, sub_config
 from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
 from lens_rl.models.loading import ModelLoadingArguments
+from lens_rl.models.lora import PEFT_CONFIG_HELP, apply_peft_config
 from lens_rl.ops.sampling import SamplingPolicy
 from lens_rl.training.guards import RunGuardArguments
 from lens_rl.training.refusals import GRPO_REFUSED, TRAINING_ARGS_REFUSED, refuse_fields
@@ -37,6 +38,7 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments):
     )
     decoder: dict | str = field(default_factory=dict, metadata={"help": "DecoderConfig for a fresh lens."})
     encoder: dict | str = field(default_factory=dict, metadata={"help": "EncoderConfig for a fresh lens."})
+    peft_config: dict | str | None = field(default=None, metadata={"help": PEFT_CONFIG_HELP})
     train_data: str = field(default="", metadata={"help": "Dump folder of the training split."})
     val_data: str | None = field(default=None, metadata={"help": "Dump folder for FVE before/after."})
     t_text: int = field(default=8, metadata={"help": "Tokens per explanation (fixed-length rollouts)."})
@@ -158,6 +160,11 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments):
             )
         self.decoder_config = sub_config(self.decoder, DecoderConfig, "decoder")
         self.encoder_config = sub_config(self.encoder, EncoderConfig, "encoder")
+        # LoRA: fills decoder/encoder lora for a fresh lens; rl_stage adds the
+        # adapters to an sft_lens that has none.
+        self.peft_config = apply_peft_config(
+            self.peft_config, self.decoder_config, self.encoder_config, self.encoder_mse_weight > 0
+        )
 
 
 def _zero_stage(deepspeed: str | dict | None) -> int | None:

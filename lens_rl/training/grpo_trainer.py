@@ -105,6 +105,16 @@ def _group_size(idx: torch.Tensor) -> int:
     return 1
 
 
+def _activation_index(n: int):
+    """TRL's train set: one int64 ``index`` column (8 bytes per record, no prompt strings: the
+    activations stay in the store, and the prompts that rewards and logs see are built from
+    their contexts per batch)."""
+    import datasets
+    import numpy as np
+
+    return datasets.Dataset.from_dict({"index": np.arange(n, dtype=np.int64)})
+
+
 class LensGRPOTrainer(GRPOTrainer):
     """GRPO on TRL for a consistency-lens decoder (see the module docstring)."""
 
@@ -119,8 +129,6 @@ class LensGRPOTrainer(GRPOTrainer):
         vllm_backend=None,
         val_store: ActivationDataset | None = None,
     ) -> None:
-        import datasets
-
         self.lens = lens
         self.orig = orig
         self.store = train_store
@@ -132,17 +140,12 @@ class LensGRPOTrainer(GRPOTrainer):
         self._rollout_calls = 0
         self.last_samples: list[dict[str, Any]] = []
         rewards = [self._reconstruction_reward_fn(), *(reward_funcs or [])]
-        ds = datasets.Dataset.from_dict(
-            {
-                "prompt": [f"activation {i}" for i in range(len(train_store))],
-                "index": list(range(len(train_store))),
-            }
-        )
+        ds = _activation_index(len(train_store))  # O(1) memory, whatever the dump's size
         # Trainer requires an eval_dataset when eval_strategy is set; the lens's evaluate() reads
         # the val store itself (whole split), so this only stands for it.
         eval_ds = None
         if val_store is not None:
-            eval_ds = datasets.Dataset.from_dict({"prompt": ["val"], "index": [0]})
+            eval_ds = _activation_index(1)
         elif args.eval_strategy != "no":
             raise ValueError("eval_strategy needs the val split (val_data).")
         beta = args.beta
@@ -250,7 +253,9 @@ class LensGRPOTrainer(GRPOTrainer):
         step = self.state.global_step
         if getattr(self, "_vllm_synced_step", None) == step:
             return
-        seconds = self.vllm_backend.sync_weights(base.state_dict().items())
+        from lens_rl.models.lora import merged_state_dict  # LoRA deltas merged, HF names
+
+        seconds = self.vllm_backend.sync_weights(merged_state_dict(base).items())
         self._vllm_synced_step = step
         self._vllm_sync_seconds = seconds
 

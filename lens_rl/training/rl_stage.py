@@ -47,6 +47,8 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
             raise ValueError(
                 f"{cfg.sft_lens} was trained at layer {lens.meta['layer']}, the data is layer {store.layer}."
             )
+        if cfg.peft_config is not None:  # LoRA adapters on a loaded lens
+            lens.add_lora(cfg.decoder_config.lora, cfg.encoder_config.lora)
     else:
         lens = ConsistencyLens.build(
             orig.model,
@@ -89,6 +91,7 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
                 cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib,
                 seed=cfg.seed,
                 dtype=cfg.model_dtype,
+                # TRL's vllm_* fields reach the engine (memory fraction: CUDA only)
                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                 max_model_len=cfg.vllm_max_model_length,
             )

@@ -22,6 +22,7 @@ from lens_rl.config import ConfigError, sub_config, validate_types
 from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
 from lens_rl.models.loading import ModelLoadingArguments
+from lens_rl.models.lora import PEFT_CONFIG_HELP, apply_peft_config
 from lens_rl.training.guards import RunGuardArguments
 from lens_rl.training.refusals import TRAINING_ARGS_REFUSED, refuse_fields
 from lens_rl.training.schedules import parse_schedule
@@ -55,6 +56,7 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments)
         default=True,
         metadata={"help": "Decoder/encoder reuse the orig model's frozen weights when not trained."},
     )
+    peft_config: dict | str | None = field(default=None, metadata={"help": PEFT_CONFIG_HELP})
     t_text: int = field(default=8, metadata={"help": "Tokens per explanation."})
 
     # --- losses (weights are schedules)
@@ -184,6 +186,9 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments)
             raise ConfigError("All of mse_weight, lm_weight and kl_weight are 0: nothing would be trained.")
         self.decoder_config = sub_config(self.decoder, DecoderConfig, "decoder")
         self.encoder_config = sub_config(self.encoder, EncoderConfig, "encoder")
+        self.peft_config = apply_peft_config(
+            self.peft_config, self.decoder_config, self.encoder_config, encoder_trains=True
+        )
         if (
             self.resample_ablation
             and self.schedules["mse_weight"].max_value <= 0

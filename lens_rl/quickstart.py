@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from lens_rl.cli import packaged_config
     from lens_rl.config import parse_args
     from lens_rl.data.dump import DumpConfig, run_dump
     from lens_rl.pretrain import pretrain_small_lm
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         [DumpConfig],
         [
             "--config",
-            str(ROOT / "configs" / "dump_quickstart.yaml"),
+            str(packaged_config("dump_quickstart.yaml")),
             "--model_name_or_path",
             str(model_dir),
             "--output_dir",
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     console.rule("3/4 supervised lens")
     sft_args = [
         "--config",
-        str(ROOT / "configs" / "sft_quickstart.yaml"),
+        str(packaged_config("sft_quickstart.yaml")),
         "--model_name_or_path",
         str(model_dir),
         "--train_data",
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         console.rule("4/4 GRPO fine-tuning on TRL")
         rl_args = [
             "--config",
-            str(ROOT / "configs" / "rl_quickstart.yaml"),
+            str(packaged_config("rl_quickstart.yaml")),
             "--model_name_or_path",
             str(model_dir),
             "--sft_lens",

@@ -408,9 +408,23 @@ def _colour(fve: float) -> str:
     return f"hsl({120 * q:.0f},75%,78%)"
 
 
+_CONTROL = {c: chr(0x2400 + c) for c in range(32) if chr(c) not in "\n\t"} | {127: "\u2421"}
+
+
+def visible(text: str) -> str:
+    """``text`` with control characters (other than newline and tab) replaced by their Unicode
+    control pictures (``\\x00`` -> ``␀``): browsers drop or replace them otherwise."""
+    return text.translate(_CONTROL)
+
+
+def esc(text: str) -> str:
+    """HTML-escaped :func:`visible` text."""
+    return html.escape(visible(text), quote=True)
+
+
 def _token_html(tok: str) -> str:
     """A token's text, escaped, with newlines and tabs made visible."""
-    s = html.escape(tok)
+    s = esc(tok)
     return s.replace("\t", '<span class="nl">→</span>\t').replace("\n", '<span class="nl">↵</span>\n')
 
 
@@ -419,15 +433,15 @@ def _detail_html(r: dict[str, Any]) -> str:
     for j, s in enumerate(r["samples"]):
         rows.append(
             f'<tr class="{"best" if j == 0 else ""}"><td class="num">{j + 1}</td>'
-            f'<td class="expl">{html.escape(s["explanation"])}</td>'
+            f'<td class="expl">{esc(s["explanation"])}</td>'
             f'<td class="num">{s["fve"]:.3f}</td><td class="num">{s["rel_error"]:.3f}</td>'
             f'<td class="num">{s["kl"]:.4f}</td></tr>'
         )
     return (
         f"<h3>text {r['text_index']}, position {r['position']}: "
-        f"<code>{html.escape(repr(r['token']))}</code></h3>"
-        f'<div class="ctx">…{html.escape(r["context"])}<b>{html.escape(r["token"])}</b></div>'
-        f'<div>best: <b class="expl">{html.escape(r["explanation"])}</b> '
+        f"<code>{esc(repr(r['token']))}</code></h3>"
+        f'<div class="ctx">…{esc(r["context"])}<b>{esc(r["token"])}</b></div>'
+        f'<div>best: <b class="expl">{esc(r["explanation"])}</b> '
         f"(FVE {r['fve']:.3f}, KL {r['kl']:.4f})</div>"
         '<table><thead><tr><th class="num">#</th><th>explanation</th><th class="num">FVE</th>'
         '<th class="num">rel. error</th><th class="num">KL</th></tr></thead><tbody>'
@@ -454,18 +468,18 @@ def write_html(result: Explanations, path: str | Path, title: str = "lens explan
                 r = result.rows[i]
                 spans.append(
                     f'<span class="tok" tabindex="0" data-row="{i}" style="background:{_colour(r["fve"])}" '
-                    f'title="FVE {r["fve"]:.2f} | KL {r["kl"]:.3f} | {html.escape(r["explanation"])}">'
+                    f'title="FVE {r["fve"]:.2f} | KL {r["kl"]:.3f} | {esc(r["explanation"])}">'
                     f"{_token_html(tok)}</span>"
                 )
         texts_html.append(f'<div class="text"><h2>text {ti}</h2>{"".join(spans)}</div>')
     details = "".join(f'<div id="row-{i}">{_detail_html(r)}</div>' for i, r in enumerate(result.rows))
     s = result.summary()
-    info = " · ".join(f"{k}: {html.escape(str(v))}" for k, v in result.info.items())
+    info = " · ".join(f"{k}: {esc(str(v))}" for k, v in result.info.items())
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{html.escape(title)}</title>'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{esc(title)}</title>'
         f"<style>{_CSS}</style></head><body>"
-        f"<header><h1>{html.escape(title)}</h1>"
+        f"<header><h1>{esc(title)}</h1>"
         f'<div class="info">{info}</div>'
         f'<div class="info">{s["positions"]} positions · mean FVE of the best sample {s["best_fve"]:.3f} '
         f"(of all samples {s['sample_fve']:.3f}) · mean KL of the best {s['best_kl']:.4f}</div>"

@@ -240,3 +240,60 @@ def test_positions_and_inputs_are_checked(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"content": 1}\n')
     with pytest.raises(ValueError, match="c.jsonl:1: expected an object with a 'text' string"):
         read_texts(tmp_path / "c.jsonl")
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="no Chromium on PATH (install with `apt-get install -y chromium`, or WITH_CHROMIUM=1 make setup as root)",
+)
+def test_html_page_renders_in_headless_chromium(saved_lens, tmp_path):
+    """The page, opened from disk in a real headless Chromium: a non-blank screenshot with the
+    tokens' colours, and a DOM (after its script ran) holding every explanation, with the first
+    token selected and its explanations in the side panel. The page loads nothing from outside."""
+    import colorsys
+    import html as html_lib
+
+    from matplotlib.image import imread
+
+    from lens_rl.explanations import visible
+
+    lens = ConsistencyLens.from_pretrained(saved_lens)
+    res = lens.explain([TEXT, "def f(x):\n    return x"], positions="all", k=3)
+    page = res.write_html(tmp_path / "explanations.html")
+    source = page.read_text()
+    assert "<link" not in source and "src=" not in source and "href=" not in source  # self-contained
+    base = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,900",
+    ]
+    url = page.as_uri()
+    shot = tmp_path / "shot.png"
+    subprocess.run([*base, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+    img = imread(shot)  # (H, W, 3|4) floats in [0, 1]
+    assert img.shape[0] >= 800 and img.shape[1] >= 1100
+    rgb = (img[..., :3] * 255).round().astype(int).reshape(-1, 3)
+    assert len({tuple(p) for p in rgb[::7].tolist()}) > 50  # text, colours, panel: not a blank page
+    # The background of the first token: hsl(120 * clamp(FVE, 0, 1), 75%, 78%), as the page paints it.
+    hue = round(120 * min(max(res.rows[0]["fve"], 0.0), 1.0)) / 360
+    want = torch.tensor([round(255 * c) for c in colorsys.hls_to_rgb(hue, 0.78, 0.75)])
+    assert (torch.tensor(rgb) - want).abs().max(1).values.le(2).sum() > 50  # > 50 pixels of it
+    dom = subprocess.run(
+        [*base, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert 'class="tok sel"' in dom  # the script ran and selected the first token
+    for r in res.rows:
+        for s in r["samples"]:
+            assert html_lib.escape(visible(s["explanation"]), quote=False) in dom
+    panel = dom[dom.index('id="panel"') : dom.index('id="details"')]
+    assert html_lib.escape(visible(res.rows[0]["explanation"]), quote=False) in panel

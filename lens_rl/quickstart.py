@@ -9,7 +9,8 @@
    compare with the trivial mean-activation predictor.
 4. Fine-tune the lens with GRPO on TRL for a few steps (``configs/rl_quickstart.yaml``, the
    code ``accelerate launch scripts/rl_lens.py`` runs) and evaluate it again.
-5. Show sample explanations and the metrics; everything lands in ``outputs/quickstart``.
+5. Show sample explanations and the metrics; everything lands in ``outputs/quickstart``, with
+   the held-out explanations page ``outputs/quickstart/sft/explanations.html``.
 """
 
 from __future__ import annotations
@@ -146,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         }
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"outputs: {out / 'sft'} (metrics.jsonl, explanations.jsonl, training_curves.png, lens/)")
+    console.print(
+        f"outputs: {out / 'sft'} (metrics.jsonl, explanations.jsonl, training_curves.png, lens/)\n"
+        f"explanations page (open in a browser): {(out / 'sft' / 'explanations.html').resolve()}\n"
+        f"explain your own text: lens-rl explain --lens {out / 'sft' / 'lens'} --text '...' "
+        f"--output_dir {out / 'explain'}"
+    )
     console.print(f"done in {summary['seconds']:.0f} s")
     return 0 if final["fve"] > final["baseline_mean_fve"] else 1

@@ -297,3 +297,40 @@ def test_html_page_renders_in_headless_chromium(saved_lens, tmp_path):
             assert html_lib.escape(visible(s["explanation"]), quote=False) in dom
     panel = dom[dom.index('id="panel"') : dom.index('id="details"')]
     assert html_lib.escape(visible(res.rows[0]["explanation"]), quote=False) in panel
+
+
+def test_supervised_training_shows_its_work(tiny_model_dir, tiny_dump, tmp_path, capsys):
+    """run_sft prints the metrics and a table of sample explanations at every evaluation and at
+    the end, and writes the explanations page (and its JSONL) for held-out windows."""
+    from sft_configs import small_sft_config
+
+    from lens_rl.training.sft_trainer import run_sft
+
+    out = tmp_path / "run"
+    cfg = small_sft_config(
+        tiny_model_dir,
+        tiny_dump,
+        out,
+        eval_strategy="steps",
+        eval_steps=1,
+        num_explanations=3,
+        explain_texts=2,
+        explain_samples=2,
+    )
+    final = run_sft(cfg)["final"]
+    printed = capsys.readouterr().out
+    # steps 1 and 2 would evaluate; the last step's evaluation runs once after the save
+    assert printed.count("evaluation at step 1") == 2 and printed.count("evaluation at step 2") == 2
+    assert "sample explanations" in printed and "held-out explanations after 2 supervised steps" in printed
+    assert f"{final['fve']:.4f}" in printed
+    rows = [json.loads(r) for r in (out / "explanations_val.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 32 and {r["text_index"] for r in rows} == {0, 1}  # 2 windows x 32 tokens
+    assert all(len(r["samples"]) == 2 for r in rows)
+    page = (out / "explanations.html").read_text()
+    assert all(visible_html(r["explanation"]) in page for r in rows)
+
+
+def visible_html(text: str) -> str:
+    from lens_rl.explanations import esc
+
+    return esc(text)

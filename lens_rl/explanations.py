@@ -542,7 +542,7 @@ def evaluation_tables(metrics: dict[str, float], samples: list[dict[str, Any]], 
     m.add_column("metric")
     m.add_column("value", justify="right")
     for key, v in metrics.items():
-        m.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+        m.add_row(key, str(int(v)) if key.startswith("num_") else f"{v:.4f}")
     tables = [m]
     if samples:
         t = Table(title=f"sample explanations ({head})")

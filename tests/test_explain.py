@@ -334,3 +334,82 @@ def visible_html(text: str) -> str:
     from lens_rl.explanations import esc
 
     return esc(text)
+
+
+def test_config_lookup_and_module_launch_parsing(tmp_path, monkeypatch):
+    """`--config NAME.yaml` that is not a file here resolves to the shipped config (the README's
+    commands work from any folder and from a wheel); a file here wins. The world-size check reads
+    `accelerate launch ... -m lens_rl.cli` command lines up to the module."""
+    from lens_rl.cli import packaged_config, resolve_config
+    from lens_rl.utils.launch import _requested_processes
+
+    monkeypatch.chdir(tmp_path)
+    shipped = packaged_config("sft_quickstart.yaml")
+    assert shipped.is_file() and shipped.read_text() == (ROOT / "configs" / "sft_quickstart.yaml").read_text()
+    for given in ("sft_quickstart.yaml", "configs/sft_quickstart.yaml"):
+        assert resolve_config(["--config", given, "--max_steps", "3"]) == [
+            "--config",
+            str(shipped),
+            "--max_steps",
+            "3",
+        ]
+    assert resolve_config(["--config=configs/rl_quickstart.yaml"]) == [
+        f"--config={packaged_config('rl_quickstart.yaml')}"
+    ]
+    (tmp_path / "sft_quickstart.yaml").write_text("max_steps: 1\n")
+    assert resolve_config(["--config", "sft_quickstart.yaml"]) == ["--config", "sft_quickstart.yaml"]
+    assert resolve_config(["--config", "nope.yaml"]) == ["--config", "nope.yaml"]  # parse_args names it
+    launch = ["python", "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    assert _requested_processes([*launch, "-m", "lens_rl.cli", "sft", "--num_processes", "9"]) == 2
+    assert (
+        _requested_processes(["python", "-m", "accelerate.commands.launch", "-m", "lens_rl.cli", "sft"])
+        is None
+    )
+
+
+@pytest.mark.slow
+def test_accelerate_launch_of_the_module_trains(tiny_model_dir, tiny_dump, tmp_path):
+    """`accelerate launch -m lens_rl.cli sft --config sft_quickstart.yaml` (the shipped config,
+    from an unrelated folder) trains, evaluates and writes the lens and the explanations page."""
+    cmd = [
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        "1",
+        "-m",
+        "lens_rl.cli",
+        "sft",
+        "--config",
+        "sft_quickstart.yaml",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--train_data",
+        str(tiny_dump["train"]),
+        "--val_data",
+        str(tiny_dump["val"]),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--max_steps",
+        "4",
+        "--eval_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--explain_texts",
+        "1",
+    ]
+    res = _run(cmd, cwd=tmp_path, timeout=600)
+    assert "evaluation at step 2" in res.stdout and "world size 1" in res.stdout + res.stderr
+    for name in (
+        "lens/lens_config.json",
+        "final_metrics.json",
+        "explanations.html",
+        "explanations_val.jsonl",
+    ):
+        assert (tmp_path / "run" / name).is_file(), name

@@ -209,10 +209,13 @@ def explain_ids(
     policy=None,
     seed: int = 0,
     batch_size: int = 64,
+    max_kl_tokens: int = 8192,
     show_progress: bool = False,
 ) -> Explanations:
     """:func:`explain` on token ids (one 1-D tensor per text). ``positions`` applies to every
-    text, or is a list with one spec per text."""
+    text, or is a list with one spec per text. ``batch_size`` rows (positions x ``k``) go
+    through the decoder at once; the functional KL passes take at most ``max_kl_tokens`` tokens
+    each (they compute full-vocabulary logits)."""
     from lens_rl.models.surgery import run_until
     from lens_rl.training.sft_losses import functional_kl
     from lens_rl.utils.progress import progress_bar
@@ -264,8 +267,20 @@ def explain_ids(
                 sq = (a_hat.double() - a_rep).pow(2).sum(-1)
                 rel = sq / (a_rep - mean).pow(2).sum(-1).clamp(min=1e-12)
                 nmse = sq / a.shape[-1] / var_mean
-                batch = {"input_ids": ids[None].expand(p_rep.numel(), -1), "token_pos": p_rep}
-                kl = functional_kl(orig, batch, layer, a_hat.to(dtype)).double()
+                # KL rows in groups of <= max_kl_tokens tokens of context (full-vocabulary logits)
+                ctx = int(p.max()) + 1
+                step = max(1, max_kl_tokens // ctx)
+                kl = torch.cat(
+                    [
+                        functional_kl(
+                            orig,
+                            {"input_ids": ids[None, :ctx].expand(len(sel), -1), "token_pos": p_rep[sel]},
+                            layer,
+                            a_hat[sel].to(dtype),
+                        ).double()
+                        for sel in torch.arange(p_rep.numel(), device=device).split(step)
+                    ]
+                )
                 for b, position in enumerate(p.tolist()):
                     samples = []
                     for j in range(k):

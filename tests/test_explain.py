@@ -222,6 +222,13 @@ def test_explain_rows_are_the_lens_own_computation(saved_lens):
             assert s["kl"] == pytest.approx(float(kl[0]), rel=1e-3, abs=1e-6) and s["kl"] >= 0
     again = lens.explain([TEXT, "x = 1"], positions="all", k=4, seed=3)
     assert again.rows == res.rows
+    # KL passes split into many small groups (at most 16 tokens each): the same values
+    split = lens.explain([TEXT, "x = 1"], positions="all", k=4, seed=3, max_kl_tokens=16)
+    assert [r["explanation"] for r in split] == [r["explanation"] for r in res]
+    got = torch.tensor([s["kl"] for r in split for s in r["samples"]])
+    torch.testing.assert_close(
+        got, torch.tensor([s["kl"] for r in res for s in r["samples"]]), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_positions_and_inputs_are_checked(tmp_path):

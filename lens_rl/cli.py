@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: unknown subcommand {name!r}; choose one of {', '.join(COMMANDS)}.\n", file=sys.stderr)  # noqa: T201
         print(usage(), file=sys.stderr)  # noqa: T201
         return 2
+    sys.argv[0] = f"{PROG} {name}"  # what the subcommand's --help and errors call the program
     result = COMMANDS[name][0](rest)
     return int(result) if name == "demo" and isinstance(result, int) else 0
 

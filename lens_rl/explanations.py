@@ -128,7 +128,6 @@ class Explanations:
 
     def summary(self) -> dict[str, float]:
         """Means over positions of the best sample's scores (and of every sample's)."""
-        n = max(len(self.rows), 1)
         mean = lambda key, rows: sum(r[key] for r in rows) / max(len(rows), 1)  # noqa: E731
         every = [s for r in self.rows for s in r["samples"]]
         return {
@@ -137,7 +136,6 @@ class Explanations:
             "best_kl": mean("kl", self.rows) if self.rows else float("nan"),
             "sample_fve": mean("fve", every) if every else float("nan"),
             "sample_kl": mean("kl", every) if every else float("nan"),
-            "n": n,
         }
 
     def write_jsonl(self, path: str | Path) -> Path:

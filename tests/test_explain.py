@@ -258,7 +258,7 @@ def _chromium() -> str | None:
 
 @pytest.mark.skipif(
     _chromium() is None,
-    reason="no Chromium on PATH (install with `apt-get install -y chromium`, or WITH_CHROMIUM=1 make setup as root)",
+    reason="no Chromium on PATH (install with `apt-get install -y chromium`, or WITH_CHROMIUM=1 bash scripts/setup_env.sh as root)",
 )
 def test_html_page_renders_in_headless_chromium(saved_lens, tmp_path):
     """The page, opened from disk in a real headless Chromium: a non-blank screenshot with the

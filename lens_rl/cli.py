@@ -153,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: unknown subcommand {name!r}; choose one of {', '.join(COMMANDS)}.\n", file=sys.stderr)  # noqa: T201
         print(usage(), file=sys.stderr)  # noqa: T201
         return 2
-    sys.argv[0] = f"{PROG} {name}"  # what the subcommand's --help and errors call the program
-    result = COMMANDS[name][0](rest)
+    prog, sys.argv[0] = sys.argv[0], f"{PROG} {name}"  # what the subcommand's --help and errors say
+    try:
+        result = COMMANDS[name][0](rest)
+    finally:
+        sys.argv[0] = prog
     return int(result) if name == "demo" and isinstance(result, int) else 0
 
 

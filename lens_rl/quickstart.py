@@ -33,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rl_steps", type=int, default=None, help="Override max_steps of the RL config (0 skips RL)."
     )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Override the seed of the SFT and RL configs (lens initialisation noise, data order, sampling); "
+        "the base model and the dump keep theirs.",
+    )
     args = ap.parse_args(argv)
 
     from rich.console import Console
@@ -85,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.sft_steps is not None:
         sft_args += ["--max_steps", str(args.sft_steps)]
+    if args.seed is not None:
+        sft_args += ["--seed", str(args.seed)]
     (sft_cfg,) = parse_args([LensSFTConfig], sft_args, typecheck=False)
     sft = run_sft(sft_cfg)
     final, trainer = sft["final"], sft["trainer"]
@@ -113,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.rl_steps is not None:
             rl_args += ["--max_steps", str(args.rl_steps)]
+        if args.seed is not None:
+            rl_args += ["--seed", str(args.seed)]
         (rl_cfg,) = parse_args([LensGRPOConfig], rl_args, typecheck=False)
         rl = run_rl(rl_cfg)
 

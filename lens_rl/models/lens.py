@@ -242,7 +242,8 @@ class ConsistencyLens(nn.Module):
             base: the base model, or its folder. Default: the folder recorded at save time (its
                 absolute path; a lens saved by an older version records only the path as given,
                 tried relative to the working directory). A recorded folder that is missing is an
-                error naming it (no Hub fallback); pass ``base=`` then.
+                error naming it (no Hub fallback); pass ``base=`` then. A lens trained on a Hub id
+                loads that id at its recorded revision.
             tokenizer: default: the recorded tokenizer folder, else the base folder.
             dtype: of the base when it is loaded here (default: the lens's ``model_dtype``).
 
@@ -263,7 +264,10 @@ class ConsistencyLens(nn.Module):
             base_dir = str(base) if base is not None else recorded_base(path, meta)
             if dtype is None:
                 dtype = getattr(torch, meta.get("model_dtype", "float32"))
-            base = load_causal_lm(base_dir, dtype=dtype)
+            hub = base is None and not Path(base_dir).is_dir() and meta.get("base_revision")
+            base = load_causal_lm(
+                base_dir, dtype=dtype, **({"revision": meta["base_revision"]} if hub else {})
+            )
         recorded = meta.get("base_fingerprint")
         if recorded is not None and base_fingerprint(base) != recorded:
             from lens_rl.config import ConfigError

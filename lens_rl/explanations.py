@@ -238,77 +238,81 @@ def explain_ids(
     dtype = next(lens.decoder.parameters()).dtype
     was_training = lens.training
     lens.eval()
-    orig.to(device)
-    texts_pos: list[tuple[torch.Tensor, list[int], torch.Tensor]] = []
-    for i, (ids, spec) in enumerate(zip(ids_list, per_text, strict=True)):
-        ids = torch.as_tensor(ids, dtype=torch.long, device=device).reshape(-1)
-        pos = parse_positions(spec, ids.numel(), where=f"text {i}")
-        hidden = run_until(orig.model, layer, input_ids=ids[None], use_cache=False)[0]  # (S, d)
-        texts_pos.append((ids, pos, hidden[pos].to(dtype)))
-    mean, var, normaliser = _stats(lens, [a.cpu() for _, _, a in texts_pos])
-    mean, var_mean = mean.to(device), var.mean().to(device)
-    chunk = max(1, batch_size // k)
-    rows: list[dict[str, Any]] = []
-    total = sum(len(p) for _, p, _ in texts_pos)
-    with progress_bar("explaining", total, enabled=show_progress) as advance:
-        for ti, (ids, pos, acts) in enumerate(texts_pos):
-            g = torch.Generator(device).manual_seed(seed + 100_003 * ti)
-            for c0 in range(0, len(pos), chunk):
-                p = torch.tensor(pos[c0 : c0 + chunk], device=device)
-                a = acts[c0 : c0 + chunk]  # (c, d)
-                gen = lens.decoder.generate_soft_kv_cached_nondiff(
-                    a, t_text, generator=g, policy=policy, num_samples=k, return_logits=False
-                )  # rows b * k + j
-                p_rep = p.repeat_interleave(k)
-                a_hat = lens.encoder(gen.generated_text_embeddings, current_token_ids=ids[p_rep])  # (c*k, d)
-                a_rep = a.repeat_interleave(k, 0).double()
-                sq = (a_hat.double() - a_rep).pow(2).sum(-1)
-                rel = sq / (a_rep - mean).pow(2).sum(-1).clamp(min=1e-12)
-                nmse = sq / a.shape[-1] / var_mean
-                # KL rows in groups of <= max_kl_tokens tokens of context (full-vocabulary logits)
-                ctx = int(p.max()) + 1
-                step = max(1, max_kl_tokens // ctx)
-                kl = torch.cat(
-                    [
-                        functional_kl(
-                            orig,
-                            {"input_ids": ids[None, :ctx].expand(len(sel), -1), "token_pos": p_rep[sel]},
-                            layer,
-                            a_hat[sel].to(dtype),
-                        ).double()
-                        for sel in torch.arange(p_rep.numel(), device=device).split(step)
-                    ]
-                )
-                for b, position in enumerate(p.tolist()):
-                    samples = []
-                    for j in range(k):
-                        r = b * k + j
-                        samples.append(
+    try:
+        orig.to(device)
+        texts_pos: list[tuple[torch.Tensor, list[int], torch.Tensor]] = []
+        for i, (ids, spec) in enumerate(zip(ids_list, per_text, strict=True)):
+            ids = torch.as_tensor(ids, dtype=torch.long, device=device).reshape(-1)
+            pos = parse_positions(spec, ids.numel(), where=f"text {i}")
+            hidden = run_until(orig.model, layer, input_ids=ids[None], use_cache=False)[0]  # (S, d)
+            texts_pos.append((ids, pos, hidden[pos].to(dtype)))
+        mean, var, normaliser = _stats(lens, [a.cpu() for _, _, a in texts_pos])
+        mean, var_mean = mean.to(device), var.mean().to(device)
+        chunk = max(1, batch_size // k)
+        rows: list[dict[str, Any]] = []
+        total = sum(len(p) for _, p, _ in texts_pos)
+        with progress_bar("explaining", total, enabled=show_progress) as advance:
+            for ti, (ids, pos, acts) in enumerate(texts_pos):
+                g = torch.Generator(device).manual_seed(seed + 100_003 * ti)
+                for c0 in range(0, len(pos), chunk):
+                    p = torch.tensor(pos[c0 : c0 + chunk], device=device)
+                    a = acts[c0 : c0 + chunk]  # (c, d)
+                    gen = lens.decoder.generate_soft_kv_cached_nondiff(
+                        a, t_text, generator=g, policy=policy, num_samples=k, return_logits=False
+                    )  # rows b * k + j
+                    p_rep = p.repeat_interleave(k)
+                    a_hat = lens.encoder(
+                        gen.generated_text_embeddings, current_token_ids=ids[p_rep]
+                    )  # (c*k, d)
+                    a_rep = a.repeat_interleave(k, 0).double()
+                    sq = (a_hat.double() - a_rep).pow(2).sum(-1)
+                    rel = sq / (a_rep - mean).pow(2).sum(-1).clamp(min=1e-12)
+                    nmse = sq / a.shape[-1] / var_mean
+                    # KL rows in groups of <= max_kl_tokens tokens of context (full-vocabulary logits)
+                    ctx = int(p.max()) + 1
+                    step = max(1, max_kl_tokens // ctx)
+                    kl = torch.cat(
+                        [
+                            functional_kl(
+                                orig,
+                                {"input_ids": ids[None, :ctx].expand(len(sel), -1), "token_pos": p_rep[sel]},
+                                layer,
+                                a_hat[sel].to(dtype),
+                            ).double()
+                            for sel in torch.arange(p_rep.numel(), device=device).split(step)
+                        ]
+                    )
+                    for b, position in enumerate(p.tolist()):
+                        samples = []
+                        for j in range(k):
+                            r = b * k + j
+                            samples.append(
+                                {
+                                    "explanation": tokenizer.decode(gen.hard_token_ids[r]),
+                                    "token_ids": gen.hard_token_ids[r].tolist(),
+                                    "rel_error": float(rel[r]),
+                                    "fve": float(1 - rel[r]),
+                                    "nmse": float(nmse[r]),
+                                    "kl": float(kl[r]),
+                                }
+                            )
+                        samples.sort(key=lambda s: s["rel_error"])
+                        best = samples[0]
+                        rows.append(
                             {
-                                "explanation": tokenizer.decode(gen.hard_token_ids[r]),
-                                "token_ids": gen.hard_token_ids[r].tolist(),
-                                "rel_error": float(rel[r]),
-                                "fve": float(1 - rel[r]),
-                                "nmse": float(nmse[r]),
-                                "kl": float(kl[r]),
+                                "text_index": ti,
+                                "position": position,
+                                "token": tokenizer.decode(ids[position : position + 1]),
+                                "token_id": int(ids[position]),
+                                "context": tokenizer.decode(ids[max(0, position - 15) : position]),
+                                **best,
+                                "normaliser": normaliser,
+                                "samples": samples,
                             }
                         )
-                    samples.sort(key=lambda s: s["rel_error"])
-                    best = samples[0]
-                    rows.append(
-                        {
-                            "text_index": ti,
-                            "position": position,
-                            "token": tokenizer.decode(ids[position : position + 1]),
-                            "token_id": int(ids[position]),
-                            "context": tokenizer.decode(ids[max(0, position - 15) : position]),
-                            **best,
-                            "normaliser": normaliser,
-                            "samples": samples,
-                        }
-                    )
-                advance(int(p.numel()))
-    lens.train(was_training)
+                    advance(int(p.numel()))
+    finally:
+        lens.train(was_training)
     tokens = [[tokenizer.decode(ids[i : i + 1]) for i in range(ids.numel())] for ids, _, _ in texts_pos]
     info = {"layer": layer, "t_text": t_text, "k": k, "seed": seed, "normaliser": normaliser}
     if policy is not None:

@@ -9,7 +9,8 @@
    compare with the trivial mean-activation predictor.
 4. Fine-tune the lens with GRPO on TRL for a few steps (``configs/rl_quickstart.yaml``, the
    code ``accelerate launch scripts/rl_lens.py`` runs) and evaluate it again.
-5. Show sample explanations and the metrics; everything lands in ``outputs/quickstart``.
+5. Show sample explanations and the metrics; everything lands in ``outputs/quickstart``, with
+   the held-out explanations page ``outputs/quickstart/sft/explanations.html``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rl_steps", type=int, default=None, help="Override max_steps of the RL config (0 skips RL)."
     )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Override the seed of the SFT and RL configs (lens initialisation noise, data order, sampling); "
+        "the base model and the dump keep theirs.",
+    )
     args = ap.parse_args(argv)
 
     from rich.console import Console
     from rich.table import Table
 
+    from lens_rl.cli import packaged_config
     from lens_rl.config import parse_args
     from lens_rl.data.dump import DumpConfig, run_dump
     from lens_rl.pretrain import pretrain_small_lm
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         [DumpConfig],
         [
             "--config",
-            str(ROOT / "configs" / "dump_quickstart.yaml"),
+            str(packaged_config("dump_quickstart.yaml")),
             "--model_name_or_path",
             str(model_dir),
             "--output_dir",
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     console.rule("3/4 supervised lens")
     sft_args = [
         "--config",
-        str(ROOT / "configs" / "sft_quickstart.yaml"),
+        str(packaged_config("sft_quickstart.yaml")),
         "--model_name_or_path",
         str(model_dir),
         "--train_data",
@@ -84,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.sft_steps is not None:
         sft_args += ["--max_steps", str(args.sft_steps)]
+    if args.seed is not None:
+        sft_args += ["--seed", str(args.seed)]
     (sft_cfg,) = parse_args([LensSFTConfig], sft_args, typecheck=False)
     sft = run_sft(sft_cfg)
     final, trainer = sft["final"], sft["trainer"]
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         console.rule("4/4 GRPO fine-tuning on TRL")
         rl_args = [
             "--config",
-            str(ROOT / "configs" / "rl_quickstart.yaml"),
+            str(packaged_config("rl_quickstart.yaml")),
             "--model_name_or_path",
             str(model_dir),
             "--sft_lens",
@@ -112,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.rl_steps is not None:
             rl_args += ["--max_steps", str(args.rl_steps)]
+        if args.seed is not None:
+            rl_args += ["--seed", str(args.seed)]
         (rl_cfg,) = parse_args([LensGRPOConfig], rl_args, typecheck=False)
         rl = run_rl(rl_cfg)
 
@@ -146,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         }
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"outputs: {out / 'sft'} (metrics.jsonl, explanations.jsonl, training_curves.png, lens/)")
+    console.print(
+        f"outputs: {out / 'sft'} (metrics.jsonl, explanations.jsonl, training_curves.png, lens/)\n"
+        f"explanations page (open in a browser): {(out / 'sft' / 'explanations.html').resolve()}\n"
+        f"explain your own text: lens-rl explain --lens {out / 'sft' / 'lens'} --text '...' "
+        f"--output_dir {out / 'explain'}"
+    )
     console.print(f"done in {summary['seconds']:.0f} s")
     return 0 if final["fve"] > final["baseline_mean_fve"] else 1

@@ -10,13 +10,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the config and run the dump."""
-    from lens_rl.config import parse_args
-    from lens_rl.data.dump import DumpConfig, run_dump
+    """Parse the config and run the dump. (``lens-rl dump`` runs the same function.)"""
+    from lens_rl.cli import dump
 
-    (cfg,) = parse_args([DumpConfig], argv)
-    for split, path in run_dump(cfg).items():
-        print(f"{split}: {path}")
+    dump(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

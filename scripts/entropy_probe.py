@@ -13,13 +13,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the config and run the probe; returns the results."""
-    from lens_rl.config import parse_args
-    from lens_rl.probe.config import EntropyProbeConfig
-    from lens_rl.probe.runner import run_entropy_probe
+    """Parse the config and run the probe; returns the results. (``lens-rl probe`` runs the same function.)"""
+    from lens_rl.cli import probe
 
-    (cfg,) = parse_args([EntropyProbeConfig], argv)
-    return run_entropy_probe(cfg)
+    return probe(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

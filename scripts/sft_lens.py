@@ -12,13 +12,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the config and train; returns the final evaluation metrics."""
-    from lens_rl.config import parse_args
-    from lens_rl.training.sft_config import LensSFTConfig
-    from lens_rl.training.sft_trainer import run_sft
+    """Parse the config and train; returns the final evaluation metrics. (``lens-rl sft`` runs the same function.)"""
+    from lens_rl.cli import sft
 
-    (cfg,) = parse_args([LensSFTConfig], argv, typecheck=False)
-    return run_sft(cfg)["final"]
+    return sft(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ from lens_rl.training.sft_config import LensSFTConfig
 
 
 def small_sft_config(model_dir, splits, out, **kw) -> LensSFTConfig:
-    """2 steps of batch 8, 3-token explanations, no evaluation, checkpoints or plot; ``kw`` overrides."""
+    """2 steps of batch 8, 3-token explanations, no evaluation, checkpoints, plot or explanations
+    page; ``kw`` overrides."""
     base = dict(
         model_name_or_path=str(model_dir),
         train_data=str(splits["train"]),
@@ -19,5 +20,6 @@ def small_sft_config(model_dir, splits, out, **kw) -> LensSFTConfig:
         logging_steps=1,
         t_text=3,
         plot=False,
+        explain_texts=0,  # the end-of-run explanations page is tested in test_explain.py
     )
     return LensSFTConfig(**(base | kw))

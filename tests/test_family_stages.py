@@ -42,12 +42,14 @@ def test_dump_sft_rl_on_family(arch, model_dtype, tokenizer, tmp_path):
     accelerate_launch(
         "sft_lens.py",
         [*common, "--output_dir", sft, "--max_steps", "3", "--eval_strategy", "no", "--save_steps", "3"]
-        + ["--kl_weight", "0.5", "--lm_weight", "0.1", "--logging_steps", "1"]
+        + ["--kl_weight", "0.5", "--lm_weight", "0.1", "--logging_steps", "1", "--explain_texts", "1"]
         + ["--decoder", '{"trainable_base": true}', "--encoder", '{"trainable_base": true}'],
         port=next(_PORTS),
     )
     final = json.loads((sft / "final_metrics.json").read_text())
     assert math.isfinite(final["fve"]) and final["num_samples"] == 16
+    explained = [json.loads(r) for r in (sft / "explanations_val.jsonl").read_text().splitlines()]
+    assert len(explained) == 32 and all(math.isfinite(r["fve"]) and r["kl"] > -1e-6 for r in explained)
     weights = load_file(str(sft / "lens" / "lens.safetensors"))
     assert {str(v.dtype) for v in weights.values()} == {f"torch.{model_dtype}"}
     rl = tmp_path / "rl"

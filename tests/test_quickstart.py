@@ -19,3 +19,4 @@ def test_quickstart_beats_the_mean_baseline(tmp_path):
     assert final["fve"] > 0.2
     assert final["fve"] > final["baseline_mean_fve"] + 0.2
     assert (tmp_path / "out" / "sft" / "training_curves.png").exists()
+    assert (tmp_path / "out" / "sft" / "explanations.html").exists()  # the quickstart ends with the page

@@ -46,6 +46,7 @@ def _args(model_dir, splits, out, **kw) -> list[str]:
         "resample_ablation": "true",
         "decoder": '{"trainable_base": true}',
         "encoder": '{"trainable_base": true}',
+        "explain_texts": "1",  # the end-of-run page on the main process only, under 1 and 2 processes
     } | {k: str(v) for k, v in kw.items()}
     return [x for k, v in base.items() for x in (f"--{k}", v)]
 
@@ -101,6 +102,7 @@ def test_two_processes_follow_the_one_process_lr_schedule(straight_runs, base):
     for out in (straight_runs(base, 1), straight_runs(base, 2)):
         assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
         assert all(math.isfinite(r["loss"]) for r in _train_rows(out).values())
+        assert len((out / "explanations_val.jsonl").read_text().splitlines()) == 32  # 1 window, main process
 
 
 def test_run_outputs_and_saved_lens(straight_runs, tiny_tied_model_dir):
@@ -111,6 +113,8 @@ def test_run_outputs_and_saved_lens(straight_runs, tiny_tied_model_dir):
         "config.json",
         "metrics.jsonl",
         "explanations.jsonl",
+        "explanations.html",  # held-out windows explained at the end (explain_texts)
+        "explanations_val.jsonl",
         "final_metrics.json",
         "training_curves.png",
         "lens/lens.safetensors",

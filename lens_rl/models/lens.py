@@ -25,6 +25,8 @@ from lens_rl.models.families import load_causal_lm
 
 LENS_CONFIG = "lens_config.json"
 LENS_WEIGHTS = "lens.safetensors"
+# 2: absolute base/tokenizer paths, prompt, package version (1: no format_version field).
+SIDECAR_VERSION = 2
 
 
 def base_fingerprint(model: PreTrainedModel) -> str:
@@ -94,7 +96,11 @@ class ConsistencyLens(nn.Module):
         enc_share = share_base and not encoder_config.trainable_base
         decoder = Decoder.from_base(base, tokenizer, decoder_config, share_weights=dec_share)
         encoder = Encoder.from_base(base, tokenizer, encoder_config, share_weights=enc_share)
-        return cls(decoder, encoder, meta)
+        lens = cls(decoder, encoder, meta)
+        # Plain attributes (not submodules: they must stay out of the state dict).
+        lens.__dict__["_base_model"] = base
+        lens.__dict__["tokenizer"] = tokenizer
+        return lens
 
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(self, *args, **kwargs)``: the loss computation, inside the wrapper's forward."""
@@ -188,7 +194,8 @@ class ConsistencyLens(nn.Module):
         return aliases
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write ``lens_config.json`` and ``lens.safetensors`` (trainable and lens-only tensors)."""
+        """Write ``lens_config.json`` (the sidecar: configs, :meth:`sidecar_meta`) and
+        ``lens.safetensors`` (trainable and lens-only tensors)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
@@ -196,42 +203,93 @@ class ConsistencyLens(nn.Module):
             sd.pop(alias, None)
         save_file(sd, str(path / LENS_WEIGHTS))
         cfg = {
+            "format_version": SIDECAR_VERSION,
             "decoder": self.decoder.config.to_dict(),
             "encoder": self.encoder.config.to_dict(),
             "shared_decoder_base": self.decoder.base is self.encoder.base
             or not any(p.requires_grad for p in self.decoder.base.parameters()),
-            "meta": self.meta,
+            "meta": self.sidecar_meta(),
         }
         (path / LENS_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
 
+    def sidecar_meta(self) -> dict[str, Any]:
+        """``meta`` completed with what loading and reading the lens need: absolute paths of the
+        base and tokenizer folders (resolved against the working directory of the save), the
+        decoder prompt and the package version. Fields a caller recorded are kept as they are."""
+        from lens_rl import __version__
+
+        meta = dict(self.meta)
+        for given, resolved in (
+            ("model_name_or_path", "base_resolved_path"),
+            ("tokenizer_name_or_path", "tokenizer_resolved_path"),
+        ):
+            where = meta.get(given)
+            if where and not meta.get(resolved) and Path(where).expanduser().is_dir():
+                meta[resolved] = str(Path(where).expanduser().resolve())
+        meta.setdefault("prompt", self.decoder.config.prompt)
+        meta["lens_rl_version"] = __version__
+        return meta
+
+    @property
+    def base_model(self) -> PreTrainedModel | None:
+        """The frozen base model the lens was built or loaded on (what the orig model wraps)."""
+        return self.__dict__.get("_base_model")
+
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, base: PreTrainedModel | None = None, tokenizer=None, dtype=None
+        cls,
+        path: str | Path,
+        base: PreTrainedModel | str | Path | None = None,
+        tokenizer=None,
+        dtype=None,
     ) -> ConsistencyLens:
-        """Rebuild a saved lens; ``base`` defaults to the model folder recorded at save time, loaded
-        in ``dtype`` (default: the ``model_dtype`` the lens was trained in, else fp32)."""
-        path = Path(path)
+        """Rebuild a saved lens, from any working directory.
+
+        Args:
+            path: the lens folder (``lens_config.json`` + ``lens.safetensors``).
+            base: the base model, or its folder. Default: the folder recorded at save time (its
+                absolute path; a lens saved by an older version records only the path as given,
+                tried relative to the working directory). A recorded folder that is missing is an
+                error naming it (no Hub fallback); pass ``base=`` then. A lens trained on a Hub id
+                loads that id at its recorded revision.
+            tokenizer: default: the recorded tokenizer folder, else the base folder.
+            dtype: of the base when it is loaded here (default: the lens's ``model_dtype``).
+
+        Raises:
+            ConfigError: the base is not the model the lens was trained on (fingerprints differ).
+            FileNotFoundError: the lens folder or the recorded base folder is missing.
+        """
+        path = Path(path).expanduser()
+        if not (path / LENS_CONFIG).is_file():
+            raise FileNotFoundError(
+                f"{path} is not a saved lens: it holds no {LENS_CONFIG} (a lens folder holds "
+                f"{LENS_CONFIG} and {LENS_WEIGHTS}, e.g. <output_dir>/lens of a training run)."
+            )
         cfg = json.loads((path / LENS_CONFIG).read_text())
         meta = cfg.get("meta", {})
-        model_path = meta.get("model_name_or_path")
-        if base is None:
-            if not model_path:
-                raise ValueError(f"{path}/{LENS_CONFIG} records no model_name_or_path; pass base=.")
+        base_dir: str | None = None
+        if base is None or isinstance(base, str | Path):
+            base_dir = str(base) if base is not None else recorded_base(path, meta)
             if dtype is None:
                 dtype = getattr(torch, meta.get("model_dtype", "float32"))
-            base = load_causal_lm(model_path, dtype=dtype)
+            hub = base is None and not Path(base_dir).is_dir() and meta.get("base_revision")
+            base = load_causal_lm(
+                base_dir, dtype=dtype, **({"revision": meta["base_revision"]} if hub else {})
+            )
         recorded = meta.get("base_fingerprint")
         if recorded is not None and base_fingerprint(base) != recorded:
             from lens_rl.config import ConfigError
 
-            given = getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", "?")
+            given = (
+                base_dir or getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", "?")
+            )
             raise ConfigError(
-                f"{path} was trained on the base {meta.get('base_resolved_path') or model_path!r} "
+                f"{path} was trained on the base {meta.get('base_resolved_path') or meta.get('model_name_or_path')!r} "
                 f"(fingerprint {recorded}); the base given is {given!r} (fingerprint "
                 f"{base_fingerprint(base)}), a different model. Load the lens with its own base."
             )
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(meta.get("tokenizer_name_or_path") or model_path)
+            tokenizer = AutoTokenizer.from_pretrained(_recorded_tokenizer(meta, base_dir, base))
         lens = cls.build(
             base,
             tokenizer,
@@ -242,6 +300,54 @@ class ConsistencyLens(nn.Module):
         )
         lens.load_state_dict(load_file(str(path / LENS_WEIGHTS)))
         return lens
+
+    def explain(self, texts: str | list[str], *, positions: Any = "all", k: int = 8, **kwargs: Any):
+        """Explain the activations of ``texts``: best-of-``k`` explanations per position with
+        reconstruction error and functional KL (see :func:`lens_rl.explanations.explain`)."""
+        from lens_rl.explanations import explain
+
+        return explain(self, texts, positions=positions, k=k, **kwargs)
+
+
+def _missing_base_error(lens_dir: Path, where: str, given: str | None) -> FileNotFoundError:
+    as_given = f" (given as {given!r})" if given and given != where else ""
+    return FileNotFoundError(
+        f"The lens {lens_dir} was trained on the base model folder {where}{as_given}, which does not "
+        f"exist here. Pass the base model folder: ConsistencyLens.from_pretrained({str(lens_dir)!r}, "
+        "base=MODEL_DIR), or --model_name_or_path MODEL_DIR on the command line."
+    )
+
+
+def recorded_base(lens_dir: Path, meta: dict[str, Any]) -> str:
+    """The base model folder a lens records: its absolute path (newer lenses) or the path as
+    given (older ones, relative to the working directory); a Hub id only when the lens was
+    trained on one. A recorded local folder that is missing is an error, never a Hub download."""
+    given = meta.get("model_name_or_path")
+    resolved = meta.get("base_resolved_path")
+    if resolved:
+        if Path(resolved).is_dir():
+            return resolved
+        raise _missing_base_error(lens_dir, resolved, given)
+    if not given:
+        raise ValueError(f"{lens_dir}/{LENS_CONFIG} records no model_name_or_path; pass base=MODEL_DIR.")
+    if Path(given).expanduser().is_dir():
+        return str(Path(given).expanduser())
+    looks_local = given.startswith((".", "/", "~")) or given.count("/") > 1 or "\\" in given
+    if looks_local or "base_fingerprint" in meta:  # a lens that records a fingerprint records folders
+        raise _missing_base_error(lens_dir, given, None)
+    return given  # a Hub id (resolved by transformers' own cache / offline rules)
+
+
+def _recorded_tokenizer(meta: dict[str, Any], base_dir: str | None, base: PreTrainedModel) -> str:
+    """The tokenizer folder: the recorded one if it is here, else the base's folder."""
+    for key in ("tokenizer_resolved_path", "tokenizer_name_or_path"):
+        where = meta.get(key)
+        if where and Path(where).expanduser().is_dir():
+            return str(Path(where).expanduser())
+    for where in (base_dir, getattr(base, "name_or_path", None)):
+        if where and Path(where).expanduser().is_dir():
+            return str(Path(where).expanduser())
+    return meta.get("tokenizer_name_or_path") or base_dir or base.name_or_path
 
 
 class LensModule(nn.Module):

@@ -84,6 +84,16 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments)
     num_explanations: int = field(
         default=8, metadata={"help": "Sample explanations shown and saved per evaluation."}
     )
+    explain_texts: int = field(
+        default=4,
+        metadata={
+            "help": "Held-out windows explained at every position (best of explain_samples) at the end: "
+            "a table, explanations.html and explanations_val.jsonl in output_dir; 0 disables."
+        },
+    )
+    explain_samples: int = field(
+        default=4, metadata={"help": "Explanations sampled per position for explain_texts (best-of-k)."}
+    )
     plot: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
 
     # --- TrainingArguments fields whose default differs for a lens
@@ -162,7 +172,9 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments)
             if getattr(self, name) < 1:
                 raise ConfigError(f"LensSFTConfig.{name} must be >= 1, got {getattr(self, name)}.")
         self.check_run_guards()
-        for name in ("num_explanations",):
+        if self.explain_samples < 1:
+            raise ConfigError(f"LensSFTConfig.explain_samples must be >= 1, got {self.explain_samples}.")
+        for name in ("num_explanations", "explain_texts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"LensSFTConfig.{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("lr_projection", "lr_prompt", "lr_base"):

@@ -11,13 +11,16 @@ overrides only what a lens needs:
   (projections, prompts, base; no decay on 1-D tensors and prompts) with per-group LR
   multipliers, which the Trainer's LR schedule scales together;
 - ``evaluate``: the whole-set lens evaluation (FVE, normalised MSE, functional and LM KL,
-  baselines) sharded over processes, logged as ``eval_*`` and with sample explanations;
+  baselines) sharded over processes, logged as ``eval_*`` and with sample explanations, both
+  printed as tables on the main process;
 - ``log``: adds the loss parts, schedule values and per-group learning rates.
 
 Everything else (DDP/DeepSpeed/FSDP through accelerate, gradient accumulation and clipping,
 LR schedules, ``checkpoint-N`` folders with rotation, ``resume_from_checkpoint``,
 ``report_to``, callbacks) is the Trainer's own. :func:`run_sft` builds the pieces, trains,
-saves the lens and then evaluates it.
+saves the lens, evaluates it, and explains ``explain_texts`` held-out windows at every position
+(:func:`lens_rl.explanations.report_samples`: a table, ``explanations.html``,
+``explanations_val.jsonl``).
 """
 
 from __future__ import annotations
@@ -256,6 +259,12 @@ class LensSFTTrainer(Trainer):
                 for s in samples:
                     f.write(json.dumps({"step": self.state.global_step, **s}) + "\n")
         self.last_samples = samples
+        if self.is_world_process_zero():
+            from rich.console import Console
+
+            from lens_rl.explanations import evaluation_tables
+
+            Console().print(*evaluation_tables(metrics, samples, step=self.state.global_step))
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -399,6 +408,25 @@ def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbac
         final = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
     if acc.is_main_process:
         (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        if trainer.eval_dataset is not None and cfg.explain_texts > 0:
+            from rich.console import Console
+
+            from lens_rl.explanations import report_samples
+
+            report_samples(
+                trainer.lens,
+                trainer.orig,
+                trainer.eval_dataset,
+                tokenizer=trainer.processing_class,
+                layer=trainer.layer,
+                t_text=cfg.t_text,
+                num_texts=cfg.explain_texts,
+                k=cfg.explain_samples,
+                seed=cfg.seed,
+                output_dir=out,
+                title=f"held-out explanations after {trainer.state.global_step} supervised steps",
+                console=Console(),
+            )
         if cfg.plot:
             from lens_rl.training.plots import plot_curves
 

@@ -22,7 +22,7 @@ _LATEST = {"true", "latest", "last", "yes", "1"}
 def _requested_processes(cmdline: list[str]) -> int | None:
     """``--num_processes N`` from an ``accelerate launch`` command line, else None.
 
-    Only the launcher's own options are read (those before the training script).
+    Only the launcher's own options are read (those before the training script or ``-m module``).
     """
     start = next(
         (
@@ -37,8 +37,8 @@ def _requested_processes(cmdline: list[str]) -> int | None:
         return None
     for i in range(start, len(cmdline)):
         part = cmdline[i]
-        if part.endswith(".py") and not part.startswith("-"):
-            break
+        if (part.endswith(".py") and not part.startswith("-")) or part in ("-m", "--module"):
+            break  # the script (or `-m module`) and its own arguments follow
         m = re.fullmatch(r"--num[_-]processes(?:=(\d+))?", part)
         if m:
             value = m.group(1) or (cmdline[i + 1] if i + 1 < len(cmdline) else "")

@@ -316,7 +316,7 @@ def test_explanations_and_custom_metrics_are_visible(tiny_model_dir, splits, tmp
     assert all(math.isfinite(h["eval_fve"]) and h["eval_fve"] <= 1 and h["eval_kl_recon"] >= 0 for h in evals)
     assert any(h.get("custom/explanation_chars", 0) > 0 for h in hist)
     printed = capsys.readouterr().out
-    assert "eval at step 2" in printed and "explanation" in printed
+    assert "evaluation at step 2" in printed and "sample explanations" in printed
     tables = sorted((out / "completions").glob("completions_*.parquet"))
     assert tables
     df = pd.read_parquet(tables[-1])
@@ -326,6 +326,9 @@ def test_explanations_and_custom_metrics_are_visible(tiny_model_dir, splits, tmp
     assert df["prompt"].str.contains(r"\[\[").all()  # the activation's context, its token marked
     assert (df["completion"].str.len() > 0).all()
     assert df["chars"].tolist() == df["completion"].str.len().tolist()
+    assert "explanations" in (out / "explanations.html").read_text()  # the held-out page at the end
+    lens_cfg = json.loads((out / "lens" / "lens_config.json").read_text())
+    assert lens_cfg["meta"]["t_text"] == 4 and len(lens_cfg["meta"]["train_var"]) > 0  # the sidecar
     events = sorted(out.rglob("events.out.tfevents.*"))
     acc = EventAccumulator(str(events[0].parent), size_guidance={"tensors": 0}).Reload()
     assert any("completions" in t for t in acc.Tags()["tensors"])

@@ -125,27 +125,3 @@ def evaluate_lens(
     }
     lens.train(was_training)
     return {k: float(v) for k, v in metrics.items()}, samples
-
-
-def print_eval(step: int, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
-    """Print an evaluation: the main metrics on one line and the sample explanations as a rich
-    table (activation context, token, explanation, relative squared error)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    keys = ("fve", "nmse", "kl_recon", "lm_kl", "entropy")
-    head = ", ".join(
-        f"{k.split('_', 1)[1]} {v:.4f}" for k, v in metrics.items() if k.split("_", 1)[-1] in keys
-    )
-    console = Console()
-    console.print(f"[bold]eval at step {step}[/bold]: {head}")
-    if not samples:
-        return
-    table = Table(show_lines=False)
-    for col in ("context", "token", "explanation", "rel. sq. error"):
-        table.add_column(col, overflow="fold")
-    for s in samples:
-        table.add_row(
-            repr(s["context"][-40:]), repr(s["token"]), repr(s["explanation"]), f"{s['sq_error']:.3f}"
-        )
-    console.print(table)

@@ -21,6 +21,7 @@ from lens_rl.models.encoder import EncoderConfig
 from lens_rl.models.loading import ModelLoadingArguments
 from lens_rl.models.lora import PEFT_CONFIG_HELP, apply_peft_config
 from lens_rl.ops.sampling import SamplingPolicy
+from lens_rl.training.explain_args import ExplainArguments
 from lens_rl.training.guards import RunGuardArguments
 from lens_rl.training.refusals import GRPO_REFUSED, TRAINING_ARGS_REFUSED, refuse_fields
 
@@ -28,7 +29,7 @@ _TRL_MAX_COMPLETION_LENGTH = 512  # GRPOConfig's default: replaced by t_text
 
 
 @dataclass
-class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments):
+class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments, ExplainArguments):
     """GRPO for the lens decoder (a TRL ``GRPOConfig`` with lens fields)."""
 
     model_name_or_path: str = field(default="", metadata={"help": "Local folder of the original model."})
@@ -124,6 +125,7 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments):
         if self.functional_kl_reward < 0 or self.encoder_mse_weight < 0:
             raise ConfigError("functional_kl_reward and encoder_mse_weight must be >= 0.")
         self.check_run_guards()
+        self.check_explain()
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}.")
         correction = self.vllm_importance_sampling_correction

@@ -47,7 +47,7 @@ from lens_rl.models.orig import OrigWrapper
 from lens_rl.ops.diagnostics import DiagnosticsPack, DistributionDiagnostics, token_scores
 from lens_rl.ops.importance import importance_weights, mismatch_stats, token_log_ratio
 from lens_rl.ops.sampling import SamplingPolicy, step_seed
-from lens_rl.training.evaluate import evaluate_lens, print_eval
+from lens_rl.training.evaluate import evaluate_lens
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.guards import NonFiniteGuard
 from lens_rl.training.losses import normalized_mse
@@ -475,7 +475,13 @@ class LensGRPOTrainer(GRPOTrainer):
         self.last_samples = samples
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         if acc.is_main_process:
-            print_eval(self.state.global_step, metrics, samples)
+            from rich.console import Console
+
+            from lens_rl.explanations import evaluation_tables
+
+            raw = {k.removeprefix(f"{metric_key_prefix}_"): v for k, v in metrics.items()}
+            for table in evaluation_tables(raw, samples, self.state.global_step):
+                Console().print(table)
         Trainer.log(self, dict(metrics))  # not TRL's log(): that would flush the training metrics
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -47,6 +47,7 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
             raise ValueError(
                 f"{cfg.sft_lens} was trained at layer {lens.meta['layer']}, the data is layer {store.layer}."
             )
+        lens.meta["t_text"] = cfg.t_text  # the sidecar records the length this stage trained
         if cfg.peft_config is not None:  # LoRA adapters on a loaded lens
             lens.add_lora(cfg.decoder_config.lora, cfg.encoder_config.lora)
     else:
@@ -58,8 +59,12 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
             share_base=True,
             meta={
                 **base_record(orig.model, cfg.model_name_or_path),
+                "tokenizer_name_or_path": cfg.model_name_or_path,
                 "layer": store.layer,
+                "t_text": cfg.t_text,
                 "model_dtype": cfg.model_dtype,
+                "train_mean": store.mean.tolist(),
+                "train_var": store.var.tolist(),
             },
         )
     lens.to(state.device)
@@ -143,6 +148,25 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
         out.mkdir(parents=True, exist_ok=True)
         lens.save_pretrained(out / "lens")
     after = evaluate()
+    if state.is_main_process and val is not None and cfg.explain_texts > 0:
+        from rich.console import Console
+
+        from lens_rl.explanations import report_samples
+
+        report_samples(
+            lens,
+            orig,
+            val,
+            tokenizer=tok,
+            layer=store.layer,
+            t_text=cfg.t_text,
+            num_texts=cfg.explain_texts,
+            k=cfg.explain_samples,
+            seed=cfg.seed,
+            output_dir=out,
+            title=f"held-out explanations after {trainer.state.global_step} GRPO steps",
+            console=Console(),
+        )
     result = {
         "backend": backend_name,
         "num_processes": state.num_processes,

@@ -23,13 +23,14 @@ from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
 from lens_rl.models.loading import ModelLoadingArguments
 from lens_rl.models.lora import PEFT_CONFIG_HELP, apply_peft_config
+from lens_rl.training.explain_args import ExplainArguments
 from lens_rl.training.guards import RunGuardArguments
 from lens_rl.training.refusals import TRAINING_ARGS_REFUSED, refuse_fields
 from lens_rl.training.schedules import parse_schedule
 
 
 @dataclass
-class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments):
+class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments, ExplainArguments):
     """Supervised consistency-lens training (a ``TrainingArguments`` with lens fields).
 
     > Data: ``train_data``/``val_data`` are dump split folders (``.../layer_L/train``); or
@@ -83,16 +84,6 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments)
     # --- outputs
     num_explanations: int = field(
         default=8, metadata={"help": "Sample explanations shown and saved per evaluation."}
-    )
-    explain_texts: int = field(
-        default=4,
-        metadata={
-            "help": "Held-out windows explained at every position (best of explain_samples) at the end: "
-            "a table, explanations.html and explanations_val.jsonl in output_dir; 0 disables."
-        },
-    )
-    explain_samples: int = field(
-        default=4, metadata={"help": "Explanations sampled per position for explain_texts (best-of-k)."}
     )
     plot: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
 
@@ -172,9 +163,8 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments)
             if getattr(self, name) < 1:
                 raise ConfigError(f"LensSFTConfig.{name} must be >= 1, got {getattr(self, name)}.")
         self.check_run_guards()
-        if self.explain_samples < 1:
-            raise ConfigError(f"LensSFTConfig.explain_samples must be >= 1, got {self.explain_samples}.")
-        for name in ("num_explanations", "explain_texts"):
+        self.check_explain()
+        for name in ("num_explanations",):
             if getattr(self, name) < 0:
                 raise ConfigError(f"LensSFTConfig.{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("lr_projection", "lr_prompt", "lr_base"):

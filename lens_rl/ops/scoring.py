@@ -43,6 +43,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from statistics import NormalDist
 
 import torch
@@ -57,7 +58,7 @@ _ROUNDS = 4  # uniform bracket sweeps at most (the bracket shrinks 17x per sweep
 _FINISH = 64  # largest logits inside the bracket that decide flat rows
 # first-sweep thresholds, in units of q's spread around the guessed threshold (the last is max z)
 _GUESS_OFFSETS = (-3.0, -2.0, -1.2, -0.7, -0.4, -0.2, -0.1, -0.03, 0.03, 0.1, 0.2, 0.4, 0.7, 1.2, 2.0, 0.0)
-_COMPILE_MIN_ELEMENTS = 1 << 22  # rows x V below which eager is as fast as compiled code
+_COMPILE_MIN_ELEMENTS = 1 << 21  # rows x V below which compiling does not pay
 _NEG_INF = float("-inf")
 
 
@@ -66,10 +67,39 @@ _COMPILE_MODE = os.environ.get("LENS_RL_COMPILE_SCORING", "auto")
 _compiled: dict[str, Callable] = {}
 _compile_seconds: dict[str, float] = {}
 _compile_failed = False
+_timings: dict[str, float] | None = None  # seconds per sweep while profile_sweeps() is active
+
+
+@contextmanager
+def profile_sweeps():
+    """Collect wall seconds per sweep (``full``, ``bracket``, ``support``, ``candidates``, ...)
+    into the yielded dict while active (benchmarks; adds a perf_counter per sweep)."""
+    global _timings
+    _timings = {}
+    try:
+        yield _timings
+    finally:
+        _timings = None
+
+
+@contextmanager
+def _timed(name: str):
+    if _timings is None:
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        _timings[name] = _timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def set_compile(mode: str) -> None:
-    """``"auto"`` (compile sweeps over >= 4M logits when no gradient is needed), ``"always"`` or
+    """``"auto"`` (compile sweeps over >= 2M logits when no gradient is needed), ``"always"`` or
     ``"never"``. Also read from the environment variable ``LENS_RL_COMPILE_SCORING``."""
     global _COMPILE_MODE
     if mode not in ("auto", "always", "never"):
@@ -92,24 +122,26 @@ def _use_compile(raw: torch.Tensor) -> bool:
     return _COMPILE_MODE == "always" or raw.numel() >= _COMPILE_MIN_ELEMENTS
 
 
-def _run(name: str, fn: Callable, raw: torch.Tensor, *args):
-    """``fn(raw, *args)``, through its compiled version when :func:`_use_compile` says so."""
+def _run(name: str, fn: Callable, raw: torch.Tensor, *args, eager: Callable | None = None):
+    """``fn(raw, *args)``, through its compiled version when :func:`_use_compile` says so (else
+    ``eager`` when given: the same quantity written for eager execution)."""
     global _compile_failed
-    if not _use_compile(raw):
-        return fn(raw, *args)
-    first = name not in _compiled
-    if first:
-        _compiled[name] = torch.compile(fn, dynamic=True)
-    try:
-        t0 = time.perf_counter()
-        out = _compiled[name](raw, *args)
+    with _timed(name):
+        if not _use_compile(raw):
+            return (eager or fn)(raw, *args)
+        first = name not in _compiled
         if first:
-            _compile_seconds[name] = time.perf_counter() - t0
-        return out
-    except Exception as e:  # a missing compiler toolchain, an unsupported backend, ...
-        _compile_failed = True
-        log.warning("torch.compile of the scoring kernel failed (%s); running eagerly from now on.", e)
-        return fn(raw, *args)
+            _compiled[name] = torch.compile(fn, dynamic=True)
+        try:
+            t0 = time.perf_counter()
+            out = _compiled[name](raw, *args)
+            if first:
+                _compile_seconds[name] = time.perf_counter() - t0
+            return out
+        except Exception as e:  # a missing compiler toolchain, an unsupported backend, ...
+            _compile_failed = True
+            log.warning("torch.compile of the scoring kernel failed (%s); running eagerly from now on.", e)
+            return (eager or fn)(raw, *args)
 
 
 # ---------------------------------------------------------------------------- the sweeps
@@ -162,6 +194,26 @@ def _sweep_bracket(
     return torch.cat(
         [torch.where(z >= taus[:, k : k + 1], p, 0.0).sum(-1, keepdim=True) for k in range(_SPLITS)], -1
     )
+
+
+def _sweep_bracket_eager(
+    raw: torch.Tensor,
+    temperature: float,
+    t0: torch.Tensor,
+    lse0: torch.Tensor,
+    taus: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`_sweep_bracket` for eager mode, without 16 temporaries of the row's size: each
+    token's bucket among the (ascending) thresholds, a per-row histogram of the mass, and
+    the masses above each threshold as its reverse cumulative sum."""
+    z = raw / temperature
+    p = torch.where(z >= t0, (z - lse0).exp(), torch.zeros_like(z))
+    idx = torch.searchsorted(taus.contiguous(), z, right=True)  # thresholds <= z: 0.._SPLITS
+    # accumulated in float64: a float32 running sum over thousands of tokens drifts by ~1e-5,
+    # enough to move the nucleus boundary by a token
+    hist = torch.zeros(z.shape[0], _SPLITS + 1, dtype=torch.float64, device=z.device)
+    hist.scatter_add_(1, idx, p.double())
+    return hist.flip(-1).cumsum(-1).flip(-1)[:, 1:].to(z.dtype)  # mass of z >= taus[:, k]
 
 
 def _sweep_inside(raw: torch.Tensor, temperature: float, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -232,7 +284,9 @@ def _nucleus_bracket(
         taus = lo_ + (torch.minimum(hi_, mz.index_select(0, todo)) - lo_) * k
         lo_, hi_, mh_ = _shrink(x, temperature, t0_, lse0_, taus, lo_, hi_, mh_, top_p)
         kk = min(_FINISH, raw.shape[-1])
-        vals = _run("inside", _sweep_inside, x, temperature, lo_, hi_).topk(kk, dim=-1).values
+        inside = _run("inside", _sweep_inside, x, temperature, lo_, hi_)
+        with _timed("finish_topk"):
+            vals = inside.topk(kk, dim=-1).values
         thr_, done_ = _nucleus_on_sorted(vals, mh_, lse0_, top_p)
         thr = thr.index_put((todo,), thr_)
         done = done.index_put((todo,), done_)
@@ -256,7 +310,7 @@ def _shrink(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One bracket sweep at ascending thresholds ``taus`` ``(r, _SPLITS)``: the new ``lo``,
     ``hi`` and ``mass_hi``."""
-    s = _run("bracket", _sweep_bracket, raw, temperature, t0, lse0, taus)
+    s = _run("bracket", _sweep_bracket, raw, temperature, t0, lse0, taus, eager=_sweep_bracket_eager)
     ok = s >= top_p
     lo = torch.maximum(lo, torch.where(ok, taus, lo).amax(-1, keepdim=True))
     new_hi = torch.where(ok, float("inf"), taus).amin(-1, keepdim=True)
@@ -352,7 +406,8 @@ def _truncated_support(
     if policy.top_k == 0 and policy.min_p == 0.0 and bool((k_c * (mz - lse_t).exp() < policy.top_p).all()):
         k_c, cand = 1, mz  # flat rows: the largest logits cannot hold top_p of the mass; no topk
     else:
-        cand = raw.topk(k_c, dim=-1, sorted=True).values / t  # (n, k_c) descending, z space; keeps grad
+        with _timed("candidates_topk"):
+            cand = raw.topk(k_c, dim=-1, sorted=True).values / t  # (n, k_c) descending, z space; keeps grad
     cand_d = cand.detach()
     t0 = torch.full_like(mz, _NEG_INF)
     if policy.min_p > 0.0:
@@ -402,7 +457,8 @@ def _truncated_support(
             if hard.numel():  # exact ties across the bracket: the full sort decides
                 z_h = _rows(r_raw, hard) / t
                 z_h = z_h.masked_fill(z_h < _rows(_rows(t0, rest), hard), _NEG_INF)
-                thr_b = thr_b.index_put((hard,), _nucleus_threshold_full(z_h, policy.top_p))
+                with _timed("full_sort"):
+                    thr_b = thr_b.index_put((hard,), _nucleus_threshold_full(z_h, policy.top_p))
             thr = thr.index_put((rest,), thr_b)
         thr = torch.maximum(thr, t0)
     # support sums: from the candidates where the support lies in them, else one masked sweep

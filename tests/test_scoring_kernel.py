@@ -55,6 +55,8 @@ def _rows(kind: str, v: int, g: torch.Generator) -> torch.Tensor:
         x = x * 0.3
     elif kind == "peaked":  # nucleus in the 32 largest logits
         x = x * 12
+    elif kind == "masked":  # -inf logits (a masked vocabulary tail) in every other row
+        x[::2, -(v // 3) :] = float("-inf")
     elif kind == "ties":  # many exact ties, at every boundary
         x = (x * 2).round() / 2
         x[0] = 0.0  # one constant row: every token tied
@@ -68,7 +70,7 @@ POLICIES = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["flat", "normal", "peaked", "ties"])
+@pytest.mark.parametrize("kind", ["flat", "masked", "peaked", "ties"])
 @pytest.mark.parametrize("v", [7, 300, 2000])
 def test_kernel_equals_dense(kind, v, monkeypatch):
     g = torch.Generator().manual_seed(v + len(kind))

@@ -112,6 +112,9 @@ def compile_seconds() -> dict[str, float]:
     return dict(_compile_seconds)
 
 
+_compile_this_call = False  # the decision of the running score_rows call, for all its sweeps
+
+
 def _use_compile(raw: torch.Tensor) -> bool:
     if _COMPILE_MODE == "never" or _compile_failed:
         return False
@@ -127,11 +130,11 @@ def _run(name: str, fn: Callable, raw: torch.Tensor, *args, eager: Callable | No
     ``eager`` when given: the same quantity written for eager execution)."""
     global _compile_failed
     with _timed(name):
-        if not _use_compile(raw):
+        if not _compile_this_call:
             return (eager or fn)(raw, *args)
         first = name not in _compiled
         if first:
-            _compiled[name] = torch.compile(fn, dynamic=True)
+            _compiled[name] = torch.compile(fn)  # automatic dynamic shapes: V stays static
         try:
             t0 = time.perf_counter()
             out = _compiled[name](raw, *args)
@@ -152,8 +155,8 @@ def _sweep_full(raw: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ..
     m = raw.amax(-1, keepdim=True).detach()  # the shift cancels: no gradient through it
     z = raw / temperature
     mz = m / temperature
-    u = z - mz
-    e = u.exp()
+    e = (z - mz).exp()
+    u = torch.where(e > 0, z - mz, torch.zeros_like(z))  # -inf logits: mass 0, no 0 * -inf
     s0 = e.sum(-1, keepdim=True)
     s1 = (e * u).sum(-1, keepdim=True)
     s2 = (e * u * u).sum(-1, keepdim=True)
@@ -162,7 +165,7 @@ def _sweep_full(raw: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ..
     top = raw == m
     n_top = top.sum(-1, keepdim=True)
     second = raw.masked_fill(top, _NEG_INF).amax(-1, keepdim=True).detach()
-    z_min = raw.detach().amin(-1, keepdim=True) / temperature
+    z_min = raw.detach().masked_fill(raw == _NEG_INF, float("inf")).amin(-1, keepdim=True) / temperature
     return mz, s0, s1, s2, s3, lse1, n_top, second, z_min
 
 
@@ -171,8 +174,8 @@ def _sweep_support(
 ) -> tuple[torch.Tensor, ...]:
     """The sums of :func:`_sweep_full` restricted to the support ``z >= thr`` (``(n, 1)`` each)."""
     z = raw / temperature
-    u = z - mz
-    e = torch.where(z >= thr, u.exp(), torch.zeros_like(u))
+    e = torch.where(z >= thr, (z - mz).exp(), torch.zeros_like(z))
+    u = torch.where(e > 0, z - mz, torch.zeros_like(z))
     s0 = e.sum(-1, keepdim=True)
     s1 = (e * u).sum(-1, keepdim=True)
     s2 = (e * u * u).sum(-1, keepdim=True)
@@ -321,8 +324,8 @@ def _shrink(
 
 # ---------------------------------------------------------------------------- the kernel
 def _support_sums_from(vals: torch.Tensor, thr: torch.Tensor, mz: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    u = vals - mz
-    e = torch.where(vals >= thr, u.exp(), torch.zeros_like(u))
+    e = torch.where(vals >= thr, (vals - mz).exp(), torch.zeros_like(vals))
+    u = torch.where(e > 0, vals - mz, torch.zeros_like(vals))
     return (
         e.sum(-1, keepdim=True),
         (e * u).sum(-1, keepdim=True),
@@ -355,7 +358,21 @@ def score_rows(
     Returns:
         ``rb_entropy`` and the requested quantities, each ``(n,)``.
     """
-    n, v = raw.shape
+    global _compile_this_call
+    outer, _compile_this_call = _compile_this_call, _use_compile(raw)
+    try:
+        return _score_rows(raw, policy, tokens, diagnostics, eos_token_id)
+    finally:
+        _compile_this_call = outer
+
+
+def _score_rows(
+    raw: torch.Tensor,
+    policy: SamplingPolicy,
+    tokens: torch.Tensor | None,
+    diagnostics: bool,
+    eos_token_id: int | None,
+) -> dict[str, torch.Tensor]:
     t = policy.temperature
     mz, s0, s1, s2, s3, lse1, n_top, second, z_min = _run("full", _sweep_full, raw, t)
     lse_t = mz + s0.log()  # log-sum-exp of the tempered, untruncated logits

@@ -169,6 +169,31 @@ def _sweep_full(raw: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ..
     return mz, s0, s1, s2, s3, lse1, n_top, second, z_min
 
 
+def _sweep_full_eager(raw: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
+    """:func:`_sweep_full` for eager mode: the same outputs with half the temporaries of the
+    row's size (``topk(2)`` for the runner-up, the top-count and the minimum only as needed)."""
+    m = raw.detach().amax(-1, keepdim=True)
+    mz = m / temperature
+    u = (raw / temperature - mz).clamp(min=-1e30)  # -inf logits: e = 0 and e * u = 0, not NaN
+    e = u.exp()
+    s0 = e.sum(-1, keepdim=True)
+    eu = e * u
+    s1 = eu.sum(-1, keepdim=True)
+    s2 = (eu * u).sum(-1, keepdim=True)
+    s3 = (e * e).sum(-1, keepdim=True)
+    lse1 = mz + s0.log() if temperature == 1.0 else torch.logsumexp(raw, -1, keepdim=True)
+    top2 = raw.detach().topk(min(2, raw.shape[-1]), dim=-1).values
+    second = top2[:, 1:2] if top2.shape[-1] > 1 else torch.full_like(m, _NEG_INF)
+    n_top = 1 + (second == m).long()  # 1, or >= 2 (all that margin needs)
+    z_min = raw.detach().amin(-1, keepdim=True)
+    bad = (z_min == _NEG_INF)[:, 0]
+    if bool(bad.any()):  # the smallest finite logit of rows that hold -inf
+        z_min[bad] = (
+            raw.detach()[bad].masked_fill(raw.detach()[bad] == _NEG_INF, float("inf")).amin(-1, keepdim=True)
+        )
+    return mz, s0, s1, s2, s3, lse1, n_top, second, z_min / temperature
+
+
 def _sweep_support(
     raw: torch.Tensor, temperature: float, thr: torch.Tensor, mz: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
@@ -374,7 +399,9 @@ def _score_rows(
     eos_token_id: int | None,
 ) -> dict[str, torch.Tensor]:
     t = policy.temperature
-    mz, s0, s1, s2, s3, lse1, n_top, second, z_min = _run("full", _sweep_full, raw, t)
+    mz, s0, s1, s2, s3, lse1, n_top, second, z_min = _run(
+        "full", _sweep_full, raw, t, eager=_sweep_full_eager
+    )
     lse_t = mz + s0.log()  # log-sum-exp of the tempered, untruncated logits
     thr = torch.full_like(mz, _NEG_INF)
     if policy.truncates:

@@ -4,12 +4,15 @@ Everything here is a function of raw logits ``(..., V)`` (the model's output, be
 temperature), the realised tokens and a :class:`SamplingPolicy`:
 
 - ``logp``: log p(y) under the model's plain softmax (temperature 1, no truncation);
+- ``logp_temp``: log p_T(y) under ``softmax(logits / T)`` without truncation (TRL's ratio);
 - ``logq``: log q(y) under the sampling policy (temperature + truncation), -inf outside it;
 - ``rb_entropy``: H(q) at each step, the Rao-Blackwellised entropy estimate;
 - ``surprisal``: -log p(y) (the naive entropy estimate).
 
 With ``fp64=True`` the softmax/entropy math runs in float64 and stays in float64 through
-the sums. The vocabulary math is chunked over positions so memory stays bounded.
+the sums. The vocabulary math is chunked over positions so memory stays bounded, and each chunk
+is one call of the fused kernel :func:`lens_rl.ops.scoring.score_rows` (a few sweeps over the
+vocabulary instead of a sort and materialised log-softmaxes).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lens_rl.ops.sampling import SamplingPolicy, nucleus_candidates, top_k_mask
+from lens_rl.ops.sampling import SamplingPolicy
+from lens_rl.ops.scoring import score_rows
 
 _CHUNK = 256  # positions per chunk of vocabulary math
 
@@ -28,102 +32,6 @@ def _chunks(n: int, size: int = _CHUNK):
         yield slice(s, min(s + size, n))
 
 
-def _dense_stats(
-    raw: torch.Tensor,
-    policy: SamplingPolicy,
-    dtype: torch.dtype,
-    tokens: torch.Tensor | None = None,
-    diagnostics: bool = False,
-    eos_token_id: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """All per-position quantities of rows ``(..., V)``, from ONE ``process_logits`` call.
-
-    Written with log-sum-exps and gathers instead of materialised log-softmaxes: the vocabulary
-    is traversed as few times as possible (this is the hot loop of teacher-forced scoring).
-    """
-    raw = raw.to(dtype)
-    z = policy.process_logits(raw)  # tempered, -inf outside the support
-    lse_z = torch.logsumexp(z, dim=-1, keepdim=True)
-    q = (z - lse_z).exp()  # 0 outside the support
-    z0 = z.masked_fill(q == 0, 0.0)
-    qz = q * z0
-    e_z = qz.sum(-1)
-    out = {"rb_entropy": lse_z.squeeze(-1) - e_z}  # H(q) = logsumexp(z) - E_q[z]
-    if tokens is not None:
-        y = tokens.unsqueeze(-1)
-        out["logp"] = (raw.gather(-1, y) - torch.logsumexp(raw, dim=-1, keepdim=True)).squeeze(-1)
-        out["logq"] = (z.gather(-1, y) - lse_z).squeeze(-1)
-    if diagnostics:
-        if policy.truncates:  # mass of the support under softmax(raw / T)
-            lse_full = torch.logsumexp(raw / policy.temperature, dim=-1, keepdim=True)
-            out["head_mass"] = (lse_z - lse_full).exp().squeeze(-1).clamp(max=1.0)
-        else:
-            out["head_mass"] = torch.ones_like(e_z)
-        top2 = z.topk(min(2, z.shape[-1]), dim=-1).values
-        out["top1_prob"] = (top2[..., 0:1] - lse_z).exp().squeeze(-1)
-        margin = top2[..., 0] - top2[..., 1] if top2.shape[-1] > 1 else torch.zeros_like(top2[..., 0])
-        out["margin"] = torch.where(torch.isfinite(margin), margin, torch.zeros_like(margin))
-        out["collision"] = (q * q).sum(-1)
-        out["logit_mean"] = e_z
-        out["logit_var"] = ((qz * z0).sum(-1) - e_z * e_z).clamp(min=0)
-        if eos_token_id is not None:
-            out["eos"] = q[..., eos_token_id]
-    return out
-
-
-_SPARSE_K = 32  # nucleus candidates of the sparse fast path
-
-
-def _sparse_stats(
-    raw: torch.Tensor,
-    policy: SamplingPolicy,
-    tokens: torch.Tensor | None,
-    diagnostics: bool,
-    eos_token_id: int | None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Fast path for nucleus policies: rows ``(M, V)`` whose support lies in their 32 largest
-    tempered logits are computed from those 32 values (q is 0 elsewhere). Returns the stats of
-    those rows and the boolean mask of rows it decided; the caller computes the rest densely.
-    Same rule as :meth:`SamplingPolicy.process_logits` (candidate path, tie-inclusive boundary).
-    """
-    zt = raw / policy.temperature
-    zk = top_k_mask(zt, policy.top_k)
-    lse_k = torch.logsumexp(zk, dim=-1, keepdim=True)
-    vals, idx, thr, done = nucleus_candidates(zk, policy.top_p, _SPARSE_K, lse_k)
-    k = vals.shape[-1]
-    vals, idx, thr, zt_d, raw_d = vals[done], idx[done], thr[done], zt[done], raw[done]
-    kept = vals >= thr  # tie-inclusive, as process_logits
-    kv = vals.masked_fill(~kept, float("-inf"))
-    lse_z = torch.logsumexp(kv, dim=-1, keepdim=True)
-    q = (kv - lse_z).exp()
-    v0 = vals.masked_fill(~kept, 0.0)
-    qz = q * v0
-    e_z = qz.sum(-1)
-    out = {"rb_entropy": lse_z.squeeze(-1) - e_z}
-    if tokens is not None:
-        y = tokens[done].unsqueeze(-1)
-        z_y = zt_d.gather(-1, y)
-        out["logp"] = (raw_d.gather(-1, y) - torch.logsumexp(raw_d, dim=-1, keepdim=True)).squeeze(-1)
-        in_support = (z_y >= thr) & (z_y > float("-inf"))
-        if policy.top_k > 0:
-            in_support &= zk[done].gather(-1, y) > float("-inf")
-        out["logq"] = torch.where(in_support, z_y - lse_z, torch.full_like(z_y, float("-inf"))).squeeze(-1)
-    if diagnostics:
-        lse_full = torch.logsumexp(zt_d, dim=-1, keepdim=True) if policy.top_k > 0 else lse_k[done]
-        out["head_mass"] = (lse_z - lse_full).exp().squeeze(-1).clamp(max=1.0)
-        out["top1_prob"] = q[:, 0]
-        margin = vals[:, 0] - vals[:, 1] if k > 1 else torch.zeros_like(vals[:, 0])
-        out["margin"] = torch.where(
-            kept[:, 1] if k > 1 else torch.zeros_like(kept[:, 0]), margin, torch.zeros_like(margin)
-        )
-        out["collision"] = (q * q).sum(-1)
-        out["logit_mean"] = e_z
-        out["logit_var"] = ((qz * v0).sum(-1) - e_z * e_z).clamp(min=0)
-        if eos_token_id is not None:
-            out["eos"] = (q * (idx == eos_token_id)).sum(-1)
-    return out, done
-
-
 def _chunk_stats(
     raw: torch.Tensor,
     policy: SamplingPolicy,
@@ -131,30 +39,13 @@ def _chunk_stats(
     tokens: torch.Tensor | None = None,
     diagnostics: bool = False,
     eos_token_id: int | None = None,
-    sparse: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """All per-position quantities of one chunk ``(N, t, V)``: the sparse nucleus fast path
-    where it applies (nucleus policies without min-p), the dense computation elsewhere."""
-    raw = raw.to(dtype)
+    """All per-position quantities of one chunk ``(N, t, V)``, each ``(N, t)``: the fused kernel
+    :func:`~lens_rl.ops.scoring.score_rows` on the flattened rows."""
     shape = raw.shape[:-1]
-    flat = raw.reshape(-1, raw.shape[-1])
-    y = None if tokens is None else tokens.reshape(-1)
-    if not (sparse and policy.top_p < 1.0 and policy.min_p == 0.0):
-        res = _dense_stats(flat, policy, dtype, y, diagnostics, eos_token_id)
-        return {k: v.reshape(shape) for k, v in res.items()}
-    fast, done = _sparse_stats(flat, policy, y, diagnostics, eos_token_id)
-    if bool(done.all()):
-        return {k: v.reshape(shape) for k, v in fast.items()}
-    rest = _dense_stats(
-        flat[~done], policy, dtype, None if y is None else y[~done], diagnostics, eos_token_id
-    )
-    out = {}
-    for k, v in fast.items():
-        merged = torch.empty(flat.shape[0], dtype=v.dtype, device=v.device)
-        merged[done] = v
-        merged[~done] = rest[k]
-        out[k] = merged.reshape(shape)
-    return out
+    flat = raw.to(dtype).reshape(-1, raw.shape[-1])
+    res = score_rows(flat, policy, None if tokens is None else tokens.reshape(-1), diagnostics, eos_token_id)
+    return {k: v.reshape(shape) for k, v in res.items()}
 
 
 def _chunked(
@@ -173,7 +64,8 @@ def _chunked(
 def token_scores(
     logits: torch.Tensor, tokens: torch.Tensor, policy: SamplingPolicy, fp64: bool = False
 ) -> dict[str, torch.Tensor]:
-    """``logp``, ``logq``, ``rb_entropy``, ``surprisal``: each ``tokens.shape``; keeps the graph.
+    """``logp``, ``logp_temp``, ``logq``, ``rb_entropy``, ``surprisal``: each ``tokens.shape``;
+    keeps the graph (forward-mode too).
 
     Args:
         logits: ``(N, T, V)`` raw logits; row ``t`` scores ``tokens[:, t]``.
@@ -267,11 +159,15 @@ class DistributionDiagnostics:
     def score_and_diagnose(
         self, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None, fp64: bool = False
     ) -> tuple[dict[str, torch.Tensor], DiagnosticsPack]:
-        """:func:`token_scores` and :meth:`compute_from_logits` in one pass over the vocabulary."""
+        """:func:`token_scores` and :meth:`compute_from_logits` in one pass over the vocabulary.
+
+        Returns ``({"logp", "logp_temp", "logq", "rb_entropy", "surprisal"}, pack)``; the scores
+        keep the graph, the pack is detached.
+        """
         dtype = torch.float64 if fp64 else torch.float32
         st = _chunked(logits, self.policy, dtype, tokens, diagnostics=True, eos_token_id=self.eos_token_id)
         st["surprisal"] = -st["logp"]
-        scores = {k: st[k] for k in ("logp", "logq", "rb_entropy", "surprisal")}
+        scores = {k: st[k] for k in ("logp", "logp_temp", "logq", "rb_entropy", "surprisal")}
         detached = {k: v.detach() for k, v in st.items()}
         return scores, self._pack(detached, mask, detached["surprisal"])
 
@@ -331,3 +227,52 @@ class DistributionDiagnostics:
             eos_prob_mean=mean_(step.eos_prob) if step.eos_prob is not None else None,
         )
         return DiagnosticsPack(step=step, seq=seq)
+
+
+@dataclass
+class PolicyScores:
+    """What one scoring pass yields for ``(N, T)`` tokens (each ``(N, T)``; no mask applied).
+
+    Attributes:
+        logq: log q(y) under the sampling policy (-inf outside its support).
+        logp_temp: log p_T(y) under ``softmax(logits / T)`` without truncation (TRL's ratio).
+        logp: log p(y) under the plain softmax (temperature 1).
+        rb_entropy: H(q) at each step.
+        diagnostics: the step and sequence diagnostics over ``mask``.
+    """
+
+    logq: torch.Tensor
+    logp_temp: torch.Tensor
+    logp: torch.Tensor
+    rb_entropy: torch.Tensor
+    diagnostics: DiagnosticsPack
+
+
+def score_policy(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    policy: SamplingPolicy,
+    eos_token_id: int | None = None,
+    fp64: bool = False,
+) -> PolicyScores:
+    """log q, log p_T, log p, RB entropy and the diagnostics of ``token_ids`` in one pass.
+
+    Args:
+        logits: ``(N, T, V)`` raw logits; row ``t`` scores ``token_ids[:, t]``.
+        token_ids: ``(N, T)`` realised tokens.
+        mask: ``(N, T)`` scored tokens (diagnostics and sequence aggregates), or None for all.
+        policy: the sampling policy.
+        eos_token_id: token whose q is reported as ``eos_prob``.
+        fp64: run the vocabulary math in float64.
+    """
+    scores, pack = DistributionDiagnostics(policy, eos_token_id).score_and_diagnose(
+        logits, token_ids, mask, fp64
+    )
+    return PolicyScores(
+        logq=scores["logq"],
+        logp_temp=scores["logp_temp"],
+        logp=scores["logp"],
+        rb_entropy=scores["rb_entropy"],
+        diagnostics=pack,
+    )

@@ -360,8 +360,8 @@ class LensGRPOTrainer(GRPOTrainer):
             for k, v in mismatch_stats(lr, mask, w.expand_as(lr), unclipped).items():
                 metrics[f"sampling/lens_is/{k}"].append(v)
             # TRL's ratio against the untruncated tempered softmax (the issue-6789 bias), for
-            # comparison: log softmax(z/T)_y = log q_y + log(head mass), no second vocabulary pass.
-            full_lp = logq_old + pack.step.head_mass.float().clamp(min=1e-30).log()
+            # comparison: the kernel's log softmax(z/T)_y, from the same vocabulary sweep.
+            full_lp = scores["logp_temp"].float()
             metrics["sampling/full_softmax_ratio_mean"].append(
                 float(token_log_ratio(full_lp, sampler_lp, mask).exp().mean())
             )

@@ -202,3 +202,28 @@ def test_compiled_kernel_equals_eager(policy, monkeypatch):
 def test_compile_mode_is_checked():
     with pytest.raises(ValueError, match="auto, always or never"):
         scoring.set_compile("sometimes")
+
+
+@pytest.mark.parametrize("v", [300, 2000])
+def test_float32_supports_equal_the_samplers_at_the_nucleus_edge(v):
+    """top_p set to the sampler's own float32 cumulative mass at some rank (the razor's edge,
+    where a differently ordered sum decides the other way; seen with vLLM as |log ratio| 2e-3
+    on one token): the kernel and ``SamplingPolicy.process_logits`` keep exactly the tokens the
+    sampler's rule keeps (vLLM's: ascending sort, float32 cumsum, drop cum <= 1 - top_p)."""
+    g = torch.Generator().manual_seed(7)
+    mismatches = {"kernel": 0, "process_logits": 0}
+    for row in range(40):
+        z = torch.randn(1, v, generator=g) * (0.3 + 0.05 * row)
+        z_sort, _ = z.sort(dim=-1)
+        cum = z_sort.softmax(-1).cumsum(-1)
+        rank = int(torch.randint(v // 4, v - 2, (1,), generator=g))
+        for top_p in (1.0 - float(cum[0, rank]), 1.0 - float(cum[0, rank]) + 1e-7):
+            top_p = min(top_p, 0.999)
+            drop = cum <= 1.0 - top_p
+            drop[:, -1] = False
+            n_kept = int((~drop).sum())
+            policy = SamplingPolicy(top_p=top_p)
+            kernel = torch.isfinite(token_scores(z.expand(v, v)[None], torch.arange(v)[None], policy)["logq"])
+            mismatches["kernel"] += abs(int(kernel.sum()) - n_kept)
+            mismatches["process_logits"] += abs(int(torch.isfinite(policy.process_logits(z)).sum()) - n_kept)
+    assert mismatches == {"kernel": 0, "process_logits": 0}

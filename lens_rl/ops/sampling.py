@@ -139,7 +139,11 @@ def nucleus_candidates(
     done = (cum_incl[:, -1] >= top_p) & (thr[:, 0] > vals[:, -1])
     if k == v:
         done = torch.ones_like(done)
-    return vals, idx, thr, done
+    # A decision within rounding of the edge (some mass ranked above a token ~ top_p) is left to
+    # the full sort: its ascending cumsum is the engines' arithmetic, this descending one is not.
+    tol = 1e-9 if z.dtype == torch.float64 else 1e-4
+    near = ((above - top_p).abs() <= tol).any(-1) | ((cum_incl[:, -1] - top_p).abs() <= tol)
+    return vals, idx, thr, done & ~near
 
 
 def _top_k_top_p(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

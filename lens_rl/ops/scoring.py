@@ -273,7 +273,19 @@ def _nucleus_on_sorted(
     thr = vals.masked_fill(~keep, float("inf")).amin(-1, keepdim=True)
     done = (cum[:, -1] >= top_p) & (thr[:, 0] > vals[:, -1]) & keep[:, 0]
     done |= vals[:, -1] == _NEG_INF  # every token of the bracket was seen
-    return thr, done & torch.isfinite(thr[:, 0])
+    # A decision within rounding of the boundary (mass ranked above a token ~ top_p) is left to
+    # the full sort, whose arithmetic is the sampler's (vLLM's ascending cumsum): summed in
+    # another order, the kernel could keep a token the sampler dropped, or the reverse.
+    # The mass above the token after the last one (cum[:, -1]) counts too: the bracket's lower
+    # end was placed by a sweep's sum, which can differ from this one by rounding.
+    tol = _near_tol(vals.dtype)
+    near = ((above - top_p).abs() <= tol).any(-1) | ((cum[:, -1] - top_p).abs() <= tol)
+    return thr, done & torch.isfinite(thr[:, 0]) & ~near
+
+
+def _near_tol(dtype: torch.dtype) -> float:
+    """How close to top_p a cumulative mass must be to leave the decision to the full sort."""
+    return 1e-9 if dtype == torch.float64 else 1e-4
 
 
 def _nucleus_bracket(

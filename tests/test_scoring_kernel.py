@@ -79,6 +79,8 @@ def test_kernel_equals_dense(kind, v, monkeypatch):
     y = torch.randint(0, v, (x.shape[0],), generator=g)
     y[::3] = x[::3].argmax(-1)  # some tokens inside every support
     monkeypatch.setattr(scoring, "_COMPILE_MODE", "never")
+    # small vocabularies sort undecided rows; V = 2000 is made to take the bracket search
+    monkeypatch.setattr(scoring, "_SORT_VOCAB", 0 if v == 2000 else scoring._SORT_VOCAB)
     for policy in POLICIES:
         truth = _reference(x, policy, torch.float64, y, 2)
         scale = (x.abs().amax(-1) / policy.temperature).clamp(min=1)
@@ -97,6 +99,7 @@ def test_kernel_equals_dense(kind, v, monkeypatch):
 def test_flat_rows_take_the_bracket_and_ties_the_sort(monkeypatch):
     """The paths exist as claimed: flat rows are decided by the bracket search (no sort), a
     constant row falls through to the full sort; both give the dense result (test above)."""
+    monkeypatch.setattr(scoring, "_SORT_VOCAB", 0)  # the bracket search even for this small V
     calls = {"bracket": 0, "sort": 0}
     bracket, full = scoring._nucleus_bracket, scoring._nucleus_threshold_full
 
@@ -204,12 +207,15 @@ def test_compile_mode_is_checked():
         scoring.set_compile("sometimes")
 
 
+@pytest.mark.parametrize("bracket", [True, False], ids=["bracket", "sort"])
 @pytest.mark.parametrize("v", [300, 2000])
-def test_float32_supports_equal_the_samplers_at_the_nucleus_edge(v):
+def test_float32_supports_equal_the_samplers_at_the_nucleus_edge(v, bracket, monkeypatch):
     """top_p set to the sampler's own float32 cumulative mass at some rank (the razor's edge,
     where a differently ordered sum decides the other way; seen with vLLM as |log ratio| 2e-3
     on one token): the kernel and ``SamplingPolicy.process_logits`` keep exactly the tokens the
     sampler's rule keeps (vLLM's: ascending sort, float32 cumsum, drop cum <= 1 - top_p)."""
+    if bracket:  # undecided rows take the bracket search (else: sorted, as small V are by default)
+        monkeypatch.setattr(scoring, "_SORT_VOCAB", 0)
     g = torch.Generator().manual_seed(7)
     mismatches = {"kernel": 0, "process_logits": 0}
     for row in range(40):

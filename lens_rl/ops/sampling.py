@@ -141,7 +141,7 @@ def nucleus_candidates(
         done = torch.ones_like(done)
     # A decision within rounding of the edge (some mass ranked above a token ~ top_p) is left to
     # the full sort: its ascending cumsum is the engines' arithmetic, this descending one is not.
-    tol = 1e-9 if z.dtype == torch.float64 else 1e-4
+    tol = 4.0 * torch.finfo(z.dtype).eps * v**0.5  # rounding between two summation orders
     near = ((above - top_p).abs() <= tol).any(-1) | ((cum_incl[:, -1] - top_p).abs() <= tol)
     return vals, idx, thr, done & ~near
 

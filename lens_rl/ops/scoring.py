@@ -261,7 +261,7 @@ def _sweep_lse_above(
 
 # ---------------------------------------------------------------------------- nucleus
 def _nucleus_on_sorted(
-    vals: torch.Tensor, mass_above: torch.Tensor, lse0: torch.Tensor, top_p: float
+    vals: torch.Tensor, mass_above: torch.Tensor, lse0: torch.Tensor, top_p: float, v_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The nucleus rule on descending tempered values ``(r, c)`` (-inf padding) that follow a
     mass ``mass_above`` ``(r, 1)`` of higher-ranked tokens. Returns the smallest kept value
@@ -279,14 +279,15 @@ def _nucleus_on_sorted(
     # another order, the kernel could keep a token the sampler dropped, or the reverse.
     # The mass above the token after the last one (cum[:, -1]) counts too: the bracket's lower
     # end was placed by a sweep's sum, which can differ from this one by rounding.
-    tol = _near_tol(vals.dtype)
+    tol = _near_tol(vals.dtype, v_size)
     near = ((above - top_p).abs() <= tol).any(-1) | ((cum[:, -1] - top_p).abs() <= tol)
     return thr, done & torch.isfinite(thr[:, 0]) & ~near
 
 
-def _near_tol(dtype: torch.dtype) -> float:
-    """How close to top_p a cumulative mass must be to leave the decision to the full sort."""
-    return 1e-9 if dtype == torch.float64 else 1e-4
+def _near_tol(dtype: torch.dtype, v: int) -> float:
+    """How close to top_p a cumulative mass must be to leave the decision to the full sort: a
+    bound on the rounding that separates two summation orders of ``v`` probabilities."""
+    return 4.0 * torch.finfo(dtype).eps * math.sqrt(v)
 
 
 def _nucleus_bracket(
@@ -328,7 +329,7 @@ def _nucleus_bracket(
         inside = _run("inside", _sweep_inside, x, temperature, lo_, hi_)
         with _timed("finish_topk"):
             vals = inside.topk(kk, dim=-1).values
-        thr_, done_ = _nucleus_on_sorted(vals, mh_, lse0_, top_p)
+        thr_, done_ = _nucleus_on_sorted(vals, mh_, lse0_, top_p, raw.shape[-1])
         thr = thr.index_put((todo,), thr_)
         done = done.index_put((todo,), done_)
         lo, hi, mass_hi = (a.index_put((todo,), b) for a, b in ((lo, lo_), (hi, hi_), (mass_hi, mh_)))
@@ -490,11 +491,11 @@ def _truncated_support(
             )
     thr = t0
     if policy.top_p < 1.0:
-        thr, done = _nucleus_on_sorted(cand_sup, torch.zeros_like(mz), lse0, policy.top_p)
+        thr, done = _nucleus_on_sorted(cand_sup, torch.zeros_like(mz), lse0, policy.top_p, v)
         if k_c == v:
             done = torch.ones_like(done)
         rest = (~done).nonzero()[:, 0]
-        if rest.numel() and v <= _SORT_VOCAB:  # small vocabularies: one sort beats the sweeps
+        if rest.numel() and v <= _SORT_VOCAB and not _compile_this_call:  # eager, small V: a sort is faster
             z_s = _rows(raw_d, rest) / t
             z_s = z_s.masked_fill(z_s < _rows(t0, rest), _NEG_INF)
             with _timed("full_sort"):

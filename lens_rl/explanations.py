@@ -512,6 +512,30 @@ def write_html(result: Explanations, path: str | Path, title: str = "lens explan
 
 
 # ---------------------------------------------------------------------- training reports
+def end_of_run_report(cfg, lens, orig, dataset, tokenizer, layer: int, output_dir, title: str) -> None:
+    """What both training stages do at the end on the main process: explain ``cfg.explain_texts``
+    held-out windows (best of ``cfg.explain_samples``), print the table, write the page
+    (:class:`~lens_rl.training.explain_args.ExplainArguments`; nothing when ``explain_texts`` is 0)."""
+    if dataset is None or cfg.explain_texts <= 0:
+        return
+    from rich.console import Console
+
+    report_samples(
+        lens,
+        orig,
+        dataset,
+        tokenizer=tokenizer,
+        layer=layer,
+        t_text=cfg.t_text,
+        num_texts=cfg.explain_texts,
+        k=cfg.explain_samples,
+        seed=cfg.seed,
+        output_dir=output_dir,
+        title=title,
+        console=Console(),
+    )
+
+
 def report_samples(
     lens,
     orig,

@@ -65,6 +65,8 @@ def test_dump_sft_rl_on_family(arch, model_dtype, tokenizer, tmp_path):
             "2",
             "--num_generations",
             "4",
+            "--encoder_mse_weight",  # the (trainable-base) encoder keeps training on the rollouts
+            "1.0",
         ]
         + ["--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--rollout_backend", "hf"],
         port=next(_PORTS),
@@ -72,4 +74,5 @@ def test_dump_sft_rl_on_family(arch, model_dtype, tokenizer, tmp_path):
     result = json.loads((rl / "final_metrics.json").read_text())
     rows = [r for r in result["log_history"] if "reward" in r]
     assert len(rows) == 2 and all(math.isfinite(r["reward"]) for r in rows)
+    assert all(math.isfinite(r["lens/encoder_mse"]) for r in rows)
     assert math.isfinite(result["after"]["fve"])

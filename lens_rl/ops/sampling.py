@@ -115,6 +115,14 @@ def top_k_mask(z: torch.Tensor, top_k: int) -> torch.Tensor:
     return z.masked_fill(z < kth, float("-inf"))
 
 
+def nucleus_edge_tol(dtype: torch.dtype, v: int) -> float:
+    """How close to top_p a cumulative mass must be for the nucleus decision to be left to the
+    full sort (:func:`_nucleus_threshold_full`, the engines' ascending cumsum): a bound on the
+    rounding that separates two summation orders of ``v`` probabilities. Shared by the candidate
+    path here and the scoring kernel (``lens_rl.ops.scoring``)."""
+    return 4.0 * torch.finfo(dtype).eps * v**0.5
+
+
 def nucleus_candidates(
     z: torch.Tensor, top_p: float, k: int, lse: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,7 +149,7 @@ def nucleus_candidates(
         done = torch.ones_like(done)
     # A decision within rounding of the edge (some mass ranked above a token ~ top_p) is left to
     # the full sort: its ascending cumsum is the engines' arithmetic, this descending one is not.
-    tol = 4.0 * torch.finfo(z.dtype).eps * v**0.5  # rounding between two summation orders
+    tol = nucleus_edge_tol(z.dtype, v)
     near = ((above - top_p).abs() <= tol).any(-1) | ((cum_incl[:, -1] - top_p).abs() <= tol)
     return vals, idx, thr, done & ~near
 

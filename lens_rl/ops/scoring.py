@@ -48,7 +48,7 @@ from statistics import NormalDist
 
 import torch
 
-from lens_rl.ops.sampling import SamplingPolicy, _nucleus_threshold_full
+from lens_rl.ops.sampling import SamplingPolicy, _nucleus_threshold_full, nucleus_edge_tol
 
 log = logging.getLogger(__name__)
 
@@ -279,15 +279,9 @@ def _nucleus_on_sorted(
     # another order, the kernel could keep a token the sampler dropped, or the reverse.
     # The mass above the token after the last one (cum[:, -1]) counts too: the bracket's lower
     # end was placed by a sweep's sum, which can differ from this one by rounding.
-    tol = _near_tol(vals.dtype, v_size)
+    tol = nucleus_edge_tol(vals.dtype, v_size)
     near = ((above - top_p).abs() <= tol).any(-1) | ((cum[:, -1] - top_p).abs() <= tol)
     return thr, done & torch.isfinite(thr[:, 0]) & ~near
-
-
-def _near_tol(dtype: torch.dtype, v: int) -> float:
-    """How close to top_p a cumulative mass must be to leave the decision to the full sort: a
-    bound on the rounding that separates two summation orders of ``v`` probabilities."""
-    return 4.0 * torch.finfo(dtype).eps * math.sqrt(v)
 
 
 def _nucleus_bracket(

@@ -125,3 +125,30 @@ def evaluate_lens(
     }
     lens.train(was_training)
     return {k: float(v) for k, v in metrics.items()}, samples
+
+
+def evaluate_on_processes(
+    accelerator, step: int, lens, orig, dataset, **kwargs
+) -> tuple[dict[str, float], list]:
+    """:func:`evaluate_lens` as both trainers run it: every process takes its share of
+    ``dataset``, the sums are reduced, and the main process prints the metrics and sample
+    explanations (:func:`lens_rl.explanations.evaluation_tables`). ``kwargs`` are
+    :func:`evaluate_lens`'s keyword arguments other than the process layout and the device."""
+    acc = accelerator
+    metrics, samples = evaluate_lens(
+        lens,
+        orig,
+        dataset,
+        process_index=acc.process_index,
+        num_processes=acc.num_processes,
+        reduce=(lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None,
+        device=acc.device,
+        **kwargs,
+    )
+    if acc.is_main_process:
+        from rich.console import Console
+
+        from lens_rl.explanations import evaluation_tables
+
+        Console().print(*evaluation_tables(metrics, samples, step=step))
+    return metrics, samples

@@ -47,7 +47,7 @@ from lens_rl.models.orig import OrigWrapper
 from lens_rl.ops.diagnostics import DiagnosticsPack, DistributionDiagnostics, token_scores
 from lens_rl.ops.importance import importance_weights, mismatch_stats, token_log_ratio
 from lens_rl.ops.sampling import SamplingPolicy, step_seed
-from lens_rl.training.evaluate import evaluate_lens
+from lens_rl.training.evaluate import evaluate_on_processes
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.guards import NonFiniteGuard
 from lens_rl.training.losses import normalized_mse
@@ -451,9 +451,10 @@ class LensGRPOTrainer(GRPOTrainer):
         explanations), sharded over processes; logged as ``eval_*`` and printed."""
         if self.val_store is None:
             raise ValueError("evaluate() needs the val split (val_data).")
-        acc = self.accelerator
         args = self.lens_args
-        metrics, samples = evaluate_lens(
+        metrics, samples = evaluate_on_processes(
+            self.accelerator,
+            self.state.global_step,
             self.lens,
             self.orig,
             self.val_store,
@@ -461,27 +462,15 @@ class LensGRPOTrainer(GRPOTrainer):
             t_text=args.t_text,
             train_mean=self.store.mean,
             train_var=self.store.var,
-            prefix_ids=self.prefix_ids.to(acc.device),
+            prefix_ids=self.prefix_ids.to(self.accelerator.device),
             tokenizer=self.processing_class,
             batch_size=args.per_device_eval_batch_size,
             seed=args.seed + 7919,
             resample_ablation=False,
             num_explanations=args.num_completions_to_print or 8,
-            process_index=acc.process_index,
-            num_processes=acc.num_processes,
-            reduce=(lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None,
-            device=acc.device,
         )
         self.last_samples = samples
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
-        if acc.is_main_process:
-            from rich.console import Console
-
-            from lens_rl.explanations import evaluation_tables
-
-            raw = {k.removeprefix(f"{metric_key_prefix}_"): v for k, v in metrics.items()}
-            for table in evaluation_tables(raw, samples, self.state.global_step):
-                Console().print(table)
         Trainer.log(self, dict(metrics))  # not TRL's log(): that would flush the training metrics
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

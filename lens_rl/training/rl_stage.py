@@ -148,25 +148,11 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
         out.mkdir(parents=True, exist_ok=True)
         lens.save_pretrained(out / "lens")
     after = evaluate()
-    if state.is_main_process and val is not None and cfg.explain_texts > 0:
-        from rich.console import Console
+    if state.is_main_process:
+        from lens_rl.explanations import end_of_run_report
 
-        from lens_rl.explanations import report_samples
-
-        report_samples(
-            lens,
-            orig,
-            val,
-            tokenizer=tok,
-            layer=store.layer,
-            t_text=cfg.t_text,
-            num_texts=cfg.explain_texts,
-            k=cfg.explain_samples,
-            seed=cfg.seed,
-            output_dir=out,
-            title=f"held-out explanations after {trainer.state.global_step} GRPO steps",
-            console=Console(),
-        )
+        title = f"held-out explanations after {trainer.state.global_step} GRPO steps"
+        end_of_run_report(cfg, lens, orig, val, tok, store.layer, out, title)
     result = {
         "backend": backend_name,
         "num_processes": state.num_processes,

@@ -38,7 +38,7 @@ from lens_rl.models.lens import ConsistencyLens, LensModule, base_record
 from lens_rl.models.orig import OrigWrapper
 from lens_rl.models.surgery import resolve_layer
 from lens_rl.ops.sampling import step_seed
-from lens_rl.training.evaluate import evaluate_lens
+from lens_rl.training.evaluate import evaluate_on_processes
 from lens_rl.training.guards import NonFiniteGuard, claim_output_dir, main_then_all
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_losses import StepWeights, sft_losses
@@ -232,8 +232,9 @@ class LensSFTTrainer(Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs a validation split (val_data or on_the_fly).")
-        acc = self.accelerator
-        metrics, samples = evaluate_lens(
+        metrics, samples = evaluate_on_processes(
+            self.accelerator,
+            self.state.global_step,
             self.lens,
             self.orig,
             dataset,
@@ -247,10 +248,6 @@ class LensSFTTrainer(Trainer):
             seed=self.args.seed + 7919,
             resample_ablation=self.args.resample_ablation,
             num_explanations=self.args.num_explanations,
-            process_index=acc.process_index,
-            num_processes=acc.num_processes,
-            reduce=(lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None,
-            device=self.args.device,
         )
         if self.args.should_save and samples:
             out = Path(self.args.output_dir)
@@ -259,12 +256,6 @@ class LensSFTTrainer(Trainer):
                 for s in samples:
                     f.write(json.dumps({"step": self.state.global_step, **s}) + "\n")
         self.last_samples = samples
-        if self.is_world_process_zero():
-            from rich.console import Console
-
-            from lens_rl.explanations import evaluation_tables
-
-            Console().print(*evaluation_tables(metrics, samples, step=self.state.global_step))
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -408,25 +399,19 @@ def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbac
         final = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
     if acc.is_main_process:
         (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        if trainer.eval_dataset is not None and cfg.explain_texts > 0:
-            from rich.console import Console
+        from lens_rl.explanations import end_of_run_report
 
-            from lens_rl.explanations import report_samples
-
-            report_samples(
-                trainer.lens,
-                trainer.orig,
-                trainer.eval_dataset,
-                tokenizer=trainer.processing_class,
-                layer=trainer.layer,
-                t_text=cfg.t_text,
-                num_texts=cfg.explain_texts,
-                k=cfg.explain_samples,
-                seed=cfg.seed,
-                output_dir=out,
-                title=f"held-out explanations after {trainer.state.global_step} supervised steps",
-                console=Console(),
-            )
+        title = f"held-out explanations after {trainer.state.global_step} supervised steps"
+        end_of_run_report(
+            cfg,
+            trainer.lens,
+            trainer.orig,
+            trainer.eval_dataset,
+            trainer.processing_class,
+            trainer.layer,
+            out,
+            title,
+        )
         if cfg.plot:
             from lens_rl.training.plots import plot_curves
 

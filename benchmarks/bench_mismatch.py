@@ -50,7 +50,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/mismatch.json")
     ap.add_argument("--lens", default="outputs/quickstart/sft/lens")
-    ap.add_argument("--activations", default=".cache/lens_rl/activations/base-llama-d128/layer_1/val")
+    ap.add_argument(
+        "--activations",
+        default=None,
+        help="a dump split folder (default: the quickstart's val split, from outputs/quickstart/summary.json)",
+    )
     ap.add_argument("--num", type=int, default=512)
     ap.add_argument("--t_text", type=int, default=8)
     ap.add_argument("--top_p", type=float, default=0.95)
@@ -58,6 +62,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--no_vllm", action="store_true")
     args = ap.parse_args()
+    if args.activations is None:
+        args.activations = json.loads(Path("outputs/quickstart/summary.json").read_text())["data"]["val"]
     policy = SamplingPolicy(temperature=args.temperature, top_p=args.top_p)
     meta = json.loads((Path(args.lens) / "lens_config.json").read_text())["meta"]
     model_dir = meta["model_name_or_path"]

@@ -7,7 +7,7 @@ seconds per run. The "before" of every run is the same lens, so the differences 
 
     python benchmarks/sweep_rl_lr.py --model_name_or_path .cache/lens_rl/base-llama-d128 \
         --sft_lens outputs/quickstart/sft/lens \
-        --data .cache/lens_rl/activations/base-llama-d128/layer_1 \
+        --data .cache/lens_rl/activations/WEIGHTS/base-llama-d128/layer_1 \
         --lrs 1e-5 1e-4 1e-3 --encoder_mse_weights 0 1 --max_steps 60
 """
 

@@ -5,16 +5,43 @@ byte-level BPE tokenizer, pretrained on text that ships with CPython (``pydoc_da
 and standard-library sources) with ``transformers.Trainer``. It learns enough in a few CPU
 minutes for its activations to carry structure a lens can read. The result is cached: a
 folder whose ``recipe.json`` matches the requested recipe is reused as is.
+
+Reproducibility. Float sums depend on the thread count and on the SIMD width the CPU
+kernels pick, and 600 steps of training amplify a last-bit difference into a different
+model (an earlier quickstart measured held-out lens FVE 0.19 on one machine's base and 0.44
+on another's, same code). On CPU the pretraining therefore runs in a child process pinned to
+one thread, with MKL's conditional numerical reproducibility set to the AVX2 code path
+(``MKL_CBWR``) and ATen's kernels capped at AVX2 (``ATEN_CPU_CAPABILITY``): the same Python
+(the corpus is read from the interpreter, see :mod:`lens_rl.data.corpus`) and the same torch
+give the same weights bit for bit whatever the parent's thread settings. ``recipe.json``
+records the corpus hash, the Python and torch versions and the weights hash
+(``weights_sha256``) so two machines can compare their bases.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import math
+import os
+import platform
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+# The child process's environment on CPU (see the module docstring).
+DETERMINISTIC_CPU_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MKL_CBWR": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
 
 
 @dataclass(frozen=True)
@@ -31,25 +58,80 @@ class PretrainRecipe:
     max_steps: int = 600
     learning_rate: float = 3e-3
     seed: int = 0
+    # 2: pinned single-thread child process on CPU (1: trained in the caller's process).
+    determinism: int = 2
 
 
 def _recipe_matches(path: Path, recipe: PretrainRecipe) -> bool:
     f = path / "recipe.json"
-    return (path / "config.json").exists() and f.exists() and json.loads(f.read_text()) == asdict(recipe)
+    if not ((path / "config.json").exists() and f.exists()):
+        return False
+    recorded = json.loads(f.read_text())
+    return {k: recorded.get(k) for k in asdict(recipe)} == asdict(recipe)
+
+
+def corpus_sha256(texts: list[str]) -> str:
+    """sha256 of the corpus documents (length-prefixed, so document boundaries count)."""
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode()
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()[:16]
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name and exact bytes: equal iff the weights are bit-identical."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def pretrain_small_lm(path: str | Path, recipe: PretrainRecipe = PretrainRecipe(), log=print) -> Path:
-    """Build (or reuse) the tokenizer and pretrained model in ``path``; return ``path``."""
+    """Build (or reuse) the tokenizer and pretrained model in ``path``; return ``path``.
+
+    On CPU the training runs in a pinned child process (``python -m lens_rl.pretrain``), so the
+    result does not depend on this process's thread settings; its output streams through.
+    """
+    path = Path(path)
+    if _recipe_matches(path, recipe):
+        info = json.loads((path / "recipe.json").read_text())
+        log(f"base model: reusing {path} (weights {info.get('weights_sha256', '?')})")
+        return path
+    if torch.cuda.is_available():
+        _pretrain(path, recipe, log=log)
+    else:
+        log("base model: pretraining in a single-thread child process (bit-reproducible; ~3 min)")
+        env = {**os.environ, **DETERMINISTIC_CPU_ENV}
+        cmd = [
+            sys.executable,
+            "-m",
+            "lens_rl.pretrain",
+            "--path",
+            str(path),
+            "--recipe",
+            json.dumps(asdict(recipe)),
+        ]
+        proc = subprocess.run(cmd, env=env, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pretraining the base model failed (exit {proc.returncode}): {' '.join(cmd)}")
+        if not _recipe_matches(path, recipe):
+            raise RuntimeError(f"pretraining finished but {path / 'recipe.json'} does not match the recipe")
+    info = json.loads((path / "recipe.json").read_text())
+    log(f"base model: {path} (weights {info['weights_sha256']}, corpus {info['corpus_sha256']})")
+    return path
+
+
+def _pretrain(path: Path, recipe: PretrainRecipe, log=print) -> None:
+    """Train the tokenizer and the model in this process and save both with ``recipe.json``."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
 
     from lens_rl.data.corpus import pydoc_topics, stdlib_sources
     from lens_rl.data.windows import tokenize_corpus
     from lens_rl.models.tokenizer import train_bpe_tokenizer
 
-    path = Path(path)
-    if _recipe_matches(path, recipe):
-        log(f"base model: reusing {path}")
-        return path
     log(
         f"base model: pretraining a {recipe.num_layers}-layer, d={recipe.hidden_size} Llama on pydoc + stdlib"
     )
@@ -105,5 +187,32 @@ def pretrain_small_lm(path: str | Path, recipe: PretrainRecipe = PretrainRecipe(
     log(f"pretraining done: final train loss {result.training_loss:.3f}")
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    (path / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
-    return path
+    record = {
+        **asdict(recipe),
+        "final_train_loss": round(float(result.training_loss), 4),
+        "corpus_sha256": corpus_sha256(texts),
+        "weights_sha256": weights_sha256(model),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
+    }
+    (path / "recipe.json").write_text(json.dumps(record, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child-process entry point: ``python -m lens_rl.pretrain --path DIR --recipe JSON``."""
+    ap = argparse.ArgumentParser(description="Pretrain the quickstart's base model (see lens_rl.pretrain).")
+    ap.add_argument("--path", required=True)
+    ap.add_argument(
+        "--recipe", default="{}", help="PretrainRecipe fields as JSON (default: the quickstart's)."
+    )
+    args = ap.parse_args(argv)
+    recipe = PretrainRecipe(**json.loads(args.recipe))
+    _pretrain(Path(args.path), recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,6 +24,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def base_model_dir(cache_dir: str | Path, base_seed: int = 0) -> Path:
+    """Where the quickstart caches the base pretrained with ``base_seed`` (seed 0: the default)."""
+    return Path(cache_dir) / ("base-llama-d128" + (f"-seed{base_seed}" if base_seed else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the quickstart; returns 0 when the lens beats the mean-activation baseline."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         help="Override the seed of the SFT and RL configs (lens initialisation noise, data order, sampling); "
         "the base model and the dump keep theirs.",
     )
+    ap.add_argument(
+        "--base_seed",
+        type=int,
+        default=0,
+        help="Seed of the base model's pretraining (another seed pretrains, and caches, another base: "
+        "the README's spread over bases uses it).",
+    )
     args = ap.parse_args(argv)
 
     from rich.console import Console
@@ -48,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from lens_rl.cli import packaged_config
     from lens_rl.config import parse_args
     from lens_rl.data.dump import DumpConfig, run_dump
-    from lens_rl.pretrain import pretrain_small_lm
+    from lens_rl.pretrain import PretrainRecipe, pretrain_small_lm
     from lens_rl.training.sft_config import LensSFTConfig
     from lens_rl.training.sft_trainer import run_sft
 
@@ -58,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     console.rule("[bold]lens_rl quickstart[/bold]: supervised consistency lens, offline on CPU")
 
     console.rule("1/4 base model")
-    model_dir = pretrain_small_lm(cache / "base-llama-d128", log=console.print)
+    model_dir = pretrain_small_lm(
+        base_model_dir(cache, args.base_seed), PretrainRecipe(seed=args.base_seed), log=console.print
+    )
+    weights = json.loads((model_dir / "recipe.json").read_text())["weights_sha256"]
 
     console.rule("2/4 activations")
     (dump_cfg,) = parse_args(
@@ -69,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             "--model_name_or_path",
             str(model_dir),
             "--output_dir",
-            str(cache / "activations"),
+            str(cache / "activations" / weights),  # keyed on the exact weights: never a stale dump
         ],
     )
     splits = run_dump(dump_cfg)
@@ -148,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     if rl is not None and rl["after"]:
         metrics.add_row("FVE after GRPO", f"{rl['after']['fve']:.3f}", "")
     console.print(metrics)
-    summary = {"final": final, "seconds": round(time.perf_counter() - t0, 1), "run": str(out / "sft")}
+    summary = {
+        "final": final,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "run": str(out / "sft"),
+        "base": {"path": str(model_dir), "weights_sha256": weights},
+        "data": {split: str(path) for split, path in splits.items()},
+    }
     if rl is not None:
         summary["rl"] = {
             "backend": rl["backend"],

@@ -97,6 +97,30 @@ def test_changed_config_is_refused(dump, tiny_model_dir):
         run_dump(_cfg(tiny_model_dir, out, seed=5))
 
 
+@pytest.mark.parametrize("finished", [True, False])
+def test_other_weights_at_the_same_path_are_refused(tiny_model_dir, tmp_path, finished):
+    """A model folder retrained in place (same path, same config) must not reuse or extend the
+    old dump: finished (metadata.json) and partial (shards only) dumps are both refused."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / tiny_model_dir.name  # same basename: the dump lands in the same folder
+    shutil.copytree(tiny_model_dir, model_dir)
+    dump_out = tmp_path / "dump"
+    run_dump(_cfg(model_dir, dump_out))
+    if not finished:
+        for meta in dump_out.rglob("metadata.json"):
+            meta.unlink()
+        next(dump_out.rglob("shard_000000064.safetensors")).unlink()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.5)  # "retrained"
+    model.save_pretrained(model_dir)
+    with pytest.raises(ConfigError, match="other weights at the same model path"):
+        run_dump(_cfg(model_dir, dump_out))
+
+
 def _copy_split(src: Path, dst: Path) -> Path:
     import shutil
 

@@ -164,9 +164,20 @@ def _config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _check_existing_shards(rank_dir: Path, cfg: DumpConfig) -> None:
+def _check_fingerprint(where: Path, recorded: str | None, fingerprint: str) -> None:
+    """Refuse a dump made from other weights under the same model path (a retrained or replaced
+    model folder): its activations would silently be mixed with, or stand in for, this model's."""
+    if recorded is not None and recorded != fingerprint:
+        raise ConfigError(
+            f"{where} was dumped from other weights at the same model path (base fingerprint "
+            f"{recorded}; the model there now has {fingerprint}). Its activations do not belong to "
+            f"this model: use another output_dir, or delete {where} to redo the dump."
+        )
+
+
+def _check_existing_shards(rank_dir: Path, cfg: DumpConfig, fingerprint: str) -> None:
     """Refuse to add to shards written with another config (a rerun with a new seed, positions,
-    model, ...), naming the fields that differ."""
+    model, ...), naming the fields that differ, or from other weights (``base_fingerprint``)."""
     mine = _content_config(cfg)
     for path in sorted(rank_dir.glob("shard_*.safetensors")):
         try:
@@ -174,6 +185,7 @@ def _check_existing_shards(rank_dir: Path, cfg: DumpConfig) -> None:
                 meta = f.metadata() or {}
         except Exception as e:
             raise ConfigError(f"Existing shard {path} cannot be read ({e}); delete it to redo it.") from e
+        _check_fingerprint(rank_dir.parent, meta.get("base_fingerprint"), fingerprint)
         if meta.get("config_hash") == _config_hash(mine):
             continue
         if "config" not in meta and (rank_dir.parent / "metadata.json").exists():
@@ -217,6 +229,7 @@ def _dump_split(
     world: int,
     device,
     show: bool,
+    fingerprint: str,
 ) -> None:
     n = len(windows)
     n_shards = math.ceil(n / cfg.shard_size)
@@ -224,7 +237,7 @@ def _dump_split(
     rank_dir = out / f"rank_{rank}"
     rank_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_rank_dir(rank_dir)  # held until this split is written
-    _check_existing_shards(rank_dir, cfg)
+    _check_existing_shards(rank_dir, cfg, fingerprint)
     content = _content_config(cfg)
     todo = [s for s in mine if not (rank_dir / _shard_name(s * cfg.shard_size)).exists()]
     total = sum(min(cfg.shard_size, n - s * cfg.shard_size) for s in todo)
@@ -254,13 +267,14 @@ def _dump_split(
                 "config": json.dumps(content, sort_keys=True, default=str),
                 "config_hash": _config_hash(content),
                 "sha256": tensors_digest(tensors),
+                "base_fingerprint": fingerprint,
             }
             _write_shard(rank_dir / _shard_name(start), tensors, meta)
     lock.close()
 
 
 def _finalize_split(
-    out: Path, cfg: DumpConfig, layer: int, n: int, d_model: int, world: int, split: str
+    out: Path, cfg: DumpConfig, layer: int, n: int, d_model: int, world: int, split: str, fingerprint: str
 ) -> None:
     shards = []
     total = torch.zeros(d_model, dtype=torch.float64)
@@ -290,6 +304,7 @@ def _finalize_split(
         "format_version": FORMAT_VERSION,
         "split": split,
         "model_name_or_path": cfg.model_name_or_path,
+        "base_fingerprint": fingerprint,
         "tokenizer_name_or_path": cfg.tokenizer_name_or_path or cfg.model_name_or_path,
         "layer": layer,
         "d_model": d_model,
@@ -327,6 +342,7 @@ def run_dump(cfg: DumpConfig) -> dict[str, Path]:
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
+    from lens_rl.models.lens import base_fingerprint
     from lens_rl.models.orig import OrigWrapper
     from lens_rl.models.surgery import resolve_layer
 
@@ -337,6 +353,7 @@ def run_dump(cfg: DumpConfig) -> dict[str, Path]:
     orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs()).to(state.device)
     layer = resolve_layer(cfg.layer, orig.n_layers, "DumpConfig.layer")
     d_model = orig.model.get_input_embeddings().weight.shape[1]
+    fingerprint = base_fingerprint(orig.model)
     splits = dump_windows(cfg, tok)
     outs = {}
     for split, windows in splits.items():
@@ -345,6 +362,7 @@ def run_dump(cfg: DumpConfig) -> dict[str, Path]:
         out = split_dir(cfg.output_dir, cfg.model_name_or_path, layer, split)
         if state.is_main_process and (out / "metadata.json").exists():
             prev = json.loads((out / "metadata.json").read_text())
+            _check_fingerprint(out, prev.get("base_fingerprint"), fingerprint)
             diff = _config_diff(prev["config"], asdict(cfg))
             if diff:
                 raise ConfigError(
@@ -361,11 +379,14 @@ def run_dump(cfg: DumpConfig) -> dict[str, Path]:
             state.num_processes,
             state.device,
             show=state.is_main_process,
+            fingerprint=fingerprint,
         )
         outs[split] = out
     state.wait_for_everyone()
     if state.is_main_process:
         for split, out in outs.items():
-            _finalize_split(out, cfg, layer, len(splits[split]), d_model, state.num_processes, split)
+            _finalize_split(
+                out, cfg, layer, len(splits[split]), d_model, state.num_processes, split, fingerprint
+            )
     state.wait_for_everyone()
     return outs

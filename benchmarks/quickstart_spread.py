@@ -1,0 +1,136 @@
+"""Spread of the quickstart's figures over base-model seeds and lens seeds.
+
+The README's quickstart figures are what ``make demo`` prints; this measures how far they move
+when the base model is pretrained with another seed (``--base_seed``) and when the lens is
+trained with another seed (``--seed``). Each run is ``python -m lens_rl.cli demo`` in a fresh
+process, exactly the quickstart, with its own output folder; bases are cached per seed (the
+pretraining is bit-reproducible, see ``lens_rl.pretrain``). The baseline in the same run is
+the mean-activation predictor's FVE, which every quickstart run reports next to the lens's.
+
+    python benchmarks/quickstart_spread.py --base_seeds 0 1 2 --lens_seeds 0 1 2 --jobs 2 \
+        --out benchmarks/results/quickstart_spread.json
+
+``--jobs N`` runs N quickstarts at once, each with ``OMP_NUM_THREADS = cores // N`` (the
+thread count moves a lens's last digits: ``threads`` is recorded per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("fve", "baseline_mean_fve", "nmse", "kl_recon", "lm_kl")
+
+
+def _run(cmd: list[str], threads: int, log: Path) -> tuple[int, float]:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    return rc, time.perf_counter() - t0
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+        "n": len(values),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base_seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--lens_seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rl_steps", type=int, default=None, help="passed to the demo (0 skips GRPO)")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--cache_dir", default=str(ROOT / ".cache" / "lens_rl"))
+    ap.add_argument("--work_dir", default=str(ROOT / "outputs" / "quickstart_spread"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quickstart_spread.json"))
+    args = ap.parse_args()
+    from lens_rl.quickstart import base_model_dir
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    demo = [sys.executable, "-m", "lens_rl.cli", "demo", "--cache_dir", args.cache_dir]
+
+    # Bases first (one pinned single-thread process each), so no two runs pretrain the same seed.
+    def pretrain(b: int) -> tuple[int, float]:
+        code = (
+            "from lens_rl.pretrain import PretrainRecipe, pretrain_small_lm; "
+            "from lens_rl.quickstart import base_model_dir; "
+            f"pretrain_small_lm(base_model_dir({args.cache_dir!r}, {b}), PretrainRecipe(seed={b}))"
+        )
+        return _run([sys.executable, "-c", code], 1, work / f"pretrain_base{b}.log")
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for b, (rc, _) in zip(args.base_seeds, pool.map(pretrain, args.base_seeds), strict=True):
+            if rc != 0:
+                raise SystemExit(f"pretraining base seed {b} failed; see {work / f'pretrain_base{b}.log'}")
+
+    def one(bs: tuple[int, int]) -> dict:
+        b, s = bs
+        out = work / f"base{b}_seed{s}"
+        cmd = demo + ["--base_seed", str(b), "--seed", str(s), "--output_dir", str(out)]
+        if args.rl_steps is not None:
+            cmd += ["--rl_steps", str(args.rl_steps)]
+        rc, secs = _run(cmd, threads, work / f"base{b}_seed{s}.log")
+        rec: dict = {
+            "base_seed": b,
+            "lens_seed": s,
+            "returncode": rc,
+            "seconds": round(secs, 1),
+            "threads": threads,
+        }
+        if (out / "summary.json").exists():
+            summary = json.loads((out / "summary.json").read_text())
+            rec.update({k: round(float(summary["final"][k]), 4) for k in METRICS if k in summary["final"]})
+            if "rl" in summary:
+                rec["fve_after_grpo"] = summary["rl"]["fve_after"]
+        recipe = base_model_dir(args.cache_dir, b) / "recipe.json"
+        rec["base_weights_sha256"] = json.loads(recipe.read_text()).get("weights_sha256")
+        print(json.dumps(rec), flush=True)
+        return rec
+
+    pairs = [(b, s) for b in args.base_seeds for s in args.lens_seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(one, pairs))
+    ok = [r for r in runs if r["returncode"] == 0 and "fve" in r]
+    result: dict = {
+        "command": " ".join(sys.argv),
+        "runs": runs,
+        "failed": [r for r in runs if r not in ok],
+        "over_all_runs": {
+            m: _stats([r[m] for r in ok]) for m in (*METRICS, "fve_after_grpo") if ok and m in ok[0]
+        },
+        "per_base": {
+            str(b): _stats([r["fve"] for r in ok if r["base_seed"] == b])
+            for b in args.base_seeds
+            if any(r["base_seed"] == b for r in ok)
+        },
+        "lens_minus_baseline_fve": _stats([r["fve"] - r["baseline_mean_fve"] for r in ok]) if ok else None,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["over_all_runs"], indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

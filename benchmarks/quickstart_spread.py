@@ -53,6 +53,29 @@ def _stats(values: list[float]) -> dict[str, float]:
     }
 
 
+def summarize(runs: list[dict], base_seeds: list[int]) -> dict:
+    """Spread over all runs and per base; the lens's margin over the mean-activation baseline and
+    GRPO's paired change (after - before, same lens) per run."""
+    ok = [r for r in runs if r["returncode"] == 0 and "fve" in r]
+    out: dict = {
+        "runs": runs,
+        "failed": [r for r in runs if r not in ok],
+        "over_all_runs": {
+            m: _stats([r[m] for r in ok]) for m in (*METRICS, "fve_after_grpo") if ok and m in ok[0]
+        },
+        "per_base": {
+            str(b): _stats([r["fve"] for r in ok if r["base_seed"] == b])
+            for b in base_seeds
+            if any(r["base_seed"] == b for r in ok)
+        },
+        "lens_minus_baseline_fve": _stats([r["fve"] - r["baseline_mean_fve"] for r in ok]) if ok else None,
+    }
+    gains = [r["fve_after_grpo"] - r["fve"] for r in ok if r.get("fve_after_grpo") is not None]
+    if gains:
+        out["grpo_fve_change"] = {**_stats(gains), "runs_improved": sum(g > 0 for g in gains)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base_seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -62,7 +85,16 @@ def main() -> None:
     ap.add_argument("--cache_dir", default=str(ROOT / ".cache" / "lens_rl"))
     ap.add_argument("--work_dir", default=str(ROOT / "outputs" / "quickstart_spread"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quickstart_spread.json"))
+    ap.add_argument("--summarize_only", action="store_true", help="recompute the summary of --out's runs")
     args = ap.parse_args()
+    if args.summarize_only:
+        prev = json.loads(Path(args.out).read_text())
+        bases = sorted({r["base_seed"] for r in prev["runs"]})
+        Path(args.out).write_text(
+            json.dumps({"command": prev["command"], **summarize(prev["runs"], bases)}, indent=2)
+        )
+        print(json.dumps(summarize(prev["runs"], bases)["grpo_fve_change"], indent=2))
+        return
     from lens_rl.quickstart import base_model_dir
 
     work = Path(args.work_dir)
@@ -70,14 +102,14 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     demo = [sys.executable, "-m", "lens_rl.cli", "demo", "--cache_dir", args.cache_dir]
 
-    # Bases first (one pinned single-thread process each), so no two runs pretrain the same seed.
+    # Bases and their dumps first (one process per base), so no two runs build the same base
+    # or write the same dump (a second concurrent dump is refused by its lock).
     def pretrain(b: int) -> tuple[int, float]:
         code = (
-            "from lens_rl.pretrain import PretrainRecipe, pretrain_small_lm; "
-            "from lens_rl.quickstart import base_model_dir; "
-            f"pretrain_small_lm(base_model_dir({args.cache_dir!r}, {b}), PretrainRecipe(seed={b}))"
+            "from lens_rl.quickstart import prepare_base_and_dump; "
+            f"prepare_base_and_dump({args.cache_dir!r}, {b})"
         )
-        return _run([sys.executable, "-c", code], 1, work / f"pretrain_base{b}.log")
+        return _run([sys.executable, "-c", code], threads, work / f"pretrain_base{b}.log")
 
     with ThreadPoolExecutor(args.jobs) as pool:
         for b, (rc, _) in zip(args.base_seeds, pool.map(pretrain, args.base_seeds), strict=True):
@@ -111,21 +143,7 @@ def main() -> None:
     pairs = [(b, s) for b in args.base_seeds for s in args.lens_seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(one, pairs))
-    ok = [r for r in runs if r["returncode"] == 0 and "fve" in r]
-    result: dict = {
-        "command": " ".join(sys.argv),
-        "runs": runs,
-        "failed": [r for r in runs if r not in ok],
-        "over_all_runs": {
-            m: _stats([r[m] for r in ok]) for m in (*METRICS, "fve_after_grpo") if ok and m in ok[0]
-        },
-        "per_base": {
-            str(b): _stats([r["fve"] for r in ok if r["base_seed"] == b])
-            for b in args.base_seeds
-            if any(r["base_seed"] == b for r in ok)
-        },
-        "lens_minus_baseline_fve": _stats([r["fve"] - r["baseline_mean_fve"] for r in ok]) if ok else None,
-    }
+    result = {"command": " ".join(sys.argv), **summarize(runs, args.base_seeds)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result["over_all_runs"], indent=2))

@@ -11,11 +11,11 @@ kernels pick, and 600 steps of training amplify a last-bit difference into a dif
 model (an earlier quickstart measured held-out lens FVE 0.19 on one machine's base and 0.44
 on another's, same code). On CPU the pretraining therefore runs in a child process pinned to
 one thread, with MKL's conditional numerical reproducibility set to the AVX2 code path
-(``MKL_CBWR``) and ATen's kernels capped at AVX2 (``ATEN_CPU_CAPABILITY``): the same Python
-(the corpus is read from the interpreter, see :mod:`lens_rl.data.corpus`) and the same torch
-give the same weights bit for bit whatever the parent's thread settings. ``recipe.json``
-records the corpus hash, the Python and torch versions and the weights hash
-(``weights_sha256``) so two machines can compare their bases.
+(``MKL_CBWR``) and ATen's and oneDNN's kernels capped at AVX2 (``ATEN_CPU_CAPABILITY``,
+``ONEDNN_MAX_CPU_ISA``). The same Python (the corpus is read from the interpreter, see
+:mod:`lens_rl.data.corpus`) and the same torch then give the same weights bit for bit,
+whatever the parent's thread settings. ``recipe.json`` records the corpus hash, the Python and
+torch versions and the weights hash (``weights_sha256``), so two machines can compare bases.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ DETERMINISTIC_CPU_ENV = {
     "MKL_NUM_THREADS": "1",
     "MKL_CBWR": "AVX2",
     "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
 }
@@ -197,6 +198,7 @@ def _pretrain(path: Path, recipe: PretrainRecipe, log=print) -> None:
         "threads": torch.get_num_threads(),
         "mkl_cbwr": os.environ.get("MKL_CBWR"),
         "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
     }
     (path / "recipe.json").write_text(json.dumps(record, indent=2))
 

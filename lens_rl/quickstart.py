@@ -29,6 +29,40 @@ def base_model_dir(cache_dir: str | Path, base_seed: int = 0) -> Path:
     return Path(cache_dir) / ("base-llama-d128" + (f"-seed{base_seed}" if base_seed else ""))
 
 
+def prepare_base_and_dump(
+    cache_dir: str | Path, base_seed: int = 0, log=print, rule=lambda _title: None
+) -> tuple[Path, str, dict[str, Path]]:
+    """Steps 1-2: pretrain (or reuse) the base for ``base_seed`` and dump its activations (or
+    reuse a complete dump); return the model folder, its ``weights_sha256`` and the split folders.
+
+    The dump lives under ``<cache>/activations/<weights_sha256>``: a rebuilt base never meets a
+    dump of another base (run_dump also refuses one by fingerprint)."""
+    from lens_rl.cli import packaged_config
+    from lens_rl.config import parse_args
+    from lens_rl.data.dump import DumpConfig, run_dump
+    from lens_rl.pretrain import PretrainRecipe, pretrain_small_lm
+
+    cache = Path(cache_dir).resolve()  # absolute paths in dumps and lens sidecars
+    rule("1/4 base model")
+    model_dir = pretrain_small_lm(base_model_dir(cache, base_seed), PretrainRecipe(seed=base_seed), log=log)
+    weights = json.loads((model_dir / "recipe.json").read_text())["weights_sha256"]
+    rule("2/4 activations")
+    (dump_cfg,) = parse_args(
+        [DumpConfig],
+        [
+            "--config",
+            str(packaged_config("dump_quickstart.yaml")),
+            "--model_name_or_path",
+            str(model_dir),
+            "--output_dir",
+            str(cache / "activations" / weights),
+        ],
+    )
+    splits = run_dump(dump_cfg)
+    log(f"train: {splits['train']}\nval:   {splits['val']}")
+    return model_dir, weights, splits
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the quickstart; returns 0 when the lens beats the mean-activation baseline."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from lens_rl.cli import packaged_config
     from lens_rl.config import parse_args
-    from lens_rl.data.dump import DumpConfig, run_dump
-    from lens_rl.pretrain import PretrainRecipe, pretrain_small_lm
     from lens_rl.training.sft_config import LensSFTConfig
     from lens_rl.training.sft_trainer import run_sft
 
@@ -69,26 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     cache, out = Path(args.cache_dir), Path(args.output_dir)
     console.rule("[bold]lens_rl quickstart[/bold]: supervised consistency lens, offline on CPU")
 
-    console.rule("1/4 base model")
-    model_dir = pretrain_small_lm(
-        base_model_dir(cache, args.base_seed), PretrainRecipe(seed=args.base_seed), log=console.print
+    model_dir, weights, splits = prepare_base_and_dump(
+        cache, args.base_seed, log=console.print, rule=console.rule
     )
-    weights = json.loads((model_dir / "recipe.json").read_text())["weights_sha256"]
-
-    console.rule("2/4 activations")
-    (dump_cfg,) = parse_args(
-        [DumpConfig],
-        [
-            "--config",
-            str(packaged_config("dump_quickstart.yaml")),
-            "--model_name_or_path",
-            str(model_dir),
-            "--output_dir",
-            str(cache / "activations" / weights),  # keyed on the exact weights: never a stale dump
-        ],
-    )
-    splits = run_dump(dump_cfg)
-    console.print(f"train: {splits['train']}\nval:   {splits['val']}")
 
     console.rule("3/4 supervised lens")
     sft_args = [

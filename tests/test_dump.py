@@ -97,6 +97,17 @@ def test_changed_config_is_refused(dump, tiny_model_dir):
         run_dump(_cfg(tiny_model_dir, out, seed=5))
 
 
+def test_same_model_by_a_relative_path_reuses_the_dump(dump, tiny_model_dir, monkeypatch):
+    """`./model` and `/abs/model` are one model: the finished dump is reused, not refused."""
+    splits, out = dump
+    train = Path(splits["train"])
+    mtimes = {p: p.stat().st_mtime_ns for p in train.glob("rank_0/*.safetensors")}
+    monkeypatch.chdir(tiny_model_dir.parent)
+    again = run_dump(_cfg(tiny_model_dir.name, out))
+    assert Path(again["train"]).resolve() == train.resolve()
+    assert {p: p.stat().st_mtime_ns for p in train.glob("rank_0/*.safetensors")} == mtimes
+
+
 @pytest.mark.parametrize("finished", [True, False])
 def test_other_weights_at_the_same_path_are_refused(tiny_model_dir, tmp_path, finished):
     """A model folder retrained in place (same path, same config) must not reuse or extend the

@@ -141,9 +141,17 @@ def _content_config(cfg: DumpConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "batch_size")}
 
 
+def _same_path(a: object, b: object) -> bool:
+    """Two model references name the same local folder (``./m`` vs ``/abs/m``)."""
+    if not (isinstance(a, str) and isinstance(b, str)) or not (Path(a).is_dir() and Path(b).is_dir()):
+        return False
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def _config_diff(theirs: dict, mine: dict) -> list[str]:
     """Content fields whose values differ; a field one side lacks (written by an older or newer
-    version) counts as its default value."""
+    version) counts as its default value. A model or tokenizer folder given by another spelling
+    of the same path is the same value (the weights themselves are checked by fingerprint)."""
     import dataclasses
 
     defaults = {
@@ -155,7 +163,7 @@ def _config_diff(theirs: dict, mine: dict) -> list[str]:
         if k in ("output_dir", "batch_size"):
             continue
         a, b = theirs.get(k, defaults.get(k, missing)), mine.get(k, defaults.get(k, missing))
-        if a != b:
+        if a != b and not (k in ("model_name_or_path", "tokenizer_name_or_path") and _same_path(a, b)):
             out.append(f"{k}: {a!r} -> {b!r}")
     return out
 

@@ -89,15 +89,29 @@ def _perturb(lens: ConsistencyLens, scale: float = 3e-2) -> list[torch.nn.Parame
     return params
 
 
+def _reference_logq_and_entropy(trainer: LensGRPOTrainer, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q of the completion tokens and H(q) per position, from ``SamplingPolicy.log_probs`` on
+    the decoder's logits (not the fused scorer the trainer uses)."""
+    ids = inputs["completion_ids"]
+    logits = trainer.lens.decoder.fwd_tokens(inputs["activation"], ids, scores=False).logits
+    logp = trainer.lens_args.policy.log_probs(logits)  # -inf outside the truncated support
+    q = logp.exp()
+    entropy = -(q * torch.where(q > 0, logp, torch.zeros_like(logp))).sum(-1)
+    return logp.gather(-1, ids[..., None])[..., 0], entropy
+
+
 def _reference_loss(
-    trainer: LensGRPOTrainer, inputs: dict, loss_type: str, level: str, ga: int
+    trainer: LensGRPOTrainer,
+    inputs: dict,
+    loss_type: str,
+    level: str,
+    ga: int,
+    entropy_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TRL 1.16's GRPO loss (grpo_trainer.py `_compute_loss`) written out for the lens policy."""
     args = trainer.lens_args
-    lens = trainer.lens
-    ids, mask = inputs["completion_ids"], inputs["completion_mask"].float()
-    logits = lens.decoder.fwd_tokens(inputs["activation"], ids, scores=False).logits
-    logq = args.policy.log_probs(logits).gather(-1, ids[..., None])[..., 0]  # independent of the scorer
+    mask = inputs["completion_mask"].float()
+    logq, _ = _reference_logq_and_entropy(trainer, inputs)  # independent of the scorer
     logq = torch.where(torch.isfinite(logq), logq, torch.full_like(logq, LOGQ_FLOOR))  # left the support
     old = inputs.get("old_per_token_logps", logq.detach())
     adv = inputs["advantages"][:, None]
@@ -139,6 +153,8 @@ def _reference_loss(
         per_tok = -phi * adv * logq
     else:
         per_tok = -torch.min(coef_1 * adv, coef_1.clamp(1 - eps, 1 + eps) * adv)
+    if entropy_mask is not None:
+        per_tok = per_tok * entropy_mask
     if is_w is not None and loss_type != "vespo":
         per_tok = per_tok * is_w
     per_tok = per_tok.expand_as(mask) if per_tok.shape[1] == 1 and loss_type != "luspo" else per_tok
@@ -205,6 +221,55 @@ def test_loss_and_gradient_match_trl_formula(parts, tmp_path, tiny_model_dir, ti
                 )
             checked += 1
     assert checked >= 14
+
+
+@pytest.mark.parametrize("quantile", [1.0, 0.5], ids=lambda q: f"top_entropy_quantile-{q}")
+@pytest.mark.parametrize("ga", [1, 2], ids=lambda g: f"ga{g}")
+def test_entropy_bonus_and_high_entropy_mask_match_trl(
+    parts, tmp_path, tiny_model_dir, tiny_dump, quantile, ga
+):
+    """``entropy_coef`` and ``top_entropy_quantile`` act on H(q), the entropy of the policy the
+    lens samples from (temperature and top-p), exactly as TRL's formulas act on its policy's
+    entropy: the loss is L_policy (tokens below the entropy quantile masked) - coef * the mean
+    H(q) over the kept tokens / GA, and the gradient of the bonus flows through H(q)."""
+    coef = 0.3
+    cfg = _config(
+        tmp_path,
+        tiny_model_dir,
+        tiny_dump["train"],
+        entropy_coef=coef,
+        top_entropy_quantile=quantile,
+        gradient_accumulation_steps=ga,
+        vllm_importance_sampling_correction=False,
+    )
+    trainer = _trainer(parts, cfg)
+    inputs = _rollout(trainer, 8 * cfg.steps_per_generation)
+    params = [p for p in trainer.lens.parameters() if p.requires_grad]
+    trainer.current_gradient_accumulation_steps = ga
+    mask = inputs["completion_mask"].float()
+    for loss_type in ("dapo", "grpo", "dr_grpo"):
+        trainer.loss_type = loss_type
+        loss = trainer._compute_loss(trainer.model, inputs)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+
+        _, entropy = _reference_logq_and_entropy(trainer, inputs)
+        emask = None
+        if quantile < 1.0:  # TRL's get_high_entropy_mask, on the reference entropies
+            threshold = torch.quantile(entropy.detach()[mask.bool()], 1 - quantile)
+            emask = ((entropy.detach() * mask >= threshold) & mask.bool()).float()
+            assert 0 < emask.sum() < mask.sum()  # the mask keeps some tokens and drops some
+        eff = mask if emask is None else mask * emask
+        bonus = (entropy * eff).sum() / eff.sum().clamp(min=1.0) / ga
+        ref = _reference_loss(trainer, inputs, loss_type, "token", ga, entropy_mask=emask) - coef * bonus
+        ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+        assert abs(float(loss) - float(ref)) <= LOSS_ATOL * max(1.0, abs(float(ref))), loss_type
+        assert float(bonus) > 0  # the bonus term is present, not silently zero
+        for g, r in zip(grads, ref_grads, strict=True):
+            if r is None:
+                assert g is None or g.abs().max() == 0
+                continue
+            scale = r.abs().max().clamp(min=1e-8)
+            assert (g - r).abs().max() <= GRAD_RTOL * scale, (loss_type, float((g - r).abs().max() / scale))
 
 
 def test_encoder_mse_is_scaled_for_accumulation(parts, tmp_path, tiny_model_dir, tiny_dump):

@@ -1,4 +1,4 @@
-"""The README's main job, end to end (opt-in: `slow`, ~7 minutes on the 2-core CPU).
+"""The README's main job, end to end (opt-in: `slow`, ~6 minutes on the 2-core CPU).
 
 Bounds from the spread of the quickstart (``python benchmarks/quickstart_spread.py``,
 ``benchmarks/results/quickstart_spread.json``: 3 base seeds x 3 lens seeds): held-out FVE

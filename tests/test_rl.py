@@ -143,6 +143,38 @@ def test_config_errors(tiny_model_dir, splits, tmp_path):
         run_rl(cfg)
 
 
+def test_save_strategy_best_follows_the_lens_metric(tiny_model_dir, splits, tmp_path):
+    """save_strategy='best' with metric_for_best_model='kl_recon' (lower is better) checkpoints at
+    the evaluations that lower it and names the lowest as best_model_checkpoint."""
+    with pytest.raises(ConfigError, match="not a lens evaluation metric"):
+        _cfg(tiny_model_dir, splits, tmp_path, metric_for_best_model="reward")
+    out = tmp_path / "best"
+    cfg = _cfg(
+        tiny_model_dir,
+        splits,
+        out,
+        max_steps=4,
+        learning_rate=3e-2,
+        val_data=str(splits["val"]),
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="best",
+        metric_for_best_model="kl_recon",
+    )
+    assert cfg.greater_is_better is False
+    res = run_rl(cfg)
+    evals = {h["step"]: h["eval_kl_recon"] for h in res["log_history"] if "eval_kl_recon" in h}
+    assert sorted(evals) == [1, 2, 3, 4]
+    improved, best = [], math.inf
+    for step in sorted(evals):
+        if evals[step] < best:
+            improved.append(step)
+            best = evals[step]
+    saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert saved == improved
+    assert res["best_model_checkpoint"] == str(out / f"checkpoint-{improved[-1]}")
+
+
 def test_checkpoint_and_resume(tiny_model_dir, splits, tmp_path):
     """4 steps straight == 2 steps, checkpoint, resume for 2 more (TRL's checkpointing of the lens).
     Rollout noise is seeded from the optimizer step, so the runs match; tolerance 1e-6."""

@@ -297,11 +297,58 @@ def test_out_of_range_layer_is_an_error(tiny_model_dir, tiny_dump, tmp_path):
             dict(train_data="x", eval_strategy="no", attn_implementation="flash_attention_2"),
             "flash_attention_2' needs the flash-attn package and a CUDA",
         ),
+        (dict(train_data="x", eval_strategy="no", save_strategy="best"), "needs metric_for_best_model"),
+        (
+            dict(train_data="x", eval_strategy="no", metric_for_best_model="loss"),
+            "not a lens evaluation metric",
+        ),
+        (
+            dict(train_data="x", eval_strategy="no", metric_for_best_model="nmse", greater_is_better=True),
+            "contradicts metric_for_best_model='nmse'",
+        ),
+        (
+            dict(train_data="x", eval_strategy="no", save_strategy="best", metric_for_best_model="fve"),
+            "set eval_strategy",
+        ),
     ],
 )
 def test_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
         LensSFTConfig(model_name_or_path="m", **kw)
+
+
+@pytest.mark.parametrize(("metric", "higher"), [("nmse", False), ("eval_fve", True)])
+def test_save_strategy_best_keeps_the_best_evaluation(tiny_model_dir, tiny_dump, tmp_path, metric, higher):
+    """save_strategy='best': a checkpoint is written exactly at the evaluations that improve the
+    metric, in its own direction (lower nmse, higher fve: never transformers' "loss"-suffix guess),
+    and ``best_model_checkpoint`` is the step with the best evaluated value."""
+    out = tmp_path / "run"
+    cfg = small_sft_config(
+        tiny_model_dir,
+        tiny_dump,
+        out,
+        max_steps=12,
+        learning_rate=3e-3,
+        eval_strategy="steps",
+        eval_steps=3,
+        save_strategy="best",
+        metric_for_best_model=metric,
+        save_total_limit=None,  # keep every save, to see where they happened
+    )
+    assert cfg.greater_is_better is higher
+    result = run_sft(cfg)
+    name = metric.removeprefix("eval_")
+    evals = {m["step"]: m[f"eval_{name}"] for m in _metrics(out) if f"eval_{name}" in m}
+    assert sorted(evals) == [3, 6, 9, 12]
+    best_step = (max if higher else min)(evals, key=evals.get)
+    assert result["trainer"].state.best_model_checkpoint == str(out / f"checkpoint-{best_step}")
+    improved, best = [], None
+    for step in sorted(evals):
+        if best is None or (evals[step] > best if higher else evals[step] < best):
+            improved.append(step)
+            best = evals[step]
+    saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert saved == improved
 
 
 def test_bf16_on_cpu_is_refused():

@@ -23,7 +23,7 @@ from lens_rl.models.lora import PEFT_CONFIG_HELP, apply_peft_config
 from lens_rl.ops.sampling import SamplingPolicy
 from lens_rl.training.explain_args import ExplainArguments
 from lens_rl.training.guards import RunGuardArguments
-from lens_rl.training.refusals import GRPO_REFUSED, TRAINING_ARGS_REFUSED, refuse_fields
+from lens_rl.training.refusals import GRPO_REFUSED, TRAINING_ARGS_REFUSED, refuse_fields, resolve_best_metric
 
 _TRL_MAX_COMPLETION_LENGTH = 512  # GRPOConfig's default: replaced by t_text
 
@@ -83,6 +83,7 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments, Expla
 
         refuse_fields(self, TRAINING_ARGS_REFUSED)
         refuse_fields(self, GRPO_REFUSED)
+        resolve_best_metric(self)
         if self.t_text < 1:
             raise ConfigError(f"t_text must be >= 1, got {self.t_text}.")
         # TRL's dr_grpo normaliser (and the probe's) divide by max_completion_length: it is the

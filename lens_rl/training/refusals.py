@@ -87,3 +87,54 @@ def refuse_fields(cfg: object, table: dict[str, tuple[object, str]]) -> None:
         if value == accepted or (accepted in (None, []) and empty):
             continue
         raise ConfigError(f"{cls}.{name}={value!r} is not supported: {why} (leave it at {accepted!r}).")
+
+
+# Lens evaluation metrics a checkpoint can be chosen by (``save_strategy="best"``), with whether
+# higher is better. transformers would guess the direction from a "loss" suffix, which reads
+# ``nmse`` or ``kl_recon`` as higher-is-better and keeps the worst checkpoint as "best".
+BEST_METRICS: dict[str, bool] = {
+    "fve": True,
+    "fve_recon": True,
+    "nmse": False,
+    "kl_recon": False,
+    "kl_train": False,
+    "lm_kl": False,
+}
+
+
+def resolve_best_metric(cfg) -> None:
+    """Check ``metric_for_best_model`` / ``greater_is_better`` / ``save_strategy="best"`` before
+    ``TrainingArguments.__post_init__`` and set ``greater_is_better`` from the metric when unset.
+
+    ``metric_for_best_model`` must name a lens evaluation metric (``fve`` or ``eval_fve``);
+    ``save_strategy="best"`` needs it and an evaluation; an explicit ``greater_is_better`` that
+    contradicts the metric's direction is refused."""
+    kind = type(cfg).__name__
+    strategy = getattr(cfg.save_strategy, "value", cfg.save_strategy)
+    metric = cfg.metric_for_best_model
+    choices = ", ".join(BEST_METRICS)
+    if metric is None:
+        if strategy == "best":
+            raise ConfigError(
+                f"{kind}.save_strategy='best' needs metric_for_best_model, one of the lens evaluation "
+                f"metrics: {choices}."
+            )
+        return
+    name = metric.removeprefix("eval_")
+    if name not in BEST_METRICS:
+        raise ConfigError(
+            f"{kind}.metric_for_best_model={metric!r} is not a lens evaluation metric; use one of: {choices}."
+        )
+    higher = BEST_METRICS[name]
+    if cfg.greater_is_better is None:
+        cfg.greater_is_better = higher
+    elif bool(cfg.greater_is_better) != higher:
+        raise ConfigError(
+            f"{kind}.greater_is_better={cfg.greater_is_better} contradicts metric_for_best_model={metric!r} "
+            f"({'higher' if higher else 'lower'} is better); leave greater_is_better unset."
+        )
+    if strategy == "best" and getattr(cfg.eval_strategy, "value", cfg.eval_strategy) == "no":
+        raise ConfigError(
+            f"{kind}.save_strategy='best' saves when an evaluation improves {name}: set eval_strategy "
+            "(steps or epoch) and val_data."
+        )

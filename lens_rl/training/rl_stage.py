@@ -160,6 +160,7 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
         "before": before,
         "after": after,
         "log_history": trainer.state.log_history,
+        "best_model_checkpoint": trainer.state.best_model_checkpoint,  # save_strategy: best
     }
     if state.is_main_process:
         (out / "final_metrics.json").write_text(json.dumps(result, indent=2))

@@ -25,7 +25,7 @@ from lens_rl.models.loading import ModelLoadingArguments
 from lens_rl.models.lora import PEFT_CONFIG_HELP, apply_peft_config
 from lens_rl.training.explain_args import ExplainArguments
 from lens_rl.training.guards import RunGuardArguments
-from lens_rl.training.refusals import TRAINING_ARGS_REFUSED, refuse_fields
+from lens_rl.training.refusals import TRAINING_ARGS_REFUSED, refuse_fields, resolve_best_metric
 from lens_rl.training.schedules import parse_schedule
 
 
@@ -131,6 +131,7 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments,
         }
         validate_types(self, only=own)
         refuse_fields(self, TRAINING_ARGS_REFUSED)
+        resolve_best_metric(self)
         if isinstance(self.resume_from_checkpoint, bool):
             self.resume_from_checkpoint = "true" if self.resume_from_checkpoint else None
         cuda = torch.cuda.is_available()

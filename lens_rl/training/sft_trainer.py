@@ -88,10 +88,17 @@ class _MetricsFile(TrainerCallback):
 
 class _FinalEvaluationAfterSave(TrainerCallback):
     """Skip the Trainer's evaluation at the last step: :func:`run_sft` evaluates once the
-    final checkpoint and the lens are on disk, so a failing evaluation loses nothing."""
+    final checkpoint and the lens are on disk, so a failing evaluation loses nothing.
+
+    Not with ``save_strategy="best"``: there the last step's evaluation decides whether the
+    last step is the best checkpoint, so it stays (and the final evaluation, seeded the same,
+    repeats its values)."""
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
-        if state.global_step >= state.max_steps:
+        if (
+            state.global_step >= state.max_steps
+            and getattr(args.save_strategy, "value", args.save_strategy) != "best"
+        ):
             control.should_evaluate = False
         return control
 

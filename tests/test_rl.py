@@ -219,6 +219,30 @@ def test_checkpoint_and_resume(tiny_model_dir, splits, tmp_path):
     assert max(h.get("step", 0) for h in res["log_history"]) == 4
 
 
+def test_resume_at_the_end_of_the_schedule_trains_nothing(tiny_model_dir, splits, tmp_path, capsys):
+    """Resuming checkpoint-2 of a 2-step run loads it and trains nothing (transformers alone would
+    take a third step at the constant LR and write checkpoint-3); the lens equals the straight run's."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "end"
+    kw = dict(save_strategy="steps", save_steps=2, learning_rate=1e-2, lr_scheduler_type="constant")
+    run_rl(_cfg(tiny_model_dir, splits, out, **kw))
+    straight = load_file(str(out / "lens" / "lens.safetensors"))
+    shutil.rmtree(out / "lens")
+    capsys.readouterr()
+    res = run_rl(_cfg(tiny_model_dir, splits, out, resume_from_checkpoint="true", **kw))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert "nothing left to train" in capsys.readouterr().out
+    assert max(h.get("step", 0) for h in res["log_history"]) == 2
+    finished = load_file(str(out / "lens" / "lens.safetensors"))
+    assert finished.keys() == straight.keys()
+    for k in straight:
+        assert torch.equal(finished[k], straight[k]), k
+
+
 def test_functional_kl_reward_and_encoder_cotraining(tiny_model_dir, splits, tmp_path):
     """functional_kl_reward lowers the reward by the (positive) next-token KL; encoder_mse_weight
     trains the encoder on the rollouts (its projection moves, its MSE is logged)."""

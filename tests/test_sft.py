@@ -351,6 +351,29 @@ def test_save_strategy_best_keeps_the_best_evaluation(tiny_model_dir, tiny_dump,
     assert saved == improved
 
 
+def test_resume_at_the_end_of_the_schedule_trains_nothing(tiny_model_dir, tiny_dump, tmp_path, capsys):
+    """A run stopped after its last checkpoint (lens not yet written) is finished by resuming:
+    checkpoint-4 of a 4-step run is loaded, no step 5 runs (transformers alone would take one
+    more step at the constant LR and write checkpoint-5), and the lens equals the straight run's."""
+    out = tmp_path / "run"
+    kw = dict(
+        max_steps=4, save_strategy="steps", save_steps=2, lr_scheduler_type="constant", learning_rate=1e-2
+    )
+    run_sft(small_sft_config(tiny_model_dir, tiny_dump, out, **kw))
+    straight = load_file(str(out / "lens" / "lens.safetensors"))
+    shutil.rmtree(out / "lens")  # stopped after checkpoint-4 was written
+    capsys.readouterr()
+    res = run_sft(small_sft_config(tiny_model_dir, tiny_dump, out, resume_from_checkpoint="true", **kw))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert res["trainer"].state.global_step == 4
+    assert "the end of the schedule (max_steps=4): nothing left to train" in capsys.readouterr().out
+    assert max(m["step"] for m in _metrics(out)) == 4
+    finished = load_file(str(out / "lens" / "lens.safetensors"))
+    assert finished.keys() == straight.keys()
+    for k in straight:
+        assert torch.equal(finished[k], straight[k]), k
+
+
 def test_bf16_on_cpu_is_refused():
     if torch.cuda.is_available():
         pytest.skip("checks the CPU refusal; this machine has CUDA")

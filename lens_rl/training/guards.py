@@ -162,3 +162,39 @@ def main_then_all(fn: Callable[[], object], accelerator_state) -> object:
     if message is not None:
         raise ConfigError(message)
     return result
+
+
+def train_or_finish(trainer, resume: str | None, log: Callable[[str], None] = print) -> bool:
+    """``trainer.train(resume_from_checkpoint=resume)``, unless ``resume`` already reached the end
+    of the schedule: transformers would then run one step *past* ``max_steps`` (an update at the
+    schedule's last learning rate, and a ``checkpoint-<max_steps + 1>``). Such a checkpoint is
+    loaded instead (weights and trainer state), nothing is trained, and the caller goes on to
+    save the lens and evaluate, which finishes a run that was stopped after its last checkpoint.
+    Returns whether training ran."""
+    import os
+
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_callback import TrainerState
+
+    if resume is not None:
+        state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
+        args = trainer.args
+        end = args.max_steps if args.max_steps > 0 else None
+        if end is None and state.num_train_epochs == args.num_train_epochs:
+            end = state.max_steps  # epoch-based: the recorded length, when the epochs are unchanged
+        if end is not None and state.global_step >= end:
+            if trainer.is_deepspeed_enabled:
+                raise ConfigError(
+                    f"{resume} is at step {state.global_step}, the end of the schedule (max_steps={end}): "
+                    "nothing is left to train. Raise max_steps to train longer."
+                )
+            log(
+                f"{resume} is at step {state.global_step}, the end of the schedule (max_steps={end}): "
+                "nothing left to train; loading it to save the lens and evaluate (raise max_steps to "
+                "train longer)."
+            )
+            trainer._load_from_checkpoint(resume)
+            trainer.state = state
+            return False
+    trainer.train(resume_from_checkpoint=resume)
+    return True

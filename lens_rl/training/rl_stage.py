@@ -16,6 +16,25 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
     given) and TRL's ``log_history``. ``reward_funcs`` (TRL signature) are added after the
     reconstruction reward; weigh them with ``reward_weights``."""
     from accelerate import PartialState
+
+    from lens_rl.training.guards import claim_output_dir, main_then_all
+    from lens_rl.utils.launch import check_world_size, resolve_resume
+
+    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    check_world_size(state.num_processes)
+    lock = main_then_all(
+        lambda: claim_output_dir(cfg.output_dir, resume is not None, cfg.overwrite_output_dir), state
+    )
+    try:  # the folder is this run's until it returns (or fails); then free for a resume in-process
+        return _run_claimed(cfg, reward_funcs, state, resume)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: str | None) -> dict[str, Any]:
+    """The body of :func:`run_rl` once the output folder is claimed."""
     from transformers import AutoTokenizer
 
     from lens_rl.data.dataset import ActivationDataset
@@ -23,15 +42,8 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
     from lens_rl.models.orig import OrigWrapper
     from lens_rl.training.evaluate import evaluate_lens
     from lens_rl.training.grpo_trainer import LensGRPOTrainer
-    from lens_rl.training.guards import claim_output_dir, main_then_all
-    from lens_rl.utils.launch import check_world_size, resolve_resume
+    from lens_rl.training.guards import train_or_finish
 
-    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-    state = PartialState(cpu=not torch.cuda.is_available())
-    check_world_size(state.num_processes)
-    lock = main_then_all(  # noqa: F841 - held (and the folder owned) until the run returns
-        lambda: claim_output_dir(cfg.output_dir, resume is not None, cfg.overwrite_output_dir), state
-    )
     state.print(
         f"rl: world size {state.num_processes} ({state.distributed_type}); per-device batch "
         f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
@@ -139,7 +151,7 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
         trainer = LensGRPOTrainer(
             cfg, lens, orig, tok, store, reward_funcs=reward_funcs, vllm_backend=vllm, val_store=val
         )
-        trainer.train(resume_from_checkpoint=resume)
+        train_or_finish(trainer, resume, log=state.print)
     finally:  # the engine's processes and its /dev/shm weight folder go, whether training ended or failed
         if vllm is not None:
             vllm.close()

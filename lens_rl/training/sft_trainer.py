@@ -39,7 +39,7 @@ from lens_rl.models.orig import OrigWrapper
 from lens_rl.models.surgery import resolve_layer
 from lens_rl.ops.sampling import step_seed
 from lens_rl.training.evaluate import evaluate_on_processes
-from lens_rl.training.guards import NonFiniteGuard, claim_output_dir, main_then_all
+from lens_rl.training.guards import NonFiniteGuard, claim_output_dir, main_then_all, train_or_finish
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_losses import StepWeights, sft_losses
 
@@ -397,7 +397,7 @@ def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbac
             _trim_logs(out, step)
             acc.print(f"resuming from {resume} (step {step})")
     acc.wait_for_everyone()
-    trainer.train(resume_from_checkpoint=resume)
+    train_or_finish(trainer, resume, log=acc.print)
     if acc.is_main_process:
         trainer.lens.save_pretrained(out / "lens")
     acc.wait_for_everyone()

@@ -130,6 +130,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_other_weights_dir(tiny_model_dir, tmp_path_factory):
+    """``tiny_model_dir`` with its embeddings scaled: same architecture and shapes, other weights
+    (what a dump made from ``tiny_model_dir`` must not be trained against)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("other-weights") / "tiny-llama-other"
+    shutil.copytree(tiny_model_dir, out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.5)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_dump(tiny_model_dir, tmp_path_factory):
     """Activation dump of ``tiny_model_dir`` after block 1 (128 train / 32 val windows of 32
     tokens): ``{"train": dir, "val": dir}``. Read-only for tests."""

@@ -175,6 +175,14 @@ def test_save_strategy_best_follows_the_lens_metric(tiny_model_dir, splits, tmp_
     assert res["best_model_checkpoint"] == str(out / f"checkpoint-{improved[-1]}")
 
 
+def test_a_dump_of_another_model_is_refused(tiny_model_other_weights_dir, splits, tmp_path):
+    """Same shapes, other weights: GRPO on another model's activations is refused, naming both."""
+    from lens_rl.data.dataset import DumpError
+
+    with pytest.raises(DumpError, match="not from the model given"):
+        run_rl(_cfg(tiny_model_other_weights_dir, splits, tmp_path / "o"))
+
+
 def test_checkpoint_and_resume(tiny_model_dir, splits, tmp_path):
     """4 steps straight == 2 steps, checkpoint, resume for 2 more (TRL's checkpointing of the lens).
     Rollout noise is seeded from the optimizer step, so the runs match; tolerance 1e-6."""

@@ -374,6 +374,12 @@ def test_resume_at_the_end_of_the_schedule_trains_nothing(tiny_model_dir, tiny_d
         assert torch.equal(finished[k], straight[k]), k
 
 
+def test_a_dump_of_another_model_is_refused(tiny_model_other_weights_dir, tiny_dump, tmp_path):
+    """Same shapes, other weights: training on another model's activations is refused, naming both."""
+    with pytest.raises(DumpError, match="not from the model given"):
+        build_sft(small_sft_config(tiny_model_other_weights_dir, tiny_dump, tmp_path / "o"))
+
+
 def test_bf16_on_cpu_is_refused():
     if torch.cuda.is_available():
         pytest.skip("checks the CPU refusal; this machine has CUDA")

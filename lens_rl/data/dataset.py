@@ -268,10 +268,29 @@ class ActivationDataset(Dataset):
             for k in range(n)
         ]
 
-    def check_compatible(self, d_model: int, layer: int | None = None, vocab_size: int | None = None) -> None:
-        """Raise :class:`DumpError` if the dump's width, layer or token ids do not fit the model."""
+    def check_compatible(
+        self,
+        d_model: int,
+        layer: int | None = None,
+        vocab_size: int | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        """Raise :class:`DumpError` if the dump's width, layer or token ids do not fit the model,
+        or (``model`` given, dump recording ``base_fingerprint``) if it was dumped from other
+        weights: a same-shaped model would otherwise train on activations that are not its own."""
         if self.metadata["d_model"] != d_model:
             raise DumpError(f"{self.path}: d_model {self.metadata['d_model']} != the model's {d_model}.")
+        recorded = self.metadata.get("base_fingerprint")
+        if model is not None and recorded is not None:
+            from lens_rl.models.lens import base_fingerprint
+
+            mine = base_fingerprint(model)
+            if mine != recorded:
+                raise DumpError(
+                    f"{self.path} was dumped from {self.metadata.get('model_name_or_path')!r} (fingerprint "
+                    f"{recorded}), not from the model given (fingerprint {mine}): its activations are "
+                    "another model's. Dump this model's activations, or give the model the dump came from."
+                )
         if vocab_size is not None:
             lo, hi = self._ids_range
             if lo < 0 or hi >= vocab_size:

@@ -617,7 +617,7 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
                 base, tok, args.decoder_config, args.encoder_config, share_base=True
             ).to(device)
         store = ActivationDataset(cfg.activations)
-        store.check_compatible(base.get_input_embeddings().weight.shape[1])
+        store.check_compatible(base.get_input_embeddings().weight.shape[1], model=base)
         subject = lens_subject(lens, tok, store, cfg)
         if cfg.trl_checkpoint:
             subject.optimizer_module = load_trl_checkpoint(lens, cfg.trl_checkpoint)

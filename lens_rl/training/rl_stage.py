@@ -52,7 +52,10 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
     orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs()).to(state.device)
     store = ActivationDataset(cfg.train_data)
     vocab, d_model = orig.model.get_input_embeddings().weight.shape
-    store.check_compatible(d_model, vocab_size=vocab)
+    store.check_compatible(d_model, vocab_size=vocab, model=orig.model)
+    val = ActivationDataset(cfg.val_data) if cfg.val_data else None
+    if val is not None:
+        val.check_compatible(d_model, store.layer, vocab, model=orig.model)
     if cfg.sft_lens:
         lens = ConsistencyLens.from_pretrained(cfg.sft_lens, base=orig.model, tokenizer=tok)
         if lens.meta.get("layer") not in (None, store.layer):
@@ -120,7 +123,6 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
             state.print("rollouts: HF generator (vLLM is not installed)")
     state.print(f"rollout backend: {backend_name}")
 
-    val = ActivationDataset(cfg.val_data) if cfg.val_data else None
     prefix = torch.tensor(
         [tok(cfg.ref_kl_prefix, add_special_tokens=False)["input_ids"]], device=state.device
     )

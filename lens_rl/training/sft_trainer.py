@@ -309,7 +309,9 @@ def build_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None
         val = ActivationDataset(cfg.val_data) if cfg.val_data else None
         for ds in (train, val):
             if ds is not None:
-                ds.check_compatible(d_model, train.layer, orig.model.get_input_embeddings().weight.shape[0])
+                ds.check_compatible(
+                    d_model, train.layer, orig.model.get_input_embeddings().weight.shape[0], model=orig.model
+                )
         train_mean, train_var = train.mean, train.var
     else:
         train, val, layer, train_mean, train_var = _on_the_fly_data(cfg, orig, tokenizer)

@@ -1,9 +1,11 @@
 """The README's main job (``make demo``): the supervised lens end to end, offline on CPU.
 
 1. Pretrain (once; cached in ``.cache/lens_rl``) a small Llama-style LM with its own BPE
-   tokenizer on text every Python installation carries (:mod:`lens_rl.pretrain`).
+   tokenizer on text every Python installation carries (:mod:`lens_rl.pretrain`; bit-identical
+   across thread settings, and ``--base_seed`` picks another base).
 2. Dump activations after block 1 on held-apart windows of the pydoc corpus
-   (``configs/dump_quickstart.yaml``; resumable, reused when already complete).
+   (``configs/dump_quickstart.yaml``; under ``.cache/lens_rl/activations/<weights_sha256>``;
+   resumable, reused when already complete).
 3. Train a consistency lens (``configs/sft_quickstart.yaml``) with the same trainer
    ``accelerate launch scripts/sft_lens.py`` runs, evaluate it on the validation split and
    compare with the trivial mean-activation predictor.

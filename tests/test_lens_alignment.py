@@ -63,7 +63,9 @@ def _grad_targets(dec: Decoder, a: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+# Seed 1 repeats every case on other weights and activations (opt-in, `slow`, ~2 min): the
+# tolerances below were measured over both seeds.
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("length", [1, 5, 20, 50])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_three_generators_agree(arch, mode, length, seed, tiny_model_factory, tokenizer, record_max):

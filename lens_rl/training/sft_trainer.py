@@ -42,7 +42,7 @@ from lens_rl.training.evaluate import evaluate_on_processes
 from lens_rl.training.guards import NonFiniteGuard, claim_output_dir, main_then_all, train_or_finish
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_losses import StepWeights, sft_losses
-from lens_rl.training.trackers import log_samples, stage_run
+from lens_rl.training.trackers import log_lens_artifact, log_samples, stage_run
 
 METRICS_FILE = "metrics.jsonl"
 EXPLANATIONS_FILE = "explanations.jsonl"
@@ -425,6 +425,7 @@ def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbac
             title,
             trainer=trainer,
         )
+        log_lens_artifact(trainer, out / "lens", final)
         if cfg.plot:
             from lens_rl.training.plots import plot_curves
 

@@ -8,7 +8,8 @@ there, on the main process only (a no-op when neither tracker is on):
 - sample explanations: a W&B table ``eval/explanations`` and TensorBoard text of the same name;
 - the end-of-run page: ``explanations_page`` as W&B HTML (not injected with W&B's stylesheet:
   the page stays self-contained);
-- GRPO completions: TensorBoard text ``completions`` (TRL itself logs the W&B table).
+- GRPO completions: TensorBoard text ``completions`` (TRL itself logs the W&B table);
+- with ``WANDB_LOG_MODEL``, the saved lens folder as a W&B artifact of type ``lens``.
 
 :func:`stage_run` makes one stage one W&B run: the run a stage's trainer started is finished
 when the stage returns or fails, so the next stage in the same process (the quickstart, a
@@ -85,6 +86,25 @@ def log_page(trainer, path: str | Path, step: int) -> None:
     if wandb is not None:
         page = wandb.Html(Path(path).read_text(encoding="utf-8"), inject=False)
         wandb.log({"explanations_page": page, "train/global_step": step})
+
+
+def log_lens_artifact(trainer, lens_dir: str | Path, metadata: dict[str, Any] | None = None) -> Any:
+    """With ``WANDB_LOG_MODEL`` set (``end`` or ``checkpoint``, as transformers reads it), the
+    saved lens folder as the W&B artifact ``lens-<run id>`` (type ``lens``, alias ``final``):
+    what :meth:`~lens_rl.models.lens.ConsistencyLens.from_pretrained` loads. transformers' own
+    ``model-<run id>`` artifact holds the trainer module's state dict, which is not a loadable
+    lens. Returns the artifact (``None`` when nothing was logged)."""
+    if not trainer.accelerator.is_main_process:
+        return None
+    wandb, _ = _trackers(trainer)
+    cb = next((c for c in trainer.callback_handler.callbacks if hasattr(c, "_log_model")), None)
+    if wandb is None or cb is None or not getattr(cb._log_model, "is_enabled", False):
+        return None
+    numbers = {k: v for k, v in (metadata or {}).items() if isinstance(v, (int, float))}
+    artifact = wandb.Artifact(name=f"lens-{wandb.run.id}", type="lens", metadata=numbers)
+    artifact.add_dir(str(lens_dir))
+    wandb.run.log_artifact(artifact, aliases=["final"])
+    return artifact
 
 
 @contextmanager

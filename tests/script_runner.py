@@ -17,9 +17,10 @@ def accelerate_launch(
     port: int = 29531,
     timeout: int = 600,
     expect_success: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Launch ``scripts/<script>`` and assert it exits 0 (the tail of stderr is the message), or
-    with ``expect_success=False`` that it exits non-zero."""
+    with ``expect_success=False`` that it exits non-zero. ``env`` adds environment variables."""
     cmd = [
         sys.executable,
         "-m",
@@ -35,7 +36,7 @@ def accelerate_launch(
         cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(port)]
     else:
         cmd += ["--num_processes", "1"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | (env or {})
     res = subprocess.run(
         [*cmd, str(ROOT / "scripts" / script), *map(str, args)],
         capture_output=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -400,11 +401,14 @@ def test_explanations_and_custom_metrics_are_visible(tiny_model_dir, splits, tmp
 
 def test_two_process_ddp_with_encoder_cotraining(tiny_model_dir, splits, tmp_path):
     """2 gloo processes, the encoder trained on the rollouts too (one wrapped call per micro-batch:
-    DDP marks each parameter once), gradient accumulation 2: completes and moves the encoder."""
+    DDP marks each parameter once), gradient accumulation 2: completes and moves the encoder.
+    With W&B (offline, when installed) on: one run (the main process's), holding the sharded
+    evaluation's explanations and TRL's completions gathered from both processes."""
     import torch
     from safetensors.torch import load_file
 
     out = tmp_path / "ddp_enc"
+    wandb_on = importlib.util.find_spec("wandb") is not None
     accelerate_launch(
         "rl_lens.py",
         _argv(
@@ -414,12 +418,27 @@ def test_two_process_ddp_with_encoder_cotraining(tiny_model_dir, splits, tmp_pat
             encoder_mse_weight=1.0,
             gradient_accumulation_steps=2,
             learning_rate=1e-2,
+            val_data=str(splits["val"]),
+            eval_strategy="steps",
+            eval_steps=2,
+            log_completions="true",
+            num_completions_to_print=2,
+            explain_texts=0,
+            report_to="wandb" if wandb_on else "none",
         ),
         num_processes=2,
         port=29551,
+        env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"},
     )
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["num_processes"] == 2
     assert any("lens/encoder_mse" in h for h in final["log_history"])
+    assert [h["step"] for h in final["log_history"] if "eval_fve" in h] == [2]
+    if wandb_on:
+        (run,) = (tmp_path / "wandb").glob("offline-run-*")
+        media = run / "files" / "media" / "table"
+        assert len(list(media.glob("eval/explanations_*.table.json"))) == 1
+        (table,) = [json.loads(p.read_text()) for p in media.glob("completions_*.table.json")][-1:]
+        assert len(table["data"]) == 2 * 8 * 2  # 2 processes x batch 8 x 2 accumulated micro-batches
     w = load_file(str(out / "lens" / "lens.safetensors"))["encoder.proj.weight"]
     assert (w - torch.eye(w.shape[0])).abs().max() > 1e-4

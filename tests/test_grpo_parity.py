@@ -310,7 +310,6 @@ def test_reference_kl_uses_the_policy_temperature(parts, tmp_path, tiny_model_di
 BAD_VALUES = {
     "remove_unused_columns": True,
     "push_to_hub": True,
-    "load_best_model_at_end": True,
     "torch_compile": True,
     "use_liger_kernel": True,
     "neftune_noise_alpha": 5.0,
@@ -375,6 +374,11 @@ def test_every_refused_field_is_named(tmp_path, tiny_model_dir, tiny_dump):
         (dict(eval_strategy="steps", eval_steps=1), "needs val_data"),
         (dict(fsdp="full_shard"), "fsdp"),
         (dict(deepspeed={"zero_optimization": {"stage": 3}}), "ZeRO-3"),
+        (dict(load_best_model_at_end=True), "load_best_model_at_end needs metric_for_best_model"),
+        (
+            dict(lr_scheduler_type="reduce_lr_on_plateau"),
+            "'reduce_lr_on_plateau' needs metric_for_best_model",
+        ),
     ],
 )
 def test_impossible_combinations_are_refused(tmp_path, tiny_model_dir, tiny_dump, kw, message):

@@ -4,6 +4,7 @@ schedule under N processes, exact resume, checkpoints, learning signal and confi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -290,7 +291,10 @@ def test_out_of_range_layer_is_an_error(tiny_model_dir, tiny_dump, tmp_path):
         (dict(train_data="x", eval_strategy="no", t_text="8"), r"t_text = '8' \(str\)"),
         (dict(train_data="x", eval_strategy="no", push_to_hub=True), "push_to_hub=True is not supported"),
         (dict(train_data="x", eval_strategy="no", remove_unused_columns=True), "remove_unused_columns"),
-        (dict(train_data="x", eval_strategy="no", load_best_model_at_end=True), "load_best_model_at_end"),
+        (
+            dict(train_data="x", eval_strategy="no", load_best_model_at_end=True),
+            "load_best_model_at_end needs metric_for_best_model",
+        ),
         (dict(train_data="x", eval_strategy="no", lr_base=-1.0), "lr_base must be >= 0"),
         (dict(train_data="x", eval_strategy="no", model_dtype="fp8"), "model_dtype = 'fp8'"),
         (
@@ -349,6 +353,49 @@ def test_save_strategy_best_keeps_the_best_evaluation(tiny_model_dir, tiny_dump,
             best = evals[step]
     saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert saved == improved
+
+
+def test_load_best_model_at_end_saves_and_evaluates_the_best_lens(tiny_model_dir, tiny_dump, tmp_path):
+    """load_best_model_at_end: the last step is evaluated too (it competes for best), the best
+    checkpoint's weights are what ``lens/`` holds, and the final evaluation (seeded like every
+    evaluation) repeats the best one's value exactly. lm_kl rises from the first evaluation on
+    here (measured 0.0441, 0.0460, 0.0465, 0.0467), so the best is not the last step."""
+    out = tmp_path / "run"
+    cfg = small_sft_config(
+        tiny_model_dir,
+        tiny_dump,
+        out,
+        max_steps=12,
+        learning_rate=3e-2,
+        eval_strategy="steps",
+        eval_steps=3,
+        save_strategy="steps",
+        save_steps=3,
+        metric_for_best_model="lm_kl",
+        load_best_model_at_end=True,
+        save_total_limit=None,
+    )
+    result = run_sft(cfg)
+    evals = [(m["step"], m["eval_lm_kl"]) for m in _metrics(out) if "eval_lm_kl" in m]
+    periodic, final = dict(evals[:-1]), evals[-1][1]
+    assert sorted(periodic) == [3, 6, 9, 12]
+    best_step = min(periodic, key=periodic.get)
+    assert best_step != 12
+    best = out / f"checkpoint-{best_step}"
+    assert result["trainer"].state.best_model_checkpoint == str(best)
+    assert final == periodic[best_step] == result["final"]["lm_kl"]
+    ckpt = {k.removeprefix("lens."): v for k, v in load_file(str(best / "model.safetensors")).items()}
+
+    def lens_is_best() -> bool:
+        saved = load_file(str(out / "lens" / "lens.safetensors"))
+        return saved.keys() <= ckpt.keys() and all(torch.equal(saved[k], ckpt[k]) for k in saved)
+
+    assert lens_is_best()
+    # A run stopped after its last checkpoint, before the lens was saved: resuming it trains
+    # nothing and still saves the best lens, not the last step's.
+    shutil.rmtree(out / "lens")
+    run_sft(dataclasses.replace(cfg, resume_from_checkpoint=str(out / "checkpoint-12")))
+    assert lens_is_best()
 
 
 def test_resume_at_the_end_of_the_schedule_trains_nothing(tiny_model_dir, tiny_dump, tmp_path, capsys):

@@ -43,6 +43,13 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments, Expla
     train_data: str = field(default="", metadata={"help": "Dump folder of the training split."})
     val_data: str | None = field(default=None, metadata={"help": "Dump folder for FVE before/after."})
     t_text: int = field(default=8, metadata={"help": "Tokens per explanation (fixed-length rollouts)."})
+    per_device_eval_batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "Activations per process per evaluation batch: the eval_steps evaluations and the "
+            "held-out FVE before/after (with one process, the same weights give the same numbers)."
+        },
+    )
     rollout_backend: Literal["auto", "hf", "vllm"] = field(
         default="auto",
         metadata={

@@ -168,8 +168,9 @@ def train_or_finish(trainer, resume: str | None, log: Callable[[str], None] = pr
     """``trainer.train(resume_from_checkpoint=resume)``, unless ``resume`` already reached the end
     of the schedule: transformers would then run one step *past* ``max_steps`` (an update at the
     schedule's last learning rate, and a ``checkpoint-<max_steps + 1>``). Such a checkpoint is
-    loaded instead (weights and trainer state), nothing is trained, and the caller goes on to
-    save the lens and evaluate, which finishes a run that was stopped after its last checkpoint.
+    loaded instead (weights and trainer state, then the best checkpoint under
+    ``load_best_model_at_end``), nothing is trained, and the caller goes on to save the lens and
+    evaluate, which finishes a run that was stopped after its last checkpoint.
     Returns whether training ran."""
     import os
 
@@ -195,6 +196,10 @@ def train_or_finish(trainer, resume: str | None, log: Callable[[str], None] = pr
             )
             trainer._load_from_checkpoint(resume)
             trainer.state = state
+            best = state.best_model_checkpoint
+            if args.load_best_model_at_end and best is not None and os.path.isdir(best):
+                log(f"load_best_model_at_end: loading {best}")
+                trainer._load_best_model()  # what train() would have done at its end
             return False
     trainer.train(resume_from_checkpoint=resume)
     return True

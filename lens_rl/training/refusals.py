@@ -17,7 +17,6 @@ _EVAL = "the lens evaluates the whole val split itself (FVE, functional KL, expl
 TRAINING_ARGS_REFUSED: dict[str, tuple[object, str]] = {
     "remove_unused_columns": (False, "the lens batches are fixed records, not model inputs"),
     "push_to_hub": (False, "nothing is uploaded; the lens is saved to <output_dir>/lens"),
-    "load_best_model_at_end": (False, "not supported by the lens trainer; pick a checkpoint-N folder"),
     "torch_compile": (False, "not supported by the lens generators"),
     "use_liger_kernel": (False, "the lens computes its own logits"),
     "neftune_noise_alpha": (None, "the lens feeds activations, not token embeddings"),
@@ -103,21 +102,32 @@ BEST_METRICS: dict[str, bool] = {
 
 
 def resolve_best_metric(cfg) -> None:
-    """Check ``metric_for_best_model`` / ``greater_is_better`` / ``save_strategy="best"`` before
-    ``TrainingArguments.__post_init__`` and set ``greater_is_better`` from the metric when unset.
+    """Check ``metric_for_best_model`` / ``greater_is_better`` / ``save_strategy="best"`` /
+    ``load_best_model_at_end`` before ``TrainingArguments.__post_init__`` and set
+    ``greater_is_better`` from the metric when unset.
 
     ``metric_for_best_model`` must name a lens evaluation metric (``fve`` or ``eval_fve``);
-    ``save_strategy="best"`` needs it and an evaluation; an explicit ``greater_is_better`` that
+    ``save_strategy="best"`` needs it and an evaluation; ``load_best_model_at_end`` and the
+    metric-driven schedulers need it (transformers would default to ``loss``, never logged); an explicit ``greater_is_better`` that
     contradicts the metric's direction is refused."""
     kind = type(cfg).__name__
     strategy = getattr(cfg.save_strategy, "value", cfg.save_strategy)
     metric = cfg.metric_for_best_model
     choices = ", ".join(BEST_METRICS)
     if metric is None:
-        if strategy == "best":
+        scheduler = getattr(cfg.lr_scheduler_type, "value", cfg.lr_scheduler_type)
+        needs = (
+            "save_strategy='best'"
+            if strategy == "best"
+            else "load_best_model_at_end"
+            if cfg.load_best_model_at_end
+            else f"lr_scheduler_type={scheduler!r}"
+            if scheduler in ("reduce_lr_on_plateau", "greedy")
+            else None
+        )
+        if needs is not None:  # transformers would fall back to "loss", which the lens never logs
             raise ConfigError(
-                f"{kind}.save_strategy='best' needs metric_for_best_model, one of the lens evaluation "
-                f"metrics: {choices}."
+                f"{kind}.{needs} needs metric_for_best_model, one of the lens evaluation metrics: {choices}."
             )
         return
     name = metric.removeprefix("eval_")

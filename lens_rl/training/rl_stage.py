@@ -142,7 +142,7 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
             train_var=store.var,
             prefix_ids=prefix,
             tokenizer=tok,
-            batch_size=64,
+            batch_size=cfg.per_device_eval_batch_size,  # and the seed: as the trainer's evaluations
             seed=cfg.seed + 7919,
             resample_ablation=False,
             num_explanations=0,

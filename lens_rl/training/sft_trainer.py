@@ -91,15 +91,15 @@ class _FinalEvaluationAfterSave(TrainerCallback):
     """Skip the Trainer's evaluation at the last step: :func:`run_sft` evaluates once the
     final checkpoint and the lens are on disk, so a failing evaluation loses nothing.
 
-    Not with ``save_strategy="best"``: there the last step's evaluation decides whether the
-    last step is the best checkpoint, so it stays (and the final evaluation, seeded the same,
-    repeats its values)."""
+    Not with ``save_strategy="best"`` or ``load_best_model_at_end``: there the last step's
+    evaluation decides whether the last step is the best checkpoint, so it stays (and the final
+    evaluation, seeded the same, repeats its values)."""
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
-        if (
-            state.global_step >= state.max_steps
-            and getattr(args.save_strategy, "value", args.save_strategy) != "best"
-        ):
+        picks_best = (
+            getattr(args.save_strategy, "value", args.save_strategy) == "best" or args.load_best_model_at_end
+        )
+        if state.global_step >= state.max_steps and not picks_best:
             control.should_evaluate = False
         return control
 

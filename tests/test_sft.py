@@ -398,6 +398,46 @@ def test_load_best_model_at_end_saves_and_evaluates_the_best_lens(tiny_model_dir
     assert lens_is_best()
 
 
+@pytest.mark.parametrize(
+    "metric, mode, expected_lrs", [("fve", "max", [3e-3] * 4), ("lm_kl", "min", [3e-3, 3e-3, 1.5e-3, 7.5e-4])]
+)
+def test_plateau_schedule_follows_the_metric_direction(
+    tiny_model_dir, tiny_dump, tmp_path, metric, mode, expected_lrs
+):
+    """reduce_lr_on_plateau (patience 0, factor 0.5) steps on the lens metric in its own
+    direction. Here FVE rises and LM KL rises at every evaluation (steps 3, 6, 9; measured in
+    test_load_best_model_at_end_*), so the rate never drops on FVE and halves after each
+    evaluation that is not a new low of LM KL. transformers' default mode ("min") would cut the
+    rate while FVE improves."""
+    cfg = small_sft_config(
+        tiny_model_dir,
+        tiny_dump,
+        tmp_path / "run",
+        max_steps=10,
+        learning_rate=3e-3,
+        lr_scheduler_type="reduce_lr_on_plateau",
+        lr_scheduler_kwargs={"patience": 0, "factor": 0.5},
+        eval_strategy="steps",
+        eval_steps=3,
+        metric_for_best_model=metric,
+        logging_steps=1,
+    )
+    assert cfg.lr_scheduler_kwargs["mode"] == mode
+    run_sft(cfg)
+    lrs = {m["step"]: m["lr/projection"] for m in _metrics(tmp_path / "run") if "lr/projection" in m}
+    assert [lrs[s] for s in (1, 4, 7, 10)] == pytest.approx(expected_lrs, rel=1e-9)
+    with pytest.raises(ConfigError, match="mode='min' contradicts metric_for_best_model='fve'"):
+        small_sft_config(
+            tiny_model_dir,
+            tiny_dump,
+            tmp_path / "x",
+            lr_scheduler_type="reduce_lr_on_plateau",
+            lr_scheduler_kwargs={"mode": "min"},
+            eval_strategy="steps",
+            metric_for_best_model="fve",
+        )
+
+
 def test_resume_at_the_end_of_the_schedule_trains_nothing(tiny_model_dir, tiny_dump, tmp_path, capsys):
     """A run stopped after its last checkpoint (lens not yet written) is finished by resuming:
     checkpoint-4 of a 4-step run is loaded, no step 5 runs (transformers alone would take one

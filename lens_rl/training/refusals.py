@@ -9,6 +9,8 @@ to do instead. Nothing is silently ignored.
 
 from __future__ import annotations
 
+import json
+
 from lens_rl.config import ConfigError
 
 _EVAL = "the lens evaluates the whole val split itself (FVE, functional KL, explanations)"
@@ -101,6 +103,29 @@ BEST_METRICS: dict[str, bool] = {
 }
 
 
+# transformers schedulers stepped with the evaluated metric_for_best_model; both take a ``mode``
+# (default "min") that transformers does not derive from the metric's direction.
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
+
+
+def _set_scheduler_mode(cfg, kind: str, metric: str, higher: bool) -> None:
+    """Set ``lr_scheduler_kwargs["mode"]`` from the metric's direction: left at its default
+    ("min"), a plateau schedule on ``fve`` would cut the learning rate while FVE *rises*. An
+    explicit contradicting ``mode`` is refused."""
+    kwargs = cfg.lr_scheduler_kwargs
+    if isinstance(kwargs, str):
+        kwargs = json.loads(kwargs) if kwargs.strip() else {}
+    kwargs = dict(kwargs or {})
+    mode = "max" if higher else "min"
+    if kwargs.get("mode", mode) != mode:
+        raise ConfigError(
+            f"{kind}.lr_scheduler_kwargs mode={kwargs['mode']!r} contradicts metric_for_best_model={metric!r} "
+            f"({'higher' if higher else 'lower'} is better, so mode={mode!r}); leave mode unset."
+        )
+    kwargs["mode"] = mode
+    cfg.lr_scheduler_kwargs = kwargs
+
+
 def resolve_best_metric(cfg) -> None:
     """Check ``metric_for_best_model`` / ``greater_is_better`` / ``save_strategy="best"`` /
     ``load_best_model_at_end`` before ``TrainingArguments.__post_init__`` and set
@@ -108,21 +133,22 @@ def resolve_best_metric(cfg) -> None:
 
     ``metric_for_best_model`` must name a lens evaluation metric (``fve`` or ``eval_fve``);
     ``save_strategy="best"`` needs it and an evaluation; ``load_best_model_at_end`` and the
-    metric-driven schedulers need it (transformers would default to ``loss``, never logged); an explicit ``greater_is_better`` that
+    metric-driven schedulers need it (transformers would default to ``loss``, never logged) and
+    get their ``mode`` from its direction; an explicit ``greater_is_better`` that
     contradicts the metric's direction is refused."""
     kind = type(cfg).__name__
     strategy = getattr(cfg.save_strategy, "value", cfg.save_strategy)
     metric = cfg.metric_for_best_model
     choices = ", ".join(BEST_METRICS)
+    scheduler = getattr(cfg.lr_scheduler_type, "value", cfg.lr_scheduler_type)
     if metric is None:
-        scheduler = getattr(cfg.lr_scheduler_type, "value", cfg.lr_scheduler_type)
         needs = (
             "save_strategy='best'"
             if strategy == "best"
             else "load_best_model_at_end"
             if cfg.load_best_model_at_end
             else f"lr_scheduler_type={scheduler!r}"
-            if scheduler in ("reduce_lr_on_plateau", "greedy")
+            if scheduler in METRIC_SCHEDULERS
             else None
         )
         if needs is not None:  # transformers would fall back to "loss", which the lens never logs
@@ -143,6 +169,8 @@ def resolve_best_metric(cfg) -> None:
             f"{kind}.greater_is_better={cfg.greater_is_better} contradicts metric_for_best_model={metric!r} "
             f"({'higher' if higher else 'lower'} is better); leave greater_is_better unset."
         )
+    if scheduler in METRIC_SCHEDULERS:
+        _set_scheduler_mode(cfg, kind, metric, higher)
     if strategy == "best" and getattr(cfg.eval_strategy, "value", cfg.eval_strategy) == "no":
         raise ConfigError(
             f"{kind}.save_strategy='best' saves when an evaluation improves {name}: set eval_strategy "

@@ -639,6 +639,11 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--output_dir", required=True, help="Writes explanations.jsonl and explanations.html here."
     )
+    ap.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace explanations.jsonl / explanations.html already in --output_dir.",
+    )
     ap.add_argument("--no_progress", action="store_true", help="No progress bar.")
     return ap
 
@@ -654,6 +659,11 @@ def main(argv: list[str] | None = None) -> Explanations:
 
     if args.num_samples < 1:
         raise SystemExit(f"--num_samples must be >= 1, got {args.num_samples}.")
+    from lens_rl.utils.outputs import refuse_existing_outputs
+
+    refuse_existing_outputs(
+        args.output_dir, (JSONL_FILE, HTML_FILE), args.overwrite_output_dir, "--overwrite_output_dir"
+    )
     texts = args.text if args.text else read_texts(args.input)
     policy = SamplingPolicy(temperature=args.temperature, top_p=args.top_p)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -643,13 +643,13 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path, capsys
     assert torch.equal(loaded.decoder.base.lm_head.weight, saved[head])
     assert not torch.equal(lens.decoder.base.lm_head.weight, saved[head])  # the run moved it
 
-    def probe_cfg(checkpoint, **kw) -> EntropyProbeConfig:
+    def probe_cfg(checkpoint, out: str, **kw) -> EntropyProbeConfig:
         base = dict(batch_size_e=16, batch_size_u=4, etas=[1e-4], resample_check=False)
         return EntropyProbeConfig(
-            trl_checkpoint=str(checkpoint), output_dir=str(tmp_path / "probe"), **base, **kw
+            trl_checkpoint=str(checkpoint), output_dir=str(tmp_path / out), **base, **kw
         )
 
-    cfg = probe_cfg(ckpt)
+    cfg = probe_cfg(ckpt, "probe")
     res = run_entropy_probe(cfg, show_progress=False)
     assert (cfg.policy, cfg.model_name_or_path, cfg.lens_path) == (
         "lens",
@@ -671,7 +671,7 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path, capsys
     with pytest.raises(
         ConfigError, match=r"checkpoint-2 is at step 2 of 2 .* learning rate is 0\.0.*--learning_rate"
     ):
-        run_entropy_probe(probe_cfg(tmp_path / "rl"), show_progress=False)
+        run_entropy_probe(probe_cfg(tmp_path / "rl", "probe_end"), show_progress=False)
     # the script: an explicit flag overrides the run's value and is printed as an override
     import importlib.util
     from pathlib import Path
@@ -746,3 +746,20 @@ def test_probe_from_a_fresh_lens_run_and_refusals(tiny_model_dir, tiny_dump, tmp
     settings.args.beta = 0.01
     with pytest.raises(ConfigError, match=r"cannot reproduce this run's step: beta=0.01"):
         apply_run(EntropyProbeConfig(trl_checkpoint=str(tmp_path / "rl")), settings)
+
+
+def test_probe_refuses_a_folder_with_earlier_results(tmp_path):
+    """A probe into a folder holding an earlier probe's results (or a training run's config.json)
+    stops before loading anything and leaves the files as they were."""
+    from lens_rl.probe.runner import run_entropy_probe
+
+    out = tmp_path / "probe"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    cfg = EntropyProbeConfig(model_name_or_path=str(tmp_path / "no-model-here"), output_dir=str(out))
+    with pytest.raises(ConfigError, match=r"already holds config.json.*--overwrite_output_dir true"):
+        run_entropy_probe(cfg, show_progress=False)
+    assert (out / "config.json").read_text() == "{}"
+    cfg.overwrite_output_dir = True  # goes on to load the model, which does not exist
+    with pytest.raises(OSError):
+        run_entropy_probe(cfg, show_progress=False)

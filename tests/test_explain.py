@@ -420,3 +420,23 @@ def test_accelerate_launch_of_the_module_trains(tiny_model_dir, tiny_dump, tmp_p
         "explanations_val.jsonl",
     ):
         assert (tmp_path / "run" / name).is_file(), name
+
+
+def test_explain_refuses_to_replace_earlier_outputs(saved_lens, tmp_path):
+    """`lens-rl explain` into a folder that already holds its files (e.g. a training run's own
+    explanations.html) stops before any work and leaves the files as they were;
+    --overwrite_output_dir replaces them."""
+    from lens_rl.explanations import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "explanations.html").write_text("the training run's page")
+    argv = ["--lens", str(saved_lens), "--text", TEXT, "--positions", "last", "--num_samples", "2"]
+    argv += ["--output_dir", str(out), "--no_progress"]
+    with pytest.raises(ConfigError, match=r"already holds explanations.html.*--overwrite_output_dir"):
+        main(argv)
+    assert (out / "explanations.html").read_text() == "the training run's page"
+    assert not (out / "explanations.jsonl").exists()
+    main([*argv, "--overwrite_output_dir"])
+    assert "the training run's page" not in (out / "explanations.html").read_text()
+    assert len((out / "explanations.jsonl").read_text().splitlines()) == 1

@@ -151,6 +151,10 @@ class EntropyProbeConfig(ValidatedConfig):
     # ---- run
     seed: int = 0
     output_dir: str = "outputs/entropy_probe"
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace config.json / results.json / probe.png already in output_dir."},
+    )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
 
     def __post_init__(self) -> None:

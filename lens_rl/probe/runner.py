@@ -575,6 +575,9 @@ def summary_table(results: dict[str, Any], norm: str = "per_token"):
     return table
 
 
+OUTPUT_FILES = ("config.json", "results.json", "probe.png")
+
+
 def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> dict[str, Any]:
     """Load the policy named by ``cfg``, probe it and write ``results.json``, ``config.json``,
     ``probe.png``; print the summary table. Returns the results."""
@@ -582,7 +585,11 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
     from transformers import AutoTokenizer
 
     from lens_rl.models.families import load_causal_lm
+    from lens_rl.utils.outputs import refuse_existing_outputs
 
+    refuse_existing_outputs(
+        cfg.output_dir, OUTPUT_FILES, cfg.overwrite_output_dir, "--overwrite_output_dir true"
+    )
     console = Console(width=max(Console().width, 132))
     run_record = None
     if cfg.trl_checkpoint:

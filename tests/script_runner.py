@@ -18,9 +18,13 @@ def accelerate_launch(
     timeout: int = 600,
     expect_success: bool = True,
     env: dict[str, str] | None = None,
+    deepspeed_zero: int | None = None,
+    gradient_accumulation_steps: int = 1,
 ) -> subprocess.CompletedProcess:
     """Launch ``scripts/<script>`` and assert it exits 0 (the tail of stderr is the message), or
-    with ``expect_success=False`` that it exits non-zero. ``env`` adds environment variables."""
+    with ``expect_success=False`` that it exits non-zero. ``env`` adds environment variables;
+    ``deepspeed_zero`` launches under DeepSpeed at that ZeRO stage (accelerate's own flags;
+    gradient clipping 1.0 and ``gradient_accumulation_steps`` as the script's must match)."""
     cmd = [
         sys.executable,
         "-m",
@@ -32,7 +36,19 @@ def accelerate_launch(
         "--dynamo_backend",
         "no",
     ]
-    if num_processes > 1:  # on a CPU machine lens_rl turns these into one gloo group
+    if deepspeed_zero is not None:  # on a CPU machine DeepSpeed's CPU accelerator runs over gloo
+        cmd += ["--use_deepspeed", "--zero_stage", str(deepspeed_zero), "--gradient_clipping", "1.0"]
+        cmd += ["--gradient_accumulation_steps", str(gradient_accumulation_steps)]
+        cmd += [
+            "--offload_optimizer_device",
+            "none",
+            "--offload_param_device",
+            "none",
+            "--zero3_init_flag",
+            "false",
+        ]
+        cmd += ["--num_processes", str(num_processes), "--main_process_port", str(port)]
+    elif num_processes > 1:  # on a CPU machine lens_rl turns these into one gloo group
         cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(port)]
     else:
         cmd += ["--num_processes", "1"]

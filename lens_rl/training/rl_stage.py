@@ -46,10 +46,6 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
     from lens_rl.training.grpo_trainer import LensGRPOTrainer
     from lens_rl.training.guards import train_or_finish
 
-    state.print(
-        f"rl: world size {state.num_processes} ({state.distributed_type}); per-device batch "
-        f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
-    )
     tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs()).to(state.device)
     store = ActivationDataset(cfg.train_data)
@@ -154,6 +150,10 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
     try:
         trainer = LensGRPOTrainer(
             cfg, lens, orig, tok, store, reward_funcs=reward_funcs, vllm_backend=vllm, val_store=val
+        )
+        state.print(  # the trainer's accelerator knows the backend (DDP, DeepSpeed, ...)
+            f"rl: world size {state.num_processes} ({trainer.accelerator.distributed_type}); per-device batch "
+            f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
         )
         train_or_finish(trainer, resume, log=state.print)
     finally:  # the engine's processes and its /dev/shm weight folder go, whether training ended or failed

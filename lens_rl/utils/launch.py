@@ -65,17 +65,37 @@ def check_world_size(world_size: int) -> None:
         )
 
 
+def _deepspeed_problem(path: Path) -> str | None:
+    """Why a DeepSpeed checkpoint's engine state is incomplete (None when it is not): the folder
+    that ``latest`` names must hold the model states and every rank's optimizer states, none
+    empty. (DeepSpeed writes these instead of ``optimizer.pt``.)"""
+    tag = (path / "latest").read_text().strip()
+    engine = path / tag
+    if not tag or not engine.is_dir():
+        return f"latest names {tag!r}, which is not a folder"
+    for pattern in ("*model_states.pt", "*optim_states.pt"):
+        files = sorted(engine.glob(pattern))
+        if not files or any(f.stat().st_size == 0 for f in files):
+            return f"{tag}/{pattern} is missing or empty"
+    return None
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` is not a complete Trainer checkpoint (None when it is): a file missing,
-    empty, or (the weights, the trainer state) unreadable, as a kill mid-save leaves it."""
+    empty, or (the weights, the trainer state) unreadable, as a kill mid-save leaves it. A
+    DeepSpeed checkpoint (a ``latest`` file) holds its optimizer in the engine's folder."""
     import json
 
     from safetensors import safe_open
 
-    for name in ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt"):
+    deepspeed = (path / "latest").is_file()
+    names = ("trainer_state.json", "model.safetensors", "scheduler.pt")
+    for name in names if deepspeed else (*names, "optimizer.pt"):
         f = path / name
         if not f.is_file() or f.stat().st_size == 0:
             return f"{name} is missing or empty"
+    if deepspeed and (problem := _deepspeed_problem(path)) is not None:
+        return problem
     try:
         json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError) as e:

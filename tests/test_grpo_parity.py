@@ -391,3 +391,14 @@ def test_accepted_defaults(tmp_path, tiny_model_dir, tiny_dump):
     assert cfg.lens_importance_sampling is False  # follows TRL's switch
     cfg = _config(tmp_path, tiny_model_dir, tiny_dump["train"])
     assert cfg.lens_importance_sampling is True and cfg.max_completion_length == T_TEXT
+
+
+def test_launcher_zero3_is_refused(tmp_path, tiny_model_dir, tiny_dump, monkeypatch):
+    """`accelerate launch --use_deepspeed --zero_stage 3` reaches the job only as environment
+    variables; the config alone would not see it."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(
+        ConfigError, match=r"LensGRPOConfig: DeepSpeed ZeRO-3 \(accelerate launch --zero_stage"
+    ):
+        _config(tmp_path, tiny_model_dir, tiny_dump["train"])

@@ -498,3 +498,35 @@ def test_tensorboard_tracking(tiny_model_dir, tiny_dump, tmp_path):
     run_sft(_config(tiny_model_dir, tiny_dump, out, report_to="tensorboard"))
     assert list(out.rglob("events.out.tfevents.*")), "no tensorboard event file"
     assert any("loss" in m and "mse" in m for m in _metrics(out))
+
+
+@pytest.mark.parametrize(
+    "kw, env, message",
+    [
+        (dict(fsdp="full_shard"), {}, r"FSDP \(fsdp='full_shard'\) is not supported"),
+        ({}, {"ACCELERATE_USE_FSDP": "true"}, r"FSDP \(accelerate launch --use_fsdp"),
+        (dict(deepspeed={"zero_optimization": {"stage": 3}}), {}, r"ZeRO-3 \(deepspeed\) is not supported"),
+        (
+            {},
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            r"ZeRO-3 \(accelerate launch --zero_stage",
+        ),
+        (
+            {},
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ZERO3"},
+            "config file",
+        ),
+    ],
+)
+def test_sharded_parameters_are_refused_from_config_or_launcher(
+    tiny_model_dir, tiny_dump, tmp_path, monkeypatch, kw, env, message
+):
+    """FSDP and ZeRO-3 (measured: ZeRO-3 fails in the first step with an IndexError on CPU; FSDP's
+    RAM-efficient loading leaves rank 1's frozen original model unloaded) are refused when parsed,
+    whether the config or `accelerate launch` (its ACCELERATE_* environment) asks for them."""
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(zero3) if v == "ZERO3" else v)
+    with pytest.raises(ConfigError, match=message):
+        small_sft_config(tiny_model_dir, tiny_dump, tmp_path / "run", **kw)

@@ -23,7 +23,13 @@ from lens_rl.models.lora import PEFT_CONFIG_HELP, apply_peft_config
 from lens_rl.ops.sampling import SamplingPolicy
 from lens_rl.training.explain_args import ExplainArguments
 from lens_rl.training.guards import RunGuardArguments
-from lens_rl.training.refusals import GRPO_REFUSED, TRAINING_ARGS_REFUSED, refuse_fields, resolve_best_metric
+from lens_rl.training.refusals import (
+    GRPO_REFUSED,
+    TRAINING_ARGS_REFUSED,
+    refuse_fields,
+    refuse_sharded_parameters,
+    resolve_best_metric,
+)
 
 _TRL_MAX_COMPLETION_LENGTH = 512  # GRPOConfig's default: replaced by t_text
 
@@ -101,16 +107,7 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments, Expla
                 f"t_text={self.t_text}: explanations are exactly t_text tokens; set t_text instead."
             )
         self.max_completion_length = self.t_text
-        if self.fsdp:
-            raise ConfigError(
-                f"LensGRPOConfig.fsdp={self.fsdp!r} is not supported: rollouts and scoring do not gather "
-                "sharded parameters (use DDP, or DeepSpeed ZeRO-1/2)."
-            )
-        if _zero_stage(self.deepspeed) == 3:
-            raise ConfigError(
-                "LensGRPOConfig.deepspeed: ZeRO-3 is not supported: rollouts and scoring do not gather "
-                "sharded parameters (use ZeRO-1/2)."
-            )
+        refuse_sharded_parameters(self)
         requested_beta = self.beta
         if not torch.cuda.is_available():
             if self.bf16 is None:
@@ -175,16 +172,3 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments, Expla
         self.peft_config = apply_peft_config(
             self.peft_config, self.decoder_config, self.encoder_config, self.encoder_mse_weight > 0
         )
-
-
-def _zero_stage(deepspeed: str | dict | None) -> int | None:
-    """The ZeRO stage of a DeepSpeed config (a dict or a JSON file), or None."""
-    if not deepspeed:
-        return None
-    cfg = deepspeed
-    if isinstance(cfg, str):
-        import json
-
-        with open(cfg) as f:
-            cfg = json.load(f)
-    return (cfg.get("zero_optimization") or {}).get("stage")

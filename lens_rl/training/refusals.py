@@ -10,6 +10,7 @@ to do instead. Nothing is silently ignored.
 from __future__ import annotations
 
 import json
+import os
 
 from lens_rl.config import ConfigError
 
@@ -175,4 +176,55 @@ def resolve_best_metric(cfg) -> None:
         raise ConfigError(
             f"{kind}.save_strategy='best' saves when an evaluation improves {name}: set eval_strategy "
             "(steps or epoch) and val_data."
+        )
+
+
+def zero_stage(deepspeed: str | dict | None) -> int | None:
+    """The ZeRO stage of a DeepSpeed config (a dict or a JSON file), or None."""
+    if not deepspeed:
+        return None
+    cfg = deepspeed
+    if isinstance(cfg, str):
+        with open(cfg) as f:
+            cfg = json.load(f)
+    stage = (cfg.get("zero_optimization") or {}).get("stage")
+    return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def refuse_sharded_parameters(cfg) -> None:
+    """Refuse FSDP and DeepSpeed ZeRO-3, asked for in the config (``fsdp``, ``deepspeed``) or by
+    the launcher (``accelerate launch --use_fsdp`` / ``--use_deepspeed --zero_stage 3`` or a
+    DeepSpeed config file; they reach the job as ``ACCELERATE_*`` environment variables and would
+    bypass a check on the config alone).
+
+    Both shard parameters, while the lens reads whole weights outside the wrapped module: the
+    frozen original model (which FSDP's RAM-efficient loading leaves unloaded on every rank but
+    the first), the soft-token embedding product of the generators, the rollouts and the scoring.
+    Measured on CPU: ZeRO-3 fails in the first step with an IndexError; ZeRO-1/2 and DDP are
+    exact (README, "DeepSpeed")."""
+    kind = type(cfg).__name__
+    if cfg.fsdp or _env_true("ACCELERATE_USE_FSDP"):
+        how = f"fsdp={cfg.fsdp!r}" if cfg.fsdp else "accelerate launch --use_fsdp (ACCELERATE_USE_FSDP)"
+        raise ConfigError(
+            f"{kind}: FSDP ({how}) is not supported: the lens reads whole weights outside the sharded "
+            "module (the frozen original model, the generators, rollouts and scoring). Use DDP, or "
+            "DeepSpeed ZeRO-1/2."
+        )
+    stage, how = zero_stage(cfg.deepspeed), "deepspeed"
+    if stage is None and _env_true("ACCELERATE_USE_DEEPSPEED"):
+        env_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+        stage = int(env_stage) if env_stage.isdigit() else None
+        how = "accelerate launch --zero_stage (ACCELERATE_DEEPSPEED_ZERO_STAGE)"
+        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            stage = zero_stage(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
+            how = f"the DeepSpeed config file {os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']}"
+    if stage == 3:
+        raise ConfigError(
+            f"{kind}: DeepSpeed ZeRO-3 ({how}) is not supported: the lens reads whole weights outside "
+            "the partitioned module (the frozen original model, the generators, rollouts and scoring). "
+            "Use ZeRO-1/2."
         )

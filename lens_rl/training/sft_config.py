@@ -5,7 +5,7 @@ the stage speaks the Hugging Face dialect: ``per_device_train_batch_size``,
 ``gradient_accumulation_steps``, ``max_steps``, ``learning_rate``, ``lr_scheduler_type``,
 ``warmup_steps``, ``logging_steps``, ``eval_strategy``/``eval_steps``, ``save_steps``,
 ``save_total_limit``, ``resume_from_checkpoint``, ``report_to``, ``seed``, ``optim``,
-``deepspeed``/``fsdp`` ... keep their meaning. A few defaults differ from
+``deepspeed`` (ZeRO-1/2; FSDP and ZeRO-3 are refused) ... keep their meaning. A few defaults differ from
 ``TrainingArguments`` (see the fields below, e.g. ``learning_rate`` 1e-3: the projections
 train from scratch); fields whose meaning cannot hold for a lens (the token-level evaluation
 loop, hub uploads, ...) are refused in ``__post_init__`` naming the field.
@@ -25,7 +25,12 @@ from lens_rl.models.loading import ModelLoadingArguments
 from lens_rl.models.lora import PEFT_CONFIG_HELP, apply_peft_config
 from lens_rl.training.explain_args import ExplainArguments
 from lens_rl.training.guards import RunGuardArguments
-from lens_rl.training.refusals import TRAINING_ARGS_REFUSED, refuse_fields, resolve_best_metric
+from lens_rl.training.refusals import (
+    TRAINING_ARGS_REFUSED,
+    refuse_fields,
+    refuse_sharded_parameters,
+    resolve_best_metric,
+)
 from lens_rl.training.schedules import parse_schedule
 
 
@@ -146,6 +151,7 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments,
             # Without this, N processes started by `accelerate launch` on a CPU machine would each
             # run alone (DistributedType.NO) instead of as one gloo group.
             self.use_cpu = True
+        refuse_sharded_parameters(self)
         super().__post_init__()
         self._validate_lens()
 

@@ -355,16 +355,24 @@ def test_save_strategy_best_keeps_the_best_evaluation(tiny_model_dir, tiny_dump,
     assert saved == improved
 
 
-def test_load_best_model_at_end_saves_and_evaluates_the_best_lens(tiny_model_dir, tiny_dump, tmp_path):
+@pytest.mark.parametrize("base", ["untied_frozen", "tied_trainable"])
+def test_load_best_model_at_end_saves_and_evaluates_the_best_lens(request, tmp_path, base):
     """load_best_model_at_end: the last step is evaluated too (it competes for best), the best
-    checkpoint's weights are what ``lens/`` holds, and the final evaluation (seeded like every
-    evaluation) repeats the best one's value exactly. lm_kl rises from the first evaluation on
-    here (measured 0.0441, 0.0460, 0.0465, 0.0467), so the best is not the last step."""
+    checkpoint's weights are what ``lens/`` holds (every tensor, including trainable decoder and
+    encoder bases over tied embeddings), and the final evaluation (seeded like every evaluation)
+    repeats the best one's value exactly. lm_kl rises from the first evaluation on here (measured
+    untied Llama 0.0441, 0.0460, 0.0465, 0.0467; tied Qwen2 with trainable bases 0.0269, 0.0307,
+    0.0326, 0.0329), so the best is not the last step."""
+    tied = base == "tied_trainable"
+    model_dir = request.getfixturevalue("tiny_tied_model_dir" if tied else "tiny_model_dir")
+    dump = request.getfixturevalue("tiny_tied_dump" if tied else "tiny_dump")
+    extra = dict(decoder={"trainable_base": True}, encoder={"trainable_base": True}) if tied else {}
     out = tmp_path / "run"
     cfg = small_sft_config(
-        tiny_model_dir,
-        tiny_dump,
+        model_dir,
+        dump,
         out,
+        **extra,
         max_steps=12,
         learning_rate=3e-2,
         eval_strategy="steps",

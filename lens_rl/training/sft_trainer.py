@@ -91,15 +91,13 @@ class _FinalEvaluationAfterSave(TrainerCallback):
     """Skip the Trainer's evaluation at the last step: :func:`run_sft` evaluates once the
     final checkpoint and the lens are on disk, so a failing evaluation loses nothing.
 
-    Not with ``save_strategy="best"`` or ``load_best_model_at_end``: there the last step's
+    Not when a best checkpoint is tracked (``metric_for_best_model`` set: ``save_strategy="best"``,
+    ``load_best_model_at_end``, or plain ``best_model_checkpoint`` bookkeeping): the last step's
     evaluation decides whether the last step is the best checkpoint, so it stays (and the final
     evaluation, seeded the same, repeats its values)."""
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
-        picks_best = (
-            getattr(args.save_strategy, "value", args.save_strategy) == "best" or args.load_best_model_at_end
-        )
-        if state.global_step >= state.max_steps and not picks_best:
+        if state.global_step >= state.max_steps and args.metric_for_best_model is None:
             control.should_evaluate = False
         return control
 

@@ -27,17 +27,23 @@ from typing import Any
 SAMPLE_COLUMNS = ("step", "context", "token", "explanation", "rel_sq_error")
 
 
-def _trackers(trainer) -> tuple[Any, Any]:
-    """(the ``wandb`` module when the trainer's W&B callback has a live run, the TensorBoard
-    ``SummaryWriter`` when the trainer's TensorBoard callback has one open)."""
-    wandb, writer = None, None
+def _trackers(trainer) -> tuple[Any, Any, Any]:
+    """(the ``wandb`` module when the trainer's W&B callback has a live run, that callback, the
+    TensorBoard ``SummaryWriter`` when the trainer's TensorBoard callback has one open)."""
+    from transformers.integrations import TensorBoardCallback, WandbCallback
+
+    wandb, wandb_cb, writer = None, None, None
     for cb in trainer.callback_handler.callbacks:
-        if getattr(cb, "tb_writer", None) is not None:
+        if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None:
             writer = cb.tb_writer
-        wb = getattr(cb, "_wandb", None)
-        if wb is not None and getattr(cb, "_initialized", False) and wb.run is not None:
-            wandb = wb
-    return wandb, writer
+        if (
+            isinstance(cb, WandbCallback)
+            and cb._initialized
+            and cb._wandb is not None
+            and cb._wandb.run is not None
+        ):
+            wandb, wandb_cb = cb._wandb, cb
+    return wandb, wandb_cb, writer
 
 
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -58,7 +64,7 @@ def log_samples(trainer, samples: Sequence[dict[str, Any]], step: int) -> None:
     ``samples``) as the W&B table and TensorBoard text ``eval/explanations``."""
     if not samples or not trainer.accelerator.is_main_process:
         return
-    wandb, writer = _trackers(trainer)
+    wandb, _, writer = _trackers(trainer)
     rows = [[step, s["context"], s["token"], s["explanation"], float(s["sq_error"])] for s in samples]
     if wandb is not None:
         table = wandb.Table(columns=list(SAMPLE_COLUMNS), data=rows)
@@ -72,7 +78,7 @@ def log_completions_text(trainer, rows: Sequence[tuple[str, str, float]], step: 
     """GRPO completions (activation context, explanation, advantage) as TensorBoard text."""
     if not rows or not trainer.accelerator.is_main_process:
         return
-    _, writer = _trackers(trainer)
+    _, _, writer = _trackers(trainer)
     if writer is not None:
         header = ("activation context", "explanation", "advantage")
         writer.add_text("completions", _markdown(header, rows), step)
@@ -82,7 +88,7 @@ def log_page(trainer, path: str | Path, step: int) -> None:
     """The end-of-run explanations page as W&B HTML ``explanations_page``."""
     if not trainer.accelerator.is_main_process:
         return
-    wandb, _ = _trackers(trainer)
+    wandb, _, _ = _trackers(trainer)
     if wandb is not None:
         page = wandb.Html(Path(path).read_text(encoding="utf-8"), inject=False)
         wandb.log({"explanations_page": page, "train/global_step": step})
@@ -96,9 +102,8 @@ def log_lens_artifact(trainer, lens_dir: str | Path, metadata: dict[str, Any] | 
     lens. Returns the artifact (``None`` when nothing was logged)."""
     if not trainer.accelerator.is_main_process:
         return None
-    wandb, _ = _trackers(trainer)
-    cb = next((c for c in trainer.callback_handler.callbacks if hasattr(c, "_log_model")), None)
-    if wandb is None or cb is None or not getattr(cb._log_model, "is_enabled", False):
+    wandb, cb, _ = _trackers(trainer)
+    if wandb is None or not cb._log_model.is_enabled:
         return None
     numbers = {k: v for k, v in (metadata or {}).items() if isinstance(v, (int, float))}
     artifact = wandb.Artifact(name=f"lens-{wandb.run.id}", type="lens", metadata=numbers)

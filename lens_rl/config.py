@@ -152,6 +152,44 @@ def _accept_json_for_dict_fields(parser: Any, dataclass_types: Sequence[type]) -
             action.type = _json_mapping
 
 
+def report_to_list(value: str | Sequence[str] | None) -> list[str] | None:
+    """``TrainingArguments.report_to`` as a list of tracker names, checked.
+
+    Accepts a list (``--report_to wandb tensorboard``, a YAML list), a comma-separated string
+    (``--report_to wandb,tensorboard``) or one name; ``"all"`` and ``"none"`` stand alone and
+    keep their transformers meaning (every installed tracker; no tracker).
+
+    Raises:
+        ConfigError: naming ``report_to`` and the unknown names, with the known ones.
+    """
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    names = [name.strip() for item in items for name in str(item).split(",") if name.strip()]
+    known = sorted(INTEGRATION_TO_CALLBACK)
+    unknown = [name for name in names if name not in {*known, "all", "none"}]
+    if unknown:
+        raise ConfigError(
+            f"report_to={value!r}: unknown tracker(s) {unknown}; known: 'all', 'none', "
+            f"{', '.join(map(repr, known))}. Give a list (--report_to wandb tensorboard) or "
+            "comma-separated names (--report_to wandb,tensorboard)."
+        )
+    if len(names) > 1 and {"all", "none"} & set(names):
+        raise ConfigError(f"report_to={value!r}: 'all' and 'none' cannot be combined with other names.")
+    return names
+
+
+def _accept_lists_for_report_to(parser: Any) -> None:
+    """Let ``--report_to`` take several names: HfArgumentParser reads the ``None | str |
+    list[str]`` field as one string, so ``--report_to wandb tensorboard`` left ``tensorboard``
+    unused. The configs' ``__post_init__`` splits commas and checks names (:func:`report_to_list`)."""
+    for action in parser._actions:
+        if action.dest == "report_to":
+            action.nargs = "+"
+
+
 def parse_args(
     dataclass_types: Sequence[type], args: Sequence[str] | None = None, typecheck: bool = True
 ) -> tuple[Any, ...]:
@@ -175,6 +213,7 @@ def parse_args(
 
     parser = TrlParser(list(dataclass_types))
     _accept_json_for_dict_fields(parser, dataclass_types)
+    _accept_lists_for_report_to(parser)
     try:
         parsed = parser.parse_args_and_config(args=list(args) if args is not None else None)
     except ConfigError:

@@ -3,7 +3,10 @@ take next".
 
 A ``checkpoint-N`` folder written by TRL's trainer holds ``training_args.bin`` (the pickled
 :class:`~lens_rl.training.grpo_config.LensGRPOConfig`), ``trainer_state.json`` (``global_step``,
-``max_steps``), ``scheduler.pt`` and ``optimizer.pt``. The learning rate of the next step is
+``max_steps``), ``scheduler.pt`` and ``optimizer.pt``. A checkpoint is untrusted input: its
+pickles are read with ``torch.load(weights_only=True)``, ``training_args.bin`` with an
+allowlist of exactly the classes a lens GRPO run's arguments hold (:data:`RUN_ARGS_GLOBALS`), so
+a crafted file is refused instead of running code. The learning rate of the next step is
 the scheduler's: the run's scheduler is rebuilt with ``transformers.get_scheduler`` from the
 run's arguments, its saved state is loaded, and ``get_last_lr()`` is read (the lr that
 ``optimizer.step()`` would use at step ``global_step + 1``); it is checked against the
@@ -21,9 +24,78 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils.dataclasses import DistributedType
+from transformers.trainer_pt_utils import AcceleratorConfig
+from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrategy, SchedulerType
+from transformers.training_args import OptimizerNames
 
 from lens_rl.config import ConfigError
+from lens_rl.models.decoder import DecoderConfig
+from lens_rl.models.encoder import EncoderConfig
+from lens_rl.ops.sampling import SamplingPolicy
 from lens_rl.probe.config import EntropyProbeConfig
+from lens_rl.training.grpo_config import LensGRPOConfig
+
+
+class SavedPartialState:
+    """Stands in for ``accelerate.state.PartialState`` in a run's ``training_args.bin``: the
+    saved fields (``distributed_type``, ``num_processes``, ...) become plain attributes, and no
+    process group is set up (the probe does not use them)."""
+
+
+# Every global that torch.save(LensGRPOConfig) writes (TrainingArguments keeps its enums, the
+# accelerator config and the process state; the lens keeps its sub-configs and sampling policy).
+RUN_ARGS_GLOBALS: list[Any] = [
+    LensGRPOConfig,
+    DecoderConfig,
+    EncoderConfig,
+    SamplingPolicy,
+    AcceleratorConfig,
+    IntervalStrategy,
+    SaveStrategy,
+    HubStrategy,
+    SchedulerType,
+    OptimizerNames,
+    DistributedType,
+    (SavedPartialState, "accelerate.state.PartialState"),
+]
+
+
+def _global_name(g: Any) -> str:
+    return g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+
+
+def _load_failure(e: Exception) -> str:
+    """The cause in torch's weights-only error, without its advice to allowlist the global or
+    to turn weights-only loading off (either would run the file's code)."""
+    text = str(e)
+    found = re.search(r"GLOBAL (\S+?)(?: was not an allowed global| whose module)", text)
+    if found:
+        return f"it refers to {found.group(1)}, which is not allowed"
+    found = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+    lines = [found.group(1)] if found else text.splitlines()
+    cause = next((ln.strip() for ln in lines if ln.strip() and "weights_only" not in ln), "")
+    return f"{type(e).__name__}: {cause}" if cause else type(e).__name__
+
+
+def load_untrusted(path: Path, allowed: list[Any] | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` with only the globals in ``allowed`` (classes, or
+    ``(stand-in, "module.Name")`` pairs) allowlisted beyond tensors and plain containers.
+
+    Raises:
+        ValueError: naming ``path``, for a global outside the allowlist or a malformed file.
+    """
+    allowed = list(allowed or [])
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # untrusted bytes: every way of failing is the same refusal
+        classes = f" and these classes: {', '.join(map(_global_name, allowed))}" if allowed else ""
+        raise ValueError(
+            f"{path}: refused to load it ({_load_failure(e)}). Checkpoint files are untrusted data, "
+            f"read with torch.load(weights_only=True) allowing only tensors, plain containers{classes}. "
+            "Pass a checkpoint written by scripts/rl_lens.py."
+        ) from e
 
 
 @dataclass
@@ -64,7 +136,9 @@ def next_step_learning_rates(checkpoint: Path, args: Any, global_step: int, max_
     path = checkpoint / "scheduler.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: the checkpoint holds no scheduler state.")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_untrusted(path)
+    if not isinstance(state, dict) or "base_lrs" not in state:
+        raise ValueError(f"{path} holds a {type(state).__name__} without base_lrs, not a scheduler state.")
     base = [float(b) for b in state["base_lrs"]]
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in base]
     opt = torch.optim.AdamW([{"params": [p], "lr": b} for p, b in zip(params, base, strict=True)])
@@ -102,8 +176,8 @@ def read_run(path: str | Path) -> RunSettings:
             raise FileNotFoundError(
                 f"{ckpt / name} not found: trl_checkpoint must be a checkpoint of rl_lens.py."
             )
-    args = torch.load(ckpt / "training_args.bin", map_location="cpu", weights_only=False)
-    if not hasattr(args, "t_text"):
+    args = load_untrusted(ckpt / "training_args.bin", RUN_ARGS_GLOBALS)
+    if not isinstance(args, LensGRPOConfig):
         raise ValueError(
             f"{ckpt}/training_args.bin is a {type(args).__name__}, not a lens GRPO run's config."
         )

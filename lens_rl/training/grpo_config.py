@@ -15,7 +15,7 @@ from typing import Literal
 
 from trl import GRPOConfig
 
-from lens_rl.config import ConfigError, sub_config
+from lens_rl.config import ConfigError, report_to_list, sub_config
 from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
 from lens_rl.models.loading import ModelLoadingArguments
@@ -97,6 +97,7 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments, Expla
         refuse_fields(self, TRAINING_ARGS_REFUSED)
         refuse_fields(self, GRPO_REFUSED)
         resolve_best_metric(self)
+        self.report_to = report_to_list(self.report_to)
         if self.t_text < 1:
             raise ConfigError(f"t_text must be >= 1, got {self.t_text}.")
         # TRL's dr_grpo normaliser (and the probe's) divide by max_completion_length: it is the

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from lens_rl.config import ConfigError, sub_config, validate_types
+from lens_rl.config import ConfigError, report_to_list, sub_config, validate_types
 from lens_rl.models.decoder import DecoderConfig
 from lens_rl.models.encoder import EncoderConfig
 from lens_rl.models.loading import ModelLoadingArguments
@@ -137,6 +137,7 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments,
         validate_types(self, only=own)
         refuse_fields(self, TRAINING_ARGS_REFUSED)
         resolve_best_metric(self)
+        self.report_to = report_to_list(self.report_to)
         if isinstance(self.resume_from_checkpoint, bool):
             self.resume_from_checkpoint = "true" if self.resume_from_checkpoint else None
         cuda = torch.cuda.is_available()

@@ -10,8 +10,10 @@ reconstruction (best-of-``k``, as the original's analysis tools do). Scores per 
 - ``nmse``: ``mean((Â - A)²) / mean(train variance)`` (the training loss's normalisation);
 - ``kl``: KL(P(next | A) || P(next | Â)) of the orig model at ``p`` (functional KL).
 
-A lens saved without statistics (older versions) normalises by the mean of the activations
-being explained; the rows then say ``"normaliser": "input_mean"``.
+Both scores normalise by the statistics of the lens's training split (``train_mean`` and
+``train_var`` in its sidecar's ``meta``, checked against the base's hidden size). A lens saved
+without them (older versions) is refused, naming the file and how to record them: a fallback on
+the explained activations' own mean made the scores depend on which positions were asked.
 
 :func:`explain` (also ``ConsistencyLens.explain``) returns an :class:`Explanations`;
 :func:`report_samples` explains held-out windows of an activation split (what the training
@@ -25,12 +27,16 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lens_rl.utils.files import atomic_write_text, decode_utf8, iter_jsonl, replace_on_success
 
 JSONL_FILE = "explanations.jsonl"
 HTML_FILE = "explanations.html"
@@ -75,17 +81,18 @@ def parse_positions(spec: str | int | Sequence[int], n_tokens: int, where: str =
 
 def read_texts(path: str | Path) -> list[str]:
     """Texts from a file: ``.jsonl`` (one object per line with a ``"text"`` field, or a JSON
-    string per line) or any other file as plain text (texts separated by blank lines)."""
+    string per line) or any other file as plain text (texts separated by blank lines).
+
+    Raises:
+        ValueError: a line is not UTF-8, not JSON (``.jsonl``) or holds no text string; the
+            message names ``file:line``.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--input {path}: no such file.")
-    raw = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
+        for i, obj in iter_jsonl(path):
             if isinstance(obj, dict) and isinstance(obj.get("text"), str):
                 texts.append(obj["text"])
             elif isinstance(obj, str):
@@ -93,6 +100,7 @@ def read_texts(path: str | Path) -> list[str]:
             else:
                 raise ValueError(f"{path}:{i}: expected an object with a 'text' string, or a string.")
     else:
+        raw = decode_utf8(path.read_bytes(), path)
         texts = [t.strip("\n") for t in raw.split("\n\n") if t.strip()]
     if not texts:
         raise ValueError(f"{path} holds no text.")
@@ -139,10 +147,10 @@ class Explanations:
         }
 
     def write_jsonl(self, path: str | Path) -> Path:
-        """One JSON object per explained position."""
+        """One JSON object per explained position, written to a temporary name in the same folder
+        and renamed: an interrupted write never leaves a partial file under ``path``."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
+        with replace_on_success(path) as (tmp,), tmp.open("w", encoding="utf-8") as f:
             for r in self.rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         return path
@@ -181,16 +189,29 @@ class Explanations:
 
 # ---------------------------------------------------------------------- the computation
 def _stats(lens, acts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(mean, variance) of the training split when the lens records them, else of ``acts``."""
+    """(mean, variance) of the lens's training split, as it records them (checked: see
+    :func:`~lens_rl.models.lens.activation_stats`), and the name of that normaliser.
+
+    Raises:
+        ValueError: the lens records no statistics (naming its sidecar and how to add them), or
+            records values that cannot be right.
+    """
+    from lens_rl.models.lens import LENS_CONFIG, activation_stats
+
     meta = getattr(lens, "meta", {}) or {}
-    if meta.get("train_mean") is not None and meta.get("train_var") is not None:
-        return (
-            torch.tensor(meta["train_mean"], dtype=torch.float64),
-            torch.tensor(meta["train_var"], dtype=torch.float64),
-            "train_mean",
+    source = getattr(lens, "source_dir", None)
+    where = f"{source}/{LENS_CONFIG}" if source is not None else "the lens's meta"
+    stats = activation_stats(meta, acts[0].shape[-1], where)
+    if stats is None:
+        raise ValueError(
+            f"{where} records no activation statistics (meta.train_mean and meta.train_var: a lens "
+            "saved by an older lens_rl lacks them); FVE and NMSE are normalised by them. Record "
+            "those of the lens's training split and save the lens again: `from lens_rl.data.dataset "
+            "import ActivationDataset; d = ActivationDataset(TRAIN_SPLIT_DIR); lens.meta.update("
+            "train_mean=d.mean.tolist(), train_var=d.var.tolist()); lens.save_pretrained(LENS_DIR)`, "
+            "or train the lens again."
         )
-    a = torch.cat(acts).double()
-    return a.mean(0), a.var(0, unbiased=False).clamp(min=1e-12), "input_mean"
+    return stats[0], stats[1], "train_mean"
 
 
 @torch.no_grad()
@@ -227,6 +248,8 @@ def explain_ids(
         raise ValueError("The lens records no t_text; pass t_text= (explanation length in tokens).")
     if k < 1:
         raise ValueError(f"k (samples per position) must be >= 1, got {k}.")
+    if t_text < 1:
+        raise ValueError(f"t_text (explanation length in tokens) must be >= 1, got {t_text}.")
     per_text = (
         list(positions)
         if isinstance(positions, list | tuple) and positions and isinstance(positions[0], list | tuple | str)
@@ -343,12 +366,14 @@ def explain(
         k: samples per position; the best by reconstruction is the row's ``explanation``.
         orig: the frozen original model (default: an :class:`OrigWrapper` on the lens's base).
         tokenizer: default: the lens's.
-        max_length: keep only the first ``max_length`` tokens of each text.
+        max_length: keep only the first ``max_length`` (>= 1) tokens of each text; None: all.
         kwargs: ``layer``, ``t_text``, ``policy`` (:class:`~lens_rl.ops.sampling.SamplingPolicy`),
             ``seed``, ``batch_size``, ``show_progress`` (see :func:`explain_ids`).
     """
     from lens_rl.models.orig import OrigWrapper
 
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be >= 1 (None: no cap), got {max_length}.")
     if isinstance(texts, str):
         texts = [texts]
     tokenizer = tokenizer if tokenizer is not None else getattr(lens, "tokenizer", None)
@@ -364,7 +389,7 @@ def explain(
         ids = tokenizer(t, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError(f"text {i} ({t!r}) has no tokens; nothing to explain.")
-        ids_list.append(torch.tensor(ids[:max_length] if max_length else ids))
+        ids_list.append(torch.tensor(ids if max_length is None else ids[:max_length]))
     return explain_ids(lens, orig, tokenizer, ids_list, positions, k=k, **kwargs)
 
 
@@ -470,9 +495,9 @@ def _detail_html(r: dict[str, Any]) -> str:
 def write_html(result: Explanations, path: str | Path, title: str = "lens explanations") -> Path:
     """Write the self-contained page (inline CSS and JS, no network access): every text with its
     explained tokens coloured by the best sample's FVE; hovering, focusing or clicking a token
-    shows its explanations (best first) with FVE, relative error and KL."""
+    shows its explanations (best first) with FVE, relative error and KL. Written to a temporary
+    name and renamed, like :meth:`Explanations.write_jsonl`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     by_pos = {(r["text_index"], r["position"]): i for i, r in enumerate(result.rows)}
     texts_html = []
     for ti, toks in enumerate(result.tokens):
@@ -507,8 +532,7 @@ def write_html(result: Explanations, path: str | Path, title: str = "lens explan
         f'<div id="details">{details}</div>'
         f"<script>{_JS}</script></body></html>"
     )
-    path.write_text(page, encoding="utf-8")
-    return path
+    return atomic_write_text(path, page)
 
 
 # ---------------------------------------------------------------------- training reports
@@ -605,6 +629,56 @@ def evaluation_tables(metrics: dict[str, float], samples: list[dict[str, Any]], 
 
 
 # ---------------------------------------------------------------------- `lens-rl explain`
+def _int_at_least(low: int, none: bool = False):
+    """An argparse ``type``: an integer >= ``low`` (or ``none`` -> None when ``none``); argparse
+    prefixes the error with the flag."""
+
+    def parse(text: str) -> int | None:
+        if none and text.strip().lower() == "none":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer{' or none' if none else ''}, got {text!r}"
+            ) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{' (or none)' if none else ''}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool, high_open: bool):
+    """An argparse ``type``: a finite float in the interval (``low_open``/``high_open`` exclude
+    the ends)."""
+    shown = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"must be in {shown}, got {text}")
+        return value
+
+    return parse
+
+
+def _positions_arg(text: str) -> str:
+    """An argparse ``type``: the syntax of ``--positions`` (ranges are checked per text)."""
+    try:
+        if text.strip().lower() not in ("all", "last"):
+            parse_positions(text, sys.maxsize)  # the syntax (ranges are per text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The ``lens-rl explain`` command line."""
     ap = argparse.ArgumentParser(
@@ -624,17 +698,48 @@ def make_parser() -> argparse.ArgumentParser:
         help="File of texts: .jsonl (objects with a 'text' field) or plain text (texts separated by blank lines).",
     )
     ap.add_argument(
-        "--positions", default="all", help="all | last | comma-separated token indices (default: all)."
+        "--positions",
+        type=_positions_arg,
+        default="all",
+        help="all | last | comma-separated token indices, negative from the end (default: all).",
     )
     ap.add_argument(
-        "--num_samples", type=int, default=8, help="Explanations sampled per position (best-of-k)."
+        "--num_samples",
+        type=_int_at_least(1),
+        default=8,
+        help="Explanations sampled per position (best-of-k), >= 1.",
     )
-    ap.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature of the decoder.")
-    ap.add_argument("--top_p", type=float, default=1.0, help="Nucleus mass (1 disables).")
-    ap.add_argument("--t_text", type=int, default=None, help="Explanation length (default: the lens's).")
-    ap.add_argument("--max_length", type=int, default=256, help="Tokens kept per text (default 256).")
-    ap.add_argument("--batch_size", type=int, default=64, help="Rows (positions x samples) per decoder pass.")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--temperature",
+        type=_float_in(0.0, math.inf, True, True),
+        default=1.0,
+        help="Sampling temperature of the decoder, > 0.",
+    )
+    ap.add_argument(
+        "--top_p",
+        type=_float_in(0.0, 1.0, True, False),
+        default=1.0,
+        help="Nucleus mass in (0, 1] (1 disables).",
+    )
+    ap.add_argument(
+        "--t_text",
+        type=_int_at_least(1),
+        default=None,
+        help="Explanation length in tokens, >= 1 (default: the lens's).",
+    )
+    ap.add_argument(
+        "--max_length",
+        type=_int_at_least(1, none=True),
+        default=256,
+        help="Tokens kept per text, >= 1, or 'none' for no cap (default 256).",
+    )
+    ap.add_argument(
+        "--batch_size",
+        type=_int_at_least(1),
+        default=64,
+        help="Rows (positions x samples) per decoder pass, >= 1.",
+    )
+    ap.add_argument("--seed", type=_int_at_least(0), default=0, help="Sampling seed, >= 0.")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
     ap.add_argument(
         "--output_dir", required=True, help="Writes explanations.jsonl and explanations.html here."
@@ -650,21 +755,34 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Explanations:
     """``lens-rl explain``: load the lens, explain, write ``explanations.jsonl`` and
-    ``explanations.html`` to ``--output_dir`` and print the table."""
+    ``explanations.html`` to ``--output_dir`` and print the table.
+
+    The folder is locked for the command's life (as the training stages lock theirs: a second
+    ``explain`` or a run into it is refused), and both files are written to temporary names and
+    renamed at the end, the page first and the JSONL last: an interrupted run leaves neither
+    under its final name, so a rerun is not refused, and ``explanations.jsonl`` means finished."""
     args = make_parser().parse_args(argv)
+    from lens_rl.utils.outputs import lock_output_dir, refuse_existing_outputs
+
+    texts = args.text if args.text else read_texts(args.input)
+    out = Path(args.output_dir)
+    lock = lock_output_dir(out)
+    try:
+        refuse_existing_outputs(
+            out, (JSONL_FILE, HTML_FILE), args.overwrite_output_dir, "--overwrite_output_dir"
+        )
+        return _explain_claimed(args, texts, out)
+    finally:
+        lock.close()
+
+
+def _explain_claimed(args: argparse.Namespace, texts: list[str], out: Path) -> Explanations:
+    """The body of :func:`main` once ``out`` is locked and free."""
     from rich.console import Console
 
     from lens_rl.models.lens import ConsistencyLens
     from lens_rl.ops.sampling import SamplingPolicy
 
-    if args.num_samples < 1:
-        raise SystemExit(f"--num_samples must be >= 1, got {args.num_samples}.")
-    from lens_rl.utils.outputs import refuse_existing_outputs
-
-    refuse_existing_outputs(
-        args.output_dir, (JSONL_FILE, HTML_FILE), args.overwrite_output_dir, "--overwrite_output_dir"
-    )
-    texts = args.text if args.text else read_texts(args.input)
     policy = SamplingPolicy(temperature=args.temperature, top_p=args.top_p)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     console = Console()
@@ -682,9 +800,9 @@ def main(argv: list[str] | None = None) -> Explanations:
         show_progress=not args.no_progress,
     )
     res.info = {"lens": str(Path(args.lens).resolve()), **res.info}
-    out = Path(args.output_dir)
-    res.write_jsonl(out / JSONL_FILE)
-    res.write_html(out / HTML_FILE, title=f"lens explanations: {Path(args.lens).resolve().name}")
+    with replace_on_success(out / HTML_FILE, out / JSONL_FILE) as (html_tmp, jsonl_tmp):
+        res.write_html(html_tmp, title=f"lens explanations: {Path(args.lens).resolve().name}")
+        res.write_jsonl(jsonl_tmp)
     console.print(res.table())
     s = res.summary()
     console.print(

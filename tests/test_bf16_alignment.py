@@ -158,9 +158,10 @@ def check_case(base, tokenizer, mode: str, seeds=(0, 1)) -> dict[str, float]:
     for seed in seeds:
         g = torch.Generator().manual_seed(100 + seed)
         a = (4 * torch.randn(ROWS, base.config.hidden_size, generator=g)).to(torch.bfloat16)
-        gen = lambda f, a=a, seed=seed, **kw: f(
-            a, T_STEPS, generator=torch.Generator().manual_seed(seed), **kw
-        )  # noqa: E731
+
+        def gen(f, a=a, seed=seed, **kw):
+            return f(a, T_STEPS, generator=torch.Generator().manual_seed(seed), **kw)
+
         soft = gen(dec.generate_soft).detach()
         kv = gen(dec.generate_soft_kv_cached).detach()
         nd = gen(dec.generate_soft_kv_cached_nondiff)

@@ -159,8 +159,9 @@ def test_different_base_folder_is_refused_naming_both(saved_lens, tiny_model_fac
 
 def test_older_sidecar_with_fewer_fields_loads(saved_lens, tiny_model_dir, tmp_path, monkeypatch):
     """A lens saved before the sidecar recorded absolute paths, fingerprint, prompt, t_text,
-    statistics and version still loads (its relative base path taken from the working directory)
-    and explains, normalising by the explained activations' own mean."""
+    statistics and version still loads (its relative base path taken from the working directory);
+    explaining it needs the training statistics (refused without them, naming the file: a
+    fallback on the explained activations' own mean made the scores depend on the positions)."""
     old = tmp_path / "old-lens"
     shutil.copytree(saved_lens, old)
     cfg = json.loads((old / LENS_CONFIG).read_text())
@@ -181,8 +182,12 @@ def test_older_sidecar_with_fewer_fields_loads(saved_lens, tiny_model_dir, tmp_p
     (old / LENS_CONFIG).write_text(json.dumps(cfg))
     monkeypatch.chdir(tiny_model_dir.parent)
     lens = ConsistencyLens.from_pretrained(old)
+    with pytest.raises(ValueError, match=r"lens_config.json records no activation statistics.*train_mean"):
+        lens.explain(TEXT, positions="last", k=2, t_text=3)
+    saved = json.loads((saved_lens / LENS_CONFIG).read_text())["meta"]
+    lens.meta.update(train_mean=saved["train_mean"], train_var=saved["train_var"])
     res = lens.explain(TEXT, positions="last", k=2, t_text=3)
-    assert len(res) == 1 and res[0]["normaliser"] == "input_mean"
+    assert len(res) == 1 and res[0]["normaliser"] == "train_mean"
     with pytest.raises(ValueError, match="records no t_text"):
         lens.explain(TEXT, positions="last", k=2)
 

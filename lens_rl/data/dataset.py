@@ -282,13 +282,13 @@ class ActivationDataset(Dataset):
             raise DumpError(f"{self.path}: d_model {self.metadata['d_model']} != the model's {d_model}.")
         recorded = self.metadata.get("base_fingerprint")
         if model is not None and recorded is not None:
-            from lens_rl.models.lens import base_fingerprint
+            from lens_rl.models.lens import base_fingerprints
 
-            mine = base_fingerprint(model)
-            if mine != recorded:
+            mine = base_fingerprints(model)  # the same for an fp32, bf16 or fp16 load
+            if recorded not in mine:
                 raise DumpError(
                     f"{self.path} was dumped from {self.metadata.get('model_name_or_path')!r} (fingerprint "
-                    f"{recorded}), not from the model given (fingerprint {mine}): its activations are "
+                    f"{recorded}), not from the model given (fingerprint {mine[0]}): its activations are "
                     "another model's. Dump this model's activations, or give the model the dump came from."
                 )
         if vocab_size is not None:

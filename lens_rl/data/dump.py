@@ -62,7 +62,13 @@ class CorpusConfig(ValidatedConfig):
 
 
 def load_texts(cfg: CorpusConfig) -> list[str]:
-    """Read the documents of the configured source."""
+    """Read the documents of the configured source (``None`` for a missing text).
+
+    Raises:
+        ConfigError: a data file is missing, empty, unreadable (naming ``file:line`` where the
+            problem is a line), lacks ``text_column``, holds no text in it, or holds values of
+            another type there (numbers).
+    """
     if cfg.corpus:
         from lens_rl.data.corpus import iter_corpus
 
@@ -71,17 +77,69 @@ def load_texts(cfg: CorpusConfig) -> list[str]:
 
     if cfg.dataset_name:
         ds = datasets.load_dataset(cfg.dataset_name, split=cfg.dataset_split)
-    else:
-        exts = {Path(f).suffix.lower() for f in cfg.data_files or []}
-        kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-        if len(exts) != 1 or next(iter(exts)) not in kinds:
-            raise ConfigError(
-                f"data_files must share one extension among {sorted(kinds)}, got {sorted(exts)}."
-            )
-        ds = datasets.load_dataset(kinds[exts.pop()], data_files=list(cfg.data_files or []), split="train")
-    if cfg.text_column not in ds.column_names:
-        raise ConfigError(f"Column {cfg.text_column!r} not in the dataset's columns {ds.column_names}.")
-    return list(ds[cfg.text_column])
+        return _text_values(ds, cfg.text_column, f"dataset {cfg.dataset_name} (split {cfg.dataset_split})")
+    exts = {Path(f).suffix.lower() for f in cfg.data_files or []}
+    kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    if len(exts) != 1 or next(iter(exts)) not in kinds:
+        raise ConfigError(f"data_files must share one extension among {sorted(kinds)}, got {sorted(exts)}.")
+    kind = kinds[exts.pop()]
+    texts: list[str] = []
+    for f in cfg.data_files or []:  # one file at a time, so that every error names its file
+        path = Path(f)
+        if not path.is_file():
+            raise ConfigError(f"data_files: {path}: no such file.")
+        if path.stat().st_size == 0:
+            raise ConfigError(f"data_files: {path} is empty.")
+        try:
+            ds = datasets.load_dataset(kind, data_files=[str(path)], split="train")
+        except Exception as e:  # datasets' own errors name neither the file nor the line
+            raise ConfigError(f"data_files: {_unreadable(path, kind, e)}") from e
+        texts += _text_values(ds, cfg.text_column, str(path))
+    return texts
+
+
+def _unreadable(path: Path, kind: str, error: Exception) -> str:
+    """Why ``path`` could not be read as ``kind``: the first line that is not UTF-8 or not JSON
+    (``file:line: ...``), else the loader's own reason."""
+    from lens_rl.utils.files import decode_utf8, iter_jsonl
+
+    try:
+        if kind == "text" or path.suffix.lower() == ".json":
+            text = decode_utf8(path.read_bytes(), path)
+            if kind == "json":
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as e:
+                    return f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})."
+        elif path.suffix.lower() == ".jsonl":
+            for _ in iter_jsonl(path):
+                pass
+    except ValueError as e:
+        return str(e)
+    cause = error.__cause__ or error.__context__ or error
+    return f"{path} cannot be read as {kind} ({type(cause).__name__}: {cause})."
+
+
+def _text_values(ds, column: str, where: str) -> list[str]:
+    """``ds[column]``, checked: the column exists, holds strings, and some text."""
+    from datasets import Value
+
+    if column not in ds.column_names:
+        raise ConfigError(
+            f"Column {column!r} not in the columns {ds.column_names} of {where}; set text_column to one of them."
+        )
+    feature = ds.features[column]
+    dtype = feature.dtype if isinstance(feature, Value) else type(feature).__name__
+    if dtype == "null":
+        raise ConfigError(f"{where} holds no text: every value of field {column!r} is null.")
+    if dtype not in ("string", "large_string"):
+        raise ConfigError(
+            f"{where}: field {column!r} holds {dtype} values, not text; point text_column at a text field."
+        )
+    values = ds[column]
+    if not any(v and v.strip() for v in values):
+        raise ConfigError(f"{where} holds no text: field {column!r} is empty or blank in every row.")
+    return list(values)
 
 
 @dataclass
@@ -172,18 +230,20 @@ def _config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _check_fingerprint(where: Path, recorded: str | None, fingerprint: str) -> None:
+def _check_fingerprint(where: Path, recorded: str | None, fingerprints: tuple[str, ...]) -> None:
     """Refuse a dump made from other weights under the same model path (a retrained or replaced
-    model folder): its activations would silently be mixed with, or stand in for, this model's."""
-    if recorded is not None and recorded != fingerprint:
+    model folder): its activations would silently be mixed with, or stand in for, this model's.
+    ``fingerprints``: the model's, then any an older version recorded for it
+    (:func:`~lens_rl.models.lens.base_fingerprints`)."""
+    if recorded is not None and recorded not in fingerprints:
         raise ConfigError(
             f"{where} was dumped from other weights at the same model path (base fingerprint "
-            f"{recorded}; the model there now has {fingerprint}). Its activations do not belong to "
+            f"{recorded}; the model there now has {fingerprints[0]}). Its activations do not belong to "
             f"this model: use another output_dir, or delete {where} to redo the dump."
         )
 
 
-def _check_existing_shards(rank_dir: Path, cfg: DumpConfig, fingerprint: str) -> None:
+def _check_existing_shards(rank_dir: Path, cfg: DumpConfig, fingerprints: tuple[str, ...]) -> None:
     """Refuse to add to shards written with another config (a rerun with a new seed, positions,
     model, ...), naming the fields that differ, or from other weights (``base_fingerprint``)."""
     mine = _content_config(cfg)
@@ -193,7 +253,7 @@ def _check_existing_shards(rank_dir: Path, cfg: DumpConfig, fingerprint: str) ->
                 meta = f.metadata() or {}
         except Exception as e:
             raise ConfigError(f"Existing shard {path} cannot be read ({e}); delete it to redo it.") from e
-        _check_fingerprint(rank_dir.parent, meta.get("base_fingerprint"), fingerprint)
+        _check_fingerprint(rank_dir.parent, meta.get("base_fingerprint"), fingerprints)
         if meta.get("config_hash") == _config_hash(mine):
             continue
         if "config" not in meta and (rank_dir.parent / "metadata.json").exists():
@@ -237,7 +297,7 @@ def _dump_split(
     world: int,
     device,
     show: bool,
-    fingerprint: str,
+    fingerprints: tuple[str, ...],
 ) -> None:
     n = len(windows)
     n_shards = math.ceil(n / cfg.shard_size)
@@ -245,7 +305,7 @@ def _dump_split(
     rank_dir = out / f"rank_{rank}"
     rank_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_rank_dir(rank_dir)  # held until this split is written
-    _check_existing_shards(rank_dir, cfg, fingerprint)
+    _check_existing_shards(rank_dir, cfg, fingerprints)
     content = _content_config(cfg)
     todo = [s for s in mine if not (rank_dir / _shard_name(s * cfg.shard_size)).exists()]
     total = sum(min(cfg.shard_size, n - s * cfg.shard_size) for s in todo)
@@ -275,7 +335,7 @@ def _dump_split(
                 "config": json.dumps(content, sort_keys=True, default=str),
                 "config_hash": _config_hash(content),
                 "sha256": tensors_digest(tensors),
-                "base_fingerprint": fingerprint,
+                "base_fingerprint": fingerprints[0],
             }
             _write_shard(rank_dir / _shard_name(start), tensors, meta)
     lock.close()
@@ -350,18 +410,19 @@ def run_dump(cfg: DumpConfig) -> dict[str, Path]:
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
-    from lens_rl.models.lens import base_fingerprint
+    from lens_rl.models.lens import base_fingerprints
     from lens_rl.models.orig import OrigWrapper
     from lens_rl.models.surgery import resolve_layer
 
     # On a machine without CUDA, `accelerate launch --multi_gpu` starts N processes that must run
     # as MULTI_CPU (gloo); PartialState only picks that when told cpu=True.
     state = PartialState(cpu=not torch.cuda.is_available())
+    cfg.check_model_folders()  # local folders only: no Hub lookup for a mistyped path
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs()).to(state.device)
     layer = resolve_layer(cfg.layer, orig.n_layers, "DumpConfig.layer")
     d_model = orig.model.get_input_embeddings().weight.shape[1]
-    fingerprint = base_fingerprint(orig.model)
+    fingerprints = base_fingerprints(orig.model)  # the current one first
     splits = dump_windows(cfg, tok)
     outs = {}
     for split, windows in splits.items():
@@ -370,7 +431,7 @@ def run_dump(cfg: DumpConfig) -> dict[str, Path]:
         out = split_dir(cfg.output_dir, cfg.model_name_or_path, layer, split)
         if state.is_main_process and (out / "metadata.json").exists():
             prev = json.loads((out / "metadata.json").read_text())
-            _check_fingerprint(out, prev.get("base_fingerprint"), fingerprint)
+            _check_fingerprint(out, prev.get("base_fingerprint"), fingerprints)
             diff = _config_diff(prev["config"], asdict(cfg))
             if diff:
                 raise ConfigError(
@@ -387,14 +448,14 @@ def run_dump(cfg: DumpConfig) -> dict[str, Path]:
             state.num_processes,
             state.device,
             show=state.is_main_process,
-            fingerprint=fingerprint,
+            fingerprints=fingerprints,
         )
         outs[split] = out
     state.wait_for_everyone()
     if state.is_main_process:
         for split, out in outs.items():
             _finalize_split(
-                out, cfg, layer, len(splits[split]), d_model, state.num_processes, split, fingerprint
+                out, cfg, layer, len(splits[split]), d_model, state.num_processes, split, fingerprints[0]
             )
     state.wait_for_everyone()
     return outs

@@ -32,6 +32,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lens_rl.config import ConfigError
+from lens_rl.models.loading import local_folder
 
 # Families the alignment tests run on (tiny configs in lens_rl.testing.tiny_models). Others that
 # pass the generic lookup and the build-time probes are accepted with a warning.
@@ -176,7 +177,12 @@ def attn_implementation_for(config: Any) -> str | None:
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` for a local folder, keeping attention soft-capping:
     without an explicit ``attn_implementation``, a config with ``attn_logit_softcapping`` loads
-    with eager attention (the model as trained, and as vLLM runs it)."""
+    with eager attention (the model as trained, and as vLLM runs it).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a local folder (no Hub download is tried).
+    """
+    local_folder(path)
     if "attn_implementation" not in kwargs:
         impl = attn_implementation_for(AutoConfig.from_pretrained(path))
         if impl is not None:

@@ -4,6 +4,11 @@ Frozen base weights are not saved (they come from the model folder recorded in
 ``lens_config.json``); trainable base weights, projections and prompts are. ``forward`` runs a
 caller-supplied function on the lens so that a DDP/DeepSpeed wrapper sees the whole loss
 computation pass through its forward (needed for gradient synchronisation).
+
+A lens folder is untrusted input: loading checks the sidecar's fields, that the weights are
+readable and finite, and the recorded layer and activation statistics against the base, and
+every refusal (:class:`LensFileError`) names the file and the field or tensor.
+:func:`base_fingerprint` identifies the base's weights whatever dtype they are loaded in.
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 from transformers import AutoTokenizer, PreTrainedModel
 
+from lens_rl.config import ConfigError
 from lens_rl.models.decoder import Decoder, DecoderConfig
 from lens_rl.models.encoder import Encoder, EncoderConfig
-from lens_rl.models.families import load_causal_lm
+from lens_rl.models.families import get_blocks, load_causal_lm
+from lens_rl.models.loading import DTYPES
 
 LENS_CONFIG = "lens_config.json"
 LENS_WEIGHTS = "lens.safetensors"
@@ -29,21 +38,332 @@ LENS_WEIGHTS = "lens.safetensors"
 SIDECAR_VERSION = 2
 
 
-def base_fingerprint(model: PreTrainedModel) -> str:
-    """A cheap, dtype-independent fingerprint of a model's weights: sha256 over every parameter's
-    name, shape and up to 4,096 evenly strided values rounded to bf16 (the same for the model
-    loaded in fp32 or bf16, different for another checkpoint of the same shape)."""
+class LensFileError(ValueError):
+    """A lens file (``lens_config.json``, ``lens.safetensors``) is unreadable or holds a value
+    that cannot be right; the message names the file and the field or tensor."""
+
+
+# Fields of the sidecar's ``meta`` that lens_rl reads, and their JSON types (None: not recorded).
+_META_STRINGS = (
+    "model_name_or_path",
+    "base_resolved_path",
+    "base_revision",
+    "base_fingerprint",
+    "tokenizer_name_or_path",
+    "tokenizer_resolved_path",
+    "prompt",
+    "lens_rl_version",
+    "model_dtype",
+)
+_META_INTS = {"layer": 0, "t_text": 1}  # field -> smallest valid value
+_STATS = ("train_mean", "train_var")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _sub_config(cfg: dict[str, Any], part: str, cls: type, file: Path) -> Any:
+    """``cls(**cfg[part])``, every problem named with the file and the field."""
+    value = cfg.get(part)
+    if not isinstance(value, dict):
+        raise LensFileError(
+            f"{file}: field {part!r} must be an object of {cls.__name__} options, got "
+            f"{type(value).__name__} {value!r:.80}."
+        )
+    unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise LensFileError(
+            f"{file}: field {part!r} has unknown option(s) {unknown} (known: "
+            f"{sorted(cls.__dataclass_fields__)}); was it written by another lens_rl version or edited?"
+        )
+    try:
+        return cls(**value)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise LensFileError(f"{file}: field {part!r}: {e}") from e
+
+
+def read_sidecar(path: str | Path) -> tuple[dict[str, Any], DecoderConfig, EncoderConfig]:
+    """Read and check a lens folder's ``lens_config.json``: ``(config, decoder config, encoder
+    config)``, ``config["meta"]`` a dict whose known fields have their types (see
+    ``_META_STRINGS``/``_META_INTS``; ``model_dtype`` one of float32/bfloat16/float16). The
+    activation statistics are checked against the base by :func:`activation_stats`.
+
+    Raises:
+        FileNotFoundError: no ``lens_config.json`` there.
+        LensFileError: unreadable JSON or a field of the wrong type, naming the file and field.
+    """
+    path = Path(path).expanduser()
+    file = path / LENS_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a saved lens: it holds no {LENS_CONFIG} (a lens folder holds "
+            f"{LENS_CONFIG} and {LENS_WEIGHTS}, e.g. <output_dir>/lens of a training run)."
+        )
+    try:
+        cfg = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LensFileError(f"{file} is not valid JSON ({e}): the file is truncated or corrupt.") from e
+    if not isinstance(cfg, dict):
+        raise LensFileError(f"{file} must hold a JSON object, got {type(cfg).__name__}.")
+    version = cfg.get("format_version", 1)
+    if not _is_int(version) or version < 1:
+        raise LensFileError(f"{file}: field 'format_version' must be a positive integer, got {version!r}.")
+    if version > SIDECAR_VERSION:
+        raise LensFileError(
+            f"{file}: format_version {version} was written by a newer lens_rl (this one reads up to "
+            f"{SIDECAR_VERSION}); upgrade lens_rl to load it."
+        )
+    meta = cfg.setdefault("meta", {})
+    if not isinstance(meta, dict):
+        raise LensFileError(
+            f"{file}: field 'meta' must be an object, got {type(meta).__name__} {meta!r:.80}."
+        )
+    for name in _META_STRINGS:
+        if meta.get(name) is not None and not isinstance(meta[name], str):
+            raise LensFileError(
+                f"{file}: field 'meta.{name}' must be a string, got {type(meta[name]).__name__} {meta[name]!r:.80}."
+            )
+    for name, low in _META_INTS.items():
+        value = meta.get(name)
+        if value is not None and not (_is_int(value) and value >= low):
+            raise LensFileError(
+                f"{file}: field 'meta.{name}' must be an integer >= {low}, got {type(value).__name__} {value!r:.80}."
+            )
+    if meta.get("model_dtype") is not None and meta["model_dtype"] not in DTYPES:
+        raise LensFileError(
+            f"{file}: field 'meta.model_dtype' must be one of {sorted(DTYPES)}, got {meta['model_dtype']!r}."
+        )
+    for name in _STATS:
+        if meta.get(name) is not None and not isinstance(meta[name], list):
+            raise LensFileError(
+                f"{file}: field 'meta.{name}' must be a list of numbers, got {type(meta[name]).__name__}."
+            )
+    return (
+        cfg,
+        _sub_config(cfg, "decoder", DecoderConfig, file),
+        _sub_config(cfg, "encoder", EncoderConfig, file),
+    )
+
+
+def read_lens_weights(file: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``lens.safetensors``, every one finite.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        LensFileError: the file is truncated or corrupt, or a tensor holds NaN/inf (naming it).
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: a lens folder holds {LENS_CONFIG} and {LENS_WEIGHTS}.")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LensFileError(
+            f"{file} cannot be read: it is truncated or corrupt ({e}). Save the lens again, or use "
+            "another copy (e.g. <output_dir>/checkpoint-N of its training run)."
+        ) from e
+    bad = {
+        k: int((~torch.isfinite(v)).sum())
+        for k, v in tensors.items()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    }
+    if bad:
+        listed = ", ".join(f"{k} ({n} of {tensors[k].numel()} values)" for k, n in sorted(bad.items())[:5])
+        raise LensFileError(
+            f"{file}: tensor(s) hold NaN/inf values: {listed}"
+            + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            + ". The lens is broken (training diverged before it was saved, or the file is corrupt); "
+            "use an earlier checkpoint of its run."
+        )
+    return tensors
+
+
+def activation_stats(
+    meta: dict[str, Any], d_model: int, where: str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The checked activation statistics a lens records: ``(train_mean, train_var)`` as float64
+    vectors of ``d_model`` values, or None when it records neither.
+
+    The scores divide by ``mean(train_var)`` (NMSE) and by ``||A - train_mean||²`` (FVE), so
+    both must be finite, the variances >= 0 and their mean > 0.
+
+    Args:
+        meta: the lens's ``meta``.
+        d_model: the base's hidden size.
+        where: how errors name the source (the sidecar file).
+
+    Raises:
+        LensFileError: one recorded without the other, or a value that cannot be right.
+    """
+    recorded = {name: meta.get(name) for name in _STATS}
+    if all(v is None for v in recorded.values()):
+        return None
+    out = []
+    for name, value in recorded.items():
+        if value is None:
+            other = next(n for n in _STATS if n != name)
+            raise LensFileError(f"{where}: field 'meta.{other}' is recorded but 'meta.{name}' is not.")
+        try:
+            t = torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise LensFileError(f"{where}: field 'meta.{name}' must be a list of numbers ({e}).") from e
+        if isinstance(value, list) and any(isinstance(x, bool) for x in value):
+            raise LensFileError(f"{where}: field 'meta.{name}' must be a list of numbers, it holds booleans.")
+        if t.dim() != 1 or t.numel() != d_model:
+            raise LensFileError(
+                f"{where}: field 'meta.{name}' has shape {tuple(t.shape)}; the base's hidden size is "
+                f"{d_model}, so it must hold {d_model} values (statistics of another model or a corrupt file)."
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise LensFileError(
+                f"{where}: field 'meta.{name}' holds {int((~torch.isfinite(t)).sum())} NaN/inf value(s)."
+            )
+        out.append(t)
+    mean, var = out
+    if bool((var < 0).any()) or float(var.mean()) <= 0:
+        raise LensFileError(
+            f"{where}: field 'meta.train_var' must be variances (>= 0, with a positive mean); it holds "
+            f"{int((var < 0).sum())} negative value(s) and has mean {float(var.mean()):g}."
+        )
+    return mean, var
+
+
+# Samples per parameter in :func:`base_fingerprint`.
+_FINGERPRINT_SAMPLES = 4096
+# fp16's smallest normal magnitude: below it fp16 keeps fewer significant bits than bf16.
+_FP16_MIN_NORMAL = 2.0**-14
+
+
+def _fp16_uncertain(sample: torch.Tensor) -> torch.Tensor:
+    """Where the bf16 rounding of an fp16 value may differ from that of the fp32 value it was
+    rounded from: an exact bf16 tie (the fp32 bits end in ``0x8000``: a double rounding),
+    below fp16's normal range (fewer bits than bf16), or overflowed to inf/nan."""
+    bits = sample.float().view(torch.int32)
+    tie = (bits & 0xFFFF) == 0x8000
+    return tie | (sample.float().abs() < _FP16_MIN_NORMAL) | ~torch.isfinite(sample)
+
+
+class _CheckpointFiles:
+    """Read-only access to the safetensors files of a model's folder, by tensor name (opened
+    lazily, for :func:`base_fingerprint`'s fp16 path)."""
+
+    def __init__(self, model: PreTrainedModel, param_names: set[str]) -> None:
+        self.folder = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
+        self.prefix = (getattr(model, "base_model_prefix", "") or "") + "."
+        self.param_names = param_names
+        self._where: dict[str, Path] | None = None
+        self._open: dict[Path, Any] = {}
+
+    def _index(self) -> dict[str, Path]:
+        if self._where is None:
+            self._where = {}
+            index = self.folder / "model.safetensors.index.json"
+            try:
+                if index.is_file():
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                    self._where = {k: self.folder / v for k, v in weight_map.items()}
+                elif (self.folder / "model.safetensors").is_file():
+                    with safe_open(str(self.folder / "model.safetensors"), "pt") as f:
+                        self._where = dict.fromkeys(f.keys(), self.folder / "model.safetensors")
+            except (OSError, ValueError, KeyError, TypeError):
+                self._where = {}
+        return self._where
+
+    def _slice(self, key: str):
+        file = self._index()[key]
+        if file not in self._open:
+            self._open[file] = safe_open(str(file), "pt")
+        return self._open[file].get_slice(key)
+
+    def _claimed(self, key: str) -> bool:
+        return any(k in self.param_names for k in (key, self.prefix + key, key.removeprefix(self.prefix)))
+
+    def values(self, names: list[str], shape: torch.Size, idx: torch.Tensor, loaded: torch.Tensor):
+        """float32 values at the flat indices ``idx`` of the file tensor behind the parameter
+        ``names`` that round to ``loaded`` (fp16) there, else None. Tried: the names (with or
+        without the base-model prefix), then unclaimed file tensors of the same shape (a key
+        that transformers renames on load, e.g. GPT-NeoX's ``embed_out`` -> ``lm_head``)."""
+        index = self._index()
+        named = [n for name in names for n in (name, name.removeprefix(self.prefix), self.prefix + name)]
+        named = [n for n in dict.fromkeys(named) if n in index]
+        others = [k for k in index if k not in named and not self._claimed(k)]
+        for key in named + others:
+            try:
+                sl = self._slice(key)
+                if tuple(sl.get_shape()) != tuple(shape):
+                    continue
+                if len(shape) < 2:
+                    out = sl[:].reshape(-1).float()[idx]
+                else:
+                    row = int(torch.Size(shape[1:]).numel())
+                    out = torch.empty(idx.numel(), dtype=torch.float32)
+                    for r in torch.unique(idx // row).tolist():
+                        at = (idx // row) == r
+                        out[at] = sl[r : r + 1].reshape(-1).float()[idx[at] - r * row]
+            except Exception:  # an unreadable file or tensor: the loaded values are used instead
+                continue
+            if torch.equal(out.to(torch.float16).view(torch.int16), loaded.view(torch.int16)):
+                return out
+        return None
+
+
+def base_fingerprint(model: PreTrainedModel, *, resolve_fp16: bool = True) -> str:
+    """A cheap fingerprint of a model's weights, the same whether it is loaded in fp32, bf16 or
+    fp16, different for another checkpoint of the same shape.
+
+    sha256 over every parameter's name, shape and up to 4,096 evenly strided values rounded to
+    bf16. An fp32 or bf16 load gives the same bf16 values. An fp16 load of a checkpoint stored
+    with more precision (fp32) does not always: ``fp32 -> fp16 -> bf16`` rounds twice, and
+    differs from ``fp32 -> bf16`` by one bf16 step wherever the fp16 value is an exact bf16 tie
+    (~1 value in 16), and fp16 loses bits below 2**-14 and overflows above 65504. No rounding of
+    the loaded values alone can agree for every weight (the fp16 and bf16 rounding boundaries
+    interleave), so those uncertain values (and only those) are read from the model's
+    safetensors files, and used when they round to the loaded fp16 values (the loaded model is
+    that file's); elsewhere the fp16 value already fixes the bf16 one. An fp16 model that is
+    not a folder's unmodified load keeps its own values at those places.
+
+    Args:
+        model: the loaded model.
+        resolve_fp16: read the uncertain fp16 values from the files (False: what lens_rl
+            recorded before it did, for :func:`base_fingerprints`).
+    """
     import hashlib
 
     h = hashlib.sha256()
+    files: _CheckpointFiles | None = None
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
     with torch.no_grad():
         for name, p in model.named_parameters(remove_duplicate=False):
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel()), device=flat.device).long()
-            sample = flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+            n = min(_FINGERPRINT_SAMPLES, flat.numel())
+            idx = torch.linspace(0, flat.numel() - 1, n, device=flat.device).long()
+            sample = flat[idx]
+            if resolve_fp16 and p.dtype == torch.float16:
+                uncertain = _fp16_uncertain(sample).cpu()
+                if uncertain.any():
+                    files = files or _CheckpointFiles(model, {k for v in names.values() for k in v})
+                    sample = sample.cpu()
+                    exact = files.values(names[id(p)], p.shape, idx.cpu()[uncertain], sample[uncertain])
+                    if exact is not None:
+                        sample = sample.float()
+                        sample[uncertain] = exact
+            values = sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
             h.update(f"{name}:{tuple(p.shape)};".encode())
-            h.update(sample)
+            h.update(values)
     return h.hexdigest()[:20]
+
+
+def base_fingerprints(model: PreTrainedModel) -> tuple[str, ...]:
+    """Every fingerprint a record of this model's weights may hold: :func:`base_fingerprint`,
+    then (an fp16 model only) the one earlier versions recorded for the same fp16 load."""
+    current = base_fingerprint(model)
+    if not any(p.dtype == torch.float16 for p in model.parameters()):
+        return (current,)
+    legacy = base_fingerprint(model, resolve_fp16=False)
+    return (current,) if legacy == current else (current, legacy)
 
 
 def base_record(model: PreTrainedModel, model_name_or_path: str) -> dict[str, Any]:
@@ -124,8 +444,6 @@ class ConsistencyLens(nn.Module):
         ``generate_soft``) and of the encoder (the ``transformers`` signature, so ``Trainer`` and
         TRL's ``gradient_checkpointing`` fields drive it). The KV-cached generator is not
         checkpointed: its cache is the activation memory it keeps by design."""
-        from lens_rl.config import ConfigError
-
         if offload:
             raise ConfigError("gradient_checkpointing_kwargs offload=True is not supported by the lens.")
         if every_n_layers < 1:
@@ -180,7 +498,8 @@ class ConsistencyLens(nn.Module):
                 f"Lens state mismatch: missing {missing}, unexpected {result.unexpected_keys}. "
                 "Was it saved with another decoder/encoder config?"
             )
-        return result
+        # Frozen base weights, tied aliases and empty tensors are never saved: not missing.
+        return _IncompatibleKeys(missing, list(result.unexpected_keys))
 
     def _tied_aliases(self) -> set[str]:
         """Names of parameters that alias another one (tied embeddings); savers keep one name."""
@@ -249,56 +568,59 @@ class ConsistencyLens(nn.Module):
             path: the lens folder (``lens_config.json`` + ``lens.safetensors``).
             base: the base model, or its folder. Default: the folder recorded at save time (its
                 absolute path; a lens saved by an older version records only the path as given,
-                tried relative to the working directory). A recorded folder that is missing is an
-                error naming it (no Hub fallback); pass ``base=`` then. A lens trained on a Hub id
-                loads that id at its recorded revision.
+                tried relative to the working directory). A base folder that is missing is an
+                error naming it (lens_rl makes no Hub downloads); pass ``base=`` then.
             tokenizer: default: the recorded tokenizer folder, else the base folder.
             dtype: of the base when it is loaded here (default: the lens's ``model_dtype``).
 
+        Every file is checked before it is used: the sidecar's fields (:func:`read_sidecar`),
+        the weights (readable, every tensor finite: :func:`read_lens_weights`), the recorded
+        layer against the base's blocks and the activation statistics against its hidden size
+        (:func:`activation_stats`).
+
         Raises:
             ConfigError: the base is not the model the lens was trained on (fingerprints differ).
-            FileNotFoundError: the lens folder or the recorded base folder is missing.
+            FileNotFoundError: the lens folder, one of its files or the base folder is missing.
+            LensFileError: a lens file is corrupt or holds a value that cannot be right (named).
         """
         path = Path(path).expanduser()
-        if not (path / LENS_CONFIG).is_file():
-            raise FileNotFoundError(
-                f"{path} is not a saved lens: it holds no {LENS_CONFIG} (a lens folder holds "
-                f"{LENS_CONFIG} and {LENS_WEIGHTS}, e.g. <output_dir>/lens of a training run)."
-            )
-        cfg = json.loads((path / LENS_CONFIG).read_text())
-        meta = cfg.get("meta", {})
+        cfg, decoder_config, encoder_config = read_sidecar(path)
+        meta = cfg["meta"]
+        weights = read_lens_weights(path / LENS_WEIGHTS)  # before the (slow) base load
         base_dir: str | None = None
         if base is None or isinstance(base, str | Path):
             base_dir = str(base) if base is not None else recorded_base(path, meta)
             if dtype is None:
-                dtype = getattr(torch, meta.get("model_dtype", "float32"))
-            hub = base is None and not Path(base_dir).is_dir() and meta.get("base_revision")
-            base = load_causal_lm(
-                base_dir, dtype=dtype, **({"revision": meta["base_revision"]} if hub else {})
-            )
+                dtype = DTYPES[meta.get("model_dtype") or "float32"]
+            base = load_causal_lm(base_dir, dtype=dtype)
         recorded = meta.get("base_fingerprint")
-        if recorded is not None and base_fingerprint(base) != recorded:
-            from lens_rl.config import ConfigError
-
+        if recorded is not None and recorded not in (mine := base_fingerprints(base)):
             given = (
                 base_dir or getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", "?")
             )
             raise ConfigError(
                 f"{path} was trained on the base {meta.get('base_resolved_path') or meta.get('model_name_or_path')!r} "
                 f"(fingerprint {recorded}); the base given is {given!r} (fingerprint "
-                f"{base_fingerprint(base)}), a different model. Load the lens with its own base."
+                f"{mine[0]}), a different model. Load the lens with its own base."
             )
+        sidecar = path / LENS_CONFIG
+        n_blocks = len(get_blocks(base))
+        if meta.get("layer") is not None and meta["layer"] >= n_blocks:
+            raise LensFileError(
+                f"{sidecar}: field 'meta.layer' is {meta['layer']}, but the base has {n_blocks} blocks "
+                f"(0..{n_blocks - 1}); the lens belongs to another base."
+            )
+        activation_stats(meta, base.get_input_embeddings().weight.shape[-1], str(sidecar))
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(_recorded_tokenizer(meta, base_dir, base))
-        lens = cls.build(
-            base,
-            tokenizer,
-            DecoderConfig(**cfg["decoder"]),
-            EncoderConfig(**cfg["encoder"]),
-            share_base=True,
-            meta=meta,
-        )
-        lens.load_state_dict(load_file(str(path / LENS_WEIGHTS)))
+            tokenizer = AutoTokenizer.from_pretrained(_recorded_tokenizer(path, meta, base_dir, base))
+        lens = cls.build(base, tokenizer, decoder_config, encoder_config, share_base=True, meta=meta)
+        try:
+            lens.load_state_dict(weights)
+        except RuntimeError as e:
+            raise LensFileError(
+                f"{path / LENS_WEIGHTS} does not fit the lens {sidecar} describes: {e}"
+            ) from e
+        lens.__dict__["source_dir"] = path  # a plain attribute: where errors say the lens came from
         return lens
 
     def explain(self, texts: str | list[str], *, positions: Any = "all", k: int = 8, **kwargs: Any):
@@ -320,8 +642,8 @@ def _missing_base_error(lens_dir: Path, where: str, given: str | None) -> FileNo
 
 def recorded_base(lens_dir: Path, meta: dict[str, Any]) -> str:
     """The base model folder a lens records: its absolute path (newer lenses) or the path as
-    given (older ones, relative to the working directory); a Hub id only when the lens was
-    trained on one. A recorded local folder that is missing is an error, never a Hub download."""
+    given (older ones, relative to the working directory). One that is not a folder here is an
+    error naming it, never a Hub download."""
     given = meta.get("model_name_or_path")
     resolved = meta.get("base_resolved_path")
     if resolved:
@@ -332,13 +654,12 @@ def recorded_base(lens_dir: Path, meta: dict[str, Any]) -> str:
         raise ValueError(f"{lens_dir}/{LENS_CONFIG} records no model_name_or_path; pass base=MODEL_DIR.")
     if Path(given).expanduser().is_dir():
         return str(Path(given).expanduser())
-    looks_local = given.startswith((".", "/", "~")) or given.count("/") > 1 or "\\" in given
-    if looks_local or "base_fingerprint" in meta:  # a lens that records a fingerprint records folders
-        raise _missing_base_error(lens_dir, given, None)
-    return given  # a Hub id (resolved by transformers' own cache / offline rules)
+    raise _missing_base_error(lens_dir, given, None)
 
 
-def _recorded_tokenizer(meta: dict[str, Any], base_dir: str | None, base: PreTrainedModel) -> str:
+def _recorded_tokenizer(
+    lens_dir: Path, meta: dict[str, Any], base_dir: str | None, base: PreTrainedModel
+) -> str:
     """The tokenizer folder: the recorded one if it is here, else the base's folder."""
     for key in ("tokenizer_resolved_path", "tokenizer_name_or_path"):
         where = meta.get(key)
@@ -347,7 +668,14 @@ def _recorded_tokenizer(meta: dict[str, Any], base_dir: str | None, base: PreTra
     for where in (base_dir, getattr(base, "name_or_path", None)):
         if where and Path(where).expanduser().is_dir():
             return str(Path(where).expanduser())
-    return meta.get("tokenizer_name_or_path") or base_dir or base.name_or_path
+    tried = [
+        w for w in (meta.get("tokenizer_resolved_path"), meta.get("tokenizer_name_or_path"), base_dir) if w
+    ]
+    raise FileNotFoundError(
+        f"No tokenizer folder for the lens {lens_dir}: {tried or 'none recorded'} "
+        f"{'is' if len(tried) == 1 else 'are'} not a folder here (lens_rl makes no Hub downloads). "
+        "Pass tokenizer=AutoTokenizer.from_pretrained(TOKENIZER_DIR)."
+    )
 
 
 class LensModule(nn.Module):
@@ -401,4 +729,6 @@ class LensModule(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: D102
         inner = {k.removeprefix("lens."): v for k, v in state_dict.items()}
-        return self.lens.load_state_dict(inner, strict=True, assign=assign)
+        result = self.lens.load_state_dict(inner, strict=True, assign=assign)
+        # Empty (an exact load): transformers' Trainer warns about every key listed here.
+        return _IncompatibleKeys([f"lens.{k}" for k in result.missing_keys], list(result.unexpected_keys))

@@ -12,6 +12,7 @@ GPU only. The field is named ``model_dtype`` rather than TRL's ``dtype`` because
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -23,6 +24,26 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+
+def local_folder(path: str | Path, what: str = "model_name_or_path") -> Path:
+    """``path`` as an existing local folder. lens_rl reads models and tokenizers from folders
+    only and never downloads from the Hub, so anything else (a missing folder, a file, a Hub
+    id) is an error naming it, before transformers would try the Hub.
+
+    Raises:
+        FileNotFoundError: naming ``what``, the path as given and where it was looked for.
+    """
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    looked = f" (looked for {folder.resolve()})" if not folder.is_absolute() else ""
+    kind = "a file, not a folder" if folder.exists() else "not an existing folder"
+    raise FileNotFoundError(
+        f"{what} {str(path)!r} is {kind}{looked}. lens_rl loads models and tokenizers from local "
+        "folders only and makes no Hub downloads: download the model into a folder first (e.g. "
+        "`huggingface-cli download ORG/NAME --local-dir models/NAME`) and pass that folder."
+    )
 
 
 @dataclass
@@ -50,6 +71,14 @@ class ModelLoadingArguments:
                     "attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA "
                     "GPU (`EXTRAS=flash-attn make setup` on a GPU machine); use 'sdpa' or 'eager'."
                 )
+
+    def check_model_folders(self) -> None:
+        """Refuse a ``model_name_or_path`` (or ``tokenizer_name_or_path``, where the config has
+        one) that is not a local folder, before any loading (see :func:`local_folder`)."""
+        for name in ("model_name_or_path", "tokenizer_name_or_path"):
+            value = getattr(self, name, None)
+            if value:
+                local_folder(value, name)
 
     @property
     def torch_dtype(self) -> torch.dtype:

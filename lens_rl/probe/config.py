@@ -207,6 +207,27 @@ class EntropyProbeConfig(ValidatedConfig):
             raise ConfigError(f"learning_rate must be finite and > 0, got {self.learning_rate}.")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}.")
+        if self.pool_size is not None and self.pool_size < 1:
+            raise ConfigError(f"pool_size must be >= 1 (None: the whole pool), got {self.pool_size}.")
+        ranges = (  # field, low, high, low end included, high end included, what it is
+            ("temperature", 0.0, math.inf, False, False, "sampling temperature"),
+            ("top_p", 0.0, 1.0, False, True, "nucleus mass; 1.0: off"),
+            ("min_p", 0.0, 1.0, True, False, "0.0: off"),
+            ("adam_beta1", 0.0, 1.0, True, False, "AdamW"),
+            ("adam_beta2", 0.0, 1.0, True, False, "AdamW"),
+            ("adam_epsilon", 0.0, math.inf, False, False, "AdamW"),
+            ("weight_decay", 0.0, math.inf, True, False, "AdamW"),
+            ("ridge", 0.0, math.inf, True, False, "ridge penalty of the fitted baselines"),
+        )
+        for name, low, high, low_in, high_in, what in ranges:
+            v = getattr(self, name)
+            if not ((v >= low if low_in else v > low) and (v <= high if high_in else v < high)):
+                shown = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+                raise ConfigError(f"{name} must be in {shown} ({what}), got {v}.")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}.")
+        if self.n_bootstrap < 2:
+            raise ConfigError(f"n_bootstrap must be >= 2 (bootstrap resamples), got {self.n_bootstrap}.")
         if self.etas is not None and (not self.etas or any(e <= 0 for e in self.etas)):
             raise ConfigError(f"etas must be positive step sizes, got {self.etas}.")
         if self.clip_log_weight is not None and self.clip_log_weight <= 0:

@@ -63,6 +63,7 @@ from lens_rl.processing.sequence_processor import (
     SequenceProcessor,
 )
 from lens_rl.training.rewards import group_advantages, reconstruction_reward
+from lens_rl.utils.files import decode_utf8, replace_on_success
 
 NORMALIZATIONS = ("per_token", "per_sequence")
 COVARIANCE_REFERENCE = (
@@ -124,7 +125,8 @@ def lm_subject(
 ) -> ProbeSubject:
     """A causal LM with text prompts (``pool`` or the registered ``prompt_dataset``)."""
     if pool is None and cfg.prompts_file:
-        pool = [line for line in Path(cfg.prompts_file).read_text().splitlines() if line.strip()]
+        text = decode_utf8(Path(cfg.prompts_file).read_bytes(), cfg.prompts_file)
+        pool = [line for line in text.splitlines() if line.strip()]
         if not pool:
             raise ValueError(f"{cfg.prompts_file} holds no prompts.")
     if pool is None:
@@ -575,7 +577,7 @@ def summary_table(results: dict[str, Any], norm: str = "per_token"):
     return table
 
 
-OUTPUT_FILES = ("config.json", "results.json", "probe.png")
+OUTPUT_FILES = ("config.json", "probe.png", "results.json")  # renamed into place in this order
 
 
 def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -585,6 +587,7 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
     from transformers import AutoTokenizer
 
     from lens_rl.models.families import load_causal_lm
+    from lens_rl.models.loading import local_folder
     from lens_rl.utils.outputs import refuse_existing_outputs
 
     refuse_existing_outputs(
@@ -607,6 +610,7 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
+    local_folder(cfg.model_name_or_path)  # local folders only: no Hub lookup for a mistyped path
     tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     if cfg.policy == "lm":
         model = load_causal_lm(cfg.model_name_or_path, dtype=torch.float32).to(device)
@@ -635,10 +639,11 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
     results["versions"] = _versions()
     results["closeness"] = {norm: closeness(results, norm) for norm in NORMALIZATIONS}
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot_probe(results, out / "probe.png")
+    # temporary names renamed at the end, results.json last: the three files appear together
+    with replace_on_success(*(out / name for name in OUTPUT_FILES)) as (config_tmp, png_tmp, results_tmp):
+        plot_probe(results, png_tmp)
+        config_tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+        results_tmp.write_text(json.dumps(results, indent=2))
     console.print(summary_table(results, "per_token"))
     console.print(summary_table(results, "per_sequence"))
     for norm, c in results["closeness"].items():

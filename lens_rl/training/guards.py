@@ -9,14 +9,14 @@
 - :func:`claim_output_dir` refuses a fresh run into a folder that holds an earlier run (its
   checkpoints would be rotated together with the new ones, and a later resume would pick the
   wrong one) unless ``overwrite_output_dir``, which clears the earlier run's outputs first; and
-  it takes an exclusive lock on ``<output_dir>/.lens_rl.lock`` for the life of the process, so
-  two runs cannot write one folder at once (the OS drops the lock when the process dies, even
-  on kill -9).
+  it takes an exclusive lock on ``<output_dir>/.lens_rl.lock`` for the life of the process
+  (:func:`lens_rl.utils.outputs.lock_output_dir`, which ``lens-rl explain`` takes too), so two
+  runs cannot write one folder at once (the OS drops the lock when the process dies, even on
+  kill -9).
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import shutil
 from collections.abc import Callable
@@ -28,9 +28,10 @@ import torch
 from transformers import TrainerCallback
 
 from lens_rl.config import ConfigError
+from lens_rl.utils.outputs import LOCK_FILE as LOCK_FILE  # re-exported: where the lock lives
+from lens_rl.utils.outputs import lock_output_dir
 
 logger = logging.getLogger(__name__)
-LOCK_FILE = ".lens_rl.lock"
 # What a run writes into its output folder (an earlier run's copies are cleared on overwrite).
 RUN_OUTPUTS = (
     "checkpoint-*",
@@ -121,13 +122,7 @@ def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> I
         ConfigError: another run holds the folder, or a fresh run would mix with an earlier one.
     """
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = (out / LOCK_FILE).open("a")
-    try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        lock.close()
-        raise ConfigError(f"{out} is in use by another run (it holds {out / LOCK_FILE}).") from e
+    lock = lock_output_dir(out)
     earlier = sorted({p.name for pattern in RUN_OUTPUTS for p in out.glob(pattern)})
     if earlier and not resume:
         if not overwrite:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from lens_rl.utils.files import read_jsonl
 
 
 def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
@@ -13,7 +14,7 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics_path)  # a last line cut short (full disk, kill) is dropped with a warning
     panels = [
         ("train losses", ["loss", "mse", "lm", "kl"]),
         ("eval reconstruction", ["eval_fve", "eval_baseline_mean_fve", "eval_nmse"]),

@@ -46,6 +46,7 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
     from lens_rl.training.grpo_trainer import LensGRPOTrainer
     from lens_rl.training.guards import train_or_finish
 
+    cfg.check_model_folders()  # local folders only: no Hub lookup for a mistyped path
     tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs()).to(state.device)
     store = ActivationDataset(cfg.train_data)
@@ -61,6 +62,9 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
                 f"{cfg.sft_lens} was trained at layer {lens.meta['layer']}, the data is layer {store.layer}."
             )
         lens.meta["t_text"] = cfg.t_text  # the sidecar records the length this stage trained
+        if lens.meta.get("train_mean") is None and lens.meta.get("train_var") is None:
+            # an older lens without statistics: record this stage's (what explaining it needs)
+            lens.meta.update(train_mean=store.mean.tolist(), train_var=store.var.tolist())
         if cfg.peft_config is not None:  # LoRA adapters on a loaded lens
             lens.add_lora(cfg.decoder_config.lora, cfg.encoder_config.lora)
     else:
@@ -155,6 +159,9 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
             f"rl: world size {state.num_processes} ({trainer.accelerator.distributed_type}); per-device batch "
             f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
         )
+        if resume:
+            step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+            state.print(f"resuming from {resume} (step {step})")  # as the supervised stage says it
         train_or_finish(trainer, resume, log=state.print)
     finally:  # the engine's processes and its /dev/shm weight folder go, whether training ended or failed
         if vllm is not None:

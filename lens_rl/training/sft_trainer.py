@@ -43,6 +43,7 @@ from lens_rl.training.guards import NonFiniteGuard, claim_output_dir, main_then_
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_losses import StepWeights, sft_losses
 from lens_rl.training.trackers import log_lens_artifact, log_samples, stage_run
+from lens_rl.utils.files import iter_jsonl, write_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 EXPLANATIONS_FILE = "explanations.jsonl"
@@ -300,6 +301,7 @@ def build_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None
     from lens_rl.utils.launch import check_world_size
 
     check_world_size(cfg.world_size)
+    cfg.check_model_folders()  # local folders only: no Hub lookup for a mistyped path
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
     d_model = orig.model.get_input_embeddings().weight.shape[1]
@@ -354,12 +356,17 @@ def build_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None
 
 
 def _trim_logs(out: Path, step: int) -> None:
-    """Drop log rows written after ``step`` (by the run a resume continues)."""
+    """Drop log rows written after ``step`` (by the run a resume continues), and a last row cut
+    short by a full disk or a kill (with a warning naming the file); rewritten atomically."""
     for name in (METRICS_FILE, EXPLANATIONS_FILE):
         path = out / name
         if path.exists():
-            rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-            path.write_text("".join(r + "\n" for r in rows))
+            rows = []
+            for line, r in iter_jsonl(path, partial_tail=True):
+                if not (isinstance(r, dict) and isinstance(r.get("step"), int)):
+                    raise ValueError(f"{path}:{line}: expected a JSON object with an integer 'step'.")
+                rows.append(r)
+            write_jsonl(path, [r for r in rows if r["step"] <= step])
 
 
 def run_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:

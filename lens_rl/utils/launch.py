@@ -82,10 +82,13 @@ def _deepspeed_problem(path: Path) -> str | None:
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` is not a complete Trainer checkpoint (None when it is): a file missing,
-    empty, or (the weights, the trainer state) unreadable, as a kill mid-save leaves it. A
-    DeepSpeed checkpoint (a ``latest`` file) holds its optimizer in the engine's folder."""
+    empty, or (the weights, the trainer state) unreadable, as a kill mid-save leaves it, or
+    weights holding NaN/inf (a run that diverged before the save: resuming it would only
+    diverge again). A DeepSpeed checkpoint (a ``latest`` file) holds its optimizer in the
+    engine's folder."""
     import json
 
+    import torch
     from safetensors import safe_open
 
     deepspeed = (path / "latest").is_file()
@@ -100,12 +103,21 @@ def checkpoint_problem(path: Path) -> str | None:
         json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError) as e:
         return f"trainer_state.json cannot be read ({e})"
+    nonfinite = []
     try:
         with safe_open(str(path / "model.safetensors"), "pt") as f:
             for key in f.keys():
-                f.get_slice(key)
+                t = f.get_tensor(key)  # one tensor in memory at a time
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    nonfinite.append(key)
     except Exception as e:  # safetensors raises its own error types on truncated files
         return f"model.safetensors cannot be read ({e})"
+    if nonfinite:
+        more = f" and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else ""
+        return (
+            f"model.safetensors holds NaN/inf weights (tensor {', '.join(nonfinite[:3])}{more}): the run "
+            "had diverged when it was saved"
+        )
     return None
 
 
@@ -113,9 +125,10 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | No
     """The checkpoint folder ``resume_from_checkpoint`` names.
 
     ``None``/``false``: a fresh run. ``true``/``latest``/``last``: the newest *complete*
-    ``checkpoint-N`` under ``output_dir`` (a newer one a kill left half-written is skipped, with a
-    message naming it and why; an error when there is none). Anything else: that folder, which
-    must exist and be complete.
+    ``checkpoint-N`` under ``output_dir`` (a newer one a kill left half-written, or one whose
+    weights hold NaN/inf, is skipped, with a warning naming it and why; an error when there is
+    none). Anything else: that folder, which must exist and be complete (see
+    :func:`checkpoint_problem`).
     """
     import logging
 

@@ -22,12 +22,14 @@ demo: $(STAMP)
 	$(PY) scripts/quickstart.py
 
 ## Default test suite (everything but `slow`), the alignment checks again under a second CPU
-## capability (AVX-512 machines: avx2; others: the scalar `default`), then lint. bf16 and some fp32
+## capability (AVX-512 machines: avx2; others: the scalar `default`), then the import layers
+## (lint-imports, pyproject.toml) and lint. bf16 and some fp32
 ## results depend on the CPU's kernels: an assertion that holds on one ISA only fails here on every
 ## machine, not in CI on some.
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
 	ATEN_CPU_CAPABILITY=$$($(PY) scripts/second_cpu_capability.py) $(PY) -m pytest -m "alignment and not slow" -q
+	$(VENV)/bin/lint-imports
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
@@ -38,6 +40,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 

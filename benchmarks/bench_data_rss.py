@@ -171,7 +171,7 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
-    from lens_rl.pretrain import pretrain_small_lm
+    from lens_rl.cli.pretrain import pretrain_small_lm
 
     model_dir = str(pretrain_small_lm(Path(args.cache_dir) / "base-llama-d128"))
     mc = AutoConfig.from_pretrained(model_dir)

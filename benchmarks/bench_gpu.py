@@ -12,8 +12,8 @@ recorded with its error and the others still run):
 3. ``dump``: activation-dump throughput (samples/s) of :func:`lens_rl.data.dump.run_dump`.
 4. ``rl_step``: the parts of one GRPO step on the decoder (rollout, scoring under theta_old,
    policy forward + backward, optimizer step), seconds each and the share of the total.
-5. ``scoring``: :meth:`DistributionDiagnostics.score_and_diagnose` (log q, log p, entropy and the
-   diagnostics in one pass) vs a plain ``log_softmax`` + gather on the same logits: the ratio.
+5. ``scoring``: :func:`~lens_rl.ops.diagnostics.score_tokens` with ``diagnostics=True`` (log q,
+   log p, entropy and the diagnostics in one pass) vs a plain ``log_softmax`` + gather on the same logits: the ratio.
 
     python benchmarks/bench_gpu.py --model_dir DIR --out benchmarks/results/gpu_llama-1b.json
 """
@@ -162,7 +162,7 @@ def bench_dump(model_dir: str, dtype_name: str, args) -> dict:
 
 def bench_rl_step(dec, device, args) -> dict:
     """The parts of one GRPO step on the decoder, timed separately on the same batch."""
-    from lens_rl.ops.diagnostics import DistributionDiagnostics
+    from lens_rl.ops.diagnostics import score_tokens
     from lens_rl.ops.sampling import SamplingPolicy
 
     policy = SamplingPolicy(temperature=1.0, top_p=0.95)
@@ -172,7 +172,6 @@ def bench_rl_step(dec, device, args) -> dict:
         torch.randn(n_act, d, generator=torch.Generator().manual_seed(2)).to(device).repeat_interleave(g, 0)
     )
     gen = torch.Generator(device)
-    diag = DistributionDiagnostics(policy, None)
     params = [p for p in dec.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
     state: dict = {}
@@ -186,7 +185,7 @@ def bench_rl_step(dec, device, args) -> dict:
     def score_old():
         with torch.no_grad():
             logits = dec.fwd_tokens(acts, state["ids"]).logits
-            diag.score_and_diagnose(logits, state["ids"], torch.ones_like(state["ids"]))
+            score_tokens(logits, state["ids"], policy, diagnostics=True, mask=torch.ones_like(state["ids"]))
 
     def policy_fwd_bwd():
         out = dec.fwd_tokens(acts, state["ids"], policy=policy)
@@ -217,7 +216,7 @@ def bench_rl_step(dec, device, args) -> dict:
 
 def bench_scoring(dec, device, args) -> dict:
     """Full scoring with diagnostics vs a plain log-softmax gather on the same logits."""
-    from lens_rl.ops.diagnostics import DistributionDiagnostics
+    from lens_rl.ops.diagnostics import score_tokens
     from lens_rl.ops.sampling import SamplingPolicy
 
     v = dec.base.get_output_embeddings().weight.shape[0]
@@ -226,13 +225,13 @@ def bench_scoring(dec, device, args) -> dict:
     logits = (3 * torch.randn(b, t, v, generator=g)).to(device, dec.base.dtype)
     ids = torch.randint(0, v, (b, t), generator=g).to(device)
     mask = torch.ones_like(ids)
-    diag = DistributionDiagnostics(SamplingPolicy(temperature=1.0, top_p=0.95), None)
+    policy = SamplingPolicy(temperature=1.0, top_p=0.95)
 
     def plain():
         logits.float().log_softmax(-1).gather(-1, ids.unsqueeze(-1))
 
     def full():
-        diag.score_and_diagnose(logits, ids, mask)
+        score_tokens(logits, ids, policy, diagnostics=True, mask=mask)
 
     out = {"batch": b, "T": t, "vocab": v}
     out["plain_s"] = median_time(plain, args.repeats, warmup=True)

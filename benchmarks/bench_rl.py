@@ -29,12 +29,12 @@ def main() -> None:
     """Run the rollout and step-split benchmarks and write the JSON report."""
     from transformers import AutoTokenizer
 
+    from lens_rl.cli.pretrain import pretrain_small_lm
     from lens_rl.models import DecoderConfig, EncoderConfig
     from lens_rl.models.lens import ConsistencyLens
     from lens_rl.models.orig import OrigWrapper
-    from lens_rl.ops.diagnostics import DistributionDiagnostics
+    from lens_rl.ops.diagnostics import score_tokens
     from lens_rl.ops.sampling import SamplingPolicy
-    from lens_rl.pretrain import pretrain_small_lm
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/rl.json")
@@ -123,7 +123,6 @@ def main() -> None:
     rep = acts.repeat_interleave(g_count, 0)
     gen = hf_rollout(g_count)
     ids = gen.hard_token_ids
-    diag = DistributionDiagnostics(policy, tok.eos_token_id)
     opt = torch.optim.AdamW([p for p in lens.parameters() if p.requires_grad], lr=1e-4)
     adv = torch.randn(ids.shape[0], 1, generator=torch.Generator().manual_seed(1))
 
@@ -137,7 +136,7 @@ def main() -> None:
     def scoring():
         """The trainer's rollout scoring: one pass, one vocabulary sweep (log q, H(q), diagnostics)."""
         with torch.no_grad():
-            _score_rollouts(lens, rep, ids, mask, diag)
+            _score_rollouts(lens, rep, ids, mask, policy, tok.eos_token_id)
 
     def scoring_before():
         """The trainer's scoring before the one-scorer change (session 3): fwd_tokens scored the
@@ -148,7 +147,7 @@ def main() -> None:
             log_q = policy.log_probs(logits)
             log_q.gather(-1, ids[..., None])
             (log_q.exp() * log_q.nan_to_num(neginf=0.0)).sum(-1)
-            diag.score_and_diagnose(logits, ids, mask)
+            score_tokens(logits, ids, policy, diagnostics=True, mask=mask, eos_token_id=tok.eos_token_id)
             torch.log_softmax(logits.float() / policy.temperature, -1).gather(-1, ids[..., None])
 
     def bare():

@@ -37,7 +37,7 @@ from timing import median_time
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lens_rl.ops import scoring
-from lens_rl.ops.diagnostics import DistributionDiagnostics
+from lens_rl.ops.diagnostics import score_tokens
 from lens_rl.ops.sampling import SamplingPolicy
 
 
@@ -76,7 +76,7 @@ def batch(model, n: int, prompt: int, gen: int):
 
 def run_one(mode: str, model, seqs, tf_batch: int, policy: SamplingPolicy) -> None:
     """One scoring pass in the given mode (``bare``, ``forward`` or ``processor``)."""
-    from lens_rl.processing import GenerationConfig, SequenceProcessor
+    from lens_rl.processing import SamplingConfig, SequenceProcessor
 
     if mode in ("bare", "forward"):
         ids = seqs.sequences[:, 0]
@@ -88,7 +88,7 @@ def run_one(mode: str, model, seqs, tf_batch: int, policy: SamplingPolicy) -> No
                 if mode == "bare":
                     torch.log_softmax(logits.float(), -1).gather(-1, x[:, p:, None])
     else:
-        cfg = GenerationConfig(
+        cfg = SamplingConfig(
             temperature=policy.temperature, top_p=policy.top_p, top_k=policy.top_k, tf_batch_size=tf_batch
         )
         SequenceProcessor(model, None, cfg).teacher_force_logprobs_with_diagnostics(seqs)
@@ -109,7 +109,10 @@ def kernel_profile(model, seqs, tf_batch: int, policy: SamplingPolicy, repeats: 
     with torch.no_grad():
         logits = model(ids).logits[:, p - 1 : -1].float()
     y = ids[:, p:]
-    diag = DistributionDiagnostics(policy, 0)
+
+    def score():
+        return score_tokens(logits, y, policy, diagnostics=True, eos_token_id=0)
+
     out: dict = {"rows": int(y.numel()), "vocab": int(logits.shape[-1])}
     out["bare_log_softmax_gather_s"] = median_time(
         lambda: torch.log_softmax(logits, -1).gather(-1, y[..., None]), repeats, warmup=True
@@ -117,16 +120,16 @@ def kernel_profile(model, seqs, tf_batch: int, policy: SamplingPolicy, repeats: 
     with torch.no_grad():
         scoring.set_compile("always")
         t0 = time.perf_counter()
-        _, pack = diag.score_and_diagnose(logits, y)
+        pack = score().diagnostics
         first = time.perf_counter() - t0
-        t = median_time(lambda: diag.score_and_diagnose(logits, y), repeats)
+        t = median_time(score, repeats)
         with scoring.profile_sweeps() as sweeps:
-            diag.score_and_diagnose(logits, y)
+            score()
         out["kernel_compiled"] = {"s": t, "first_call_s": first, "sweeps_s": dict(sweeps)}
         scoring.set_compile("never")  # the eager fallback: one timed call (slow on flat rows)
         with scoring.profile_sweeps() as sweeps:
             t0 = time.perf_counter()
-            diag.score_and_diagnose(logits, y)
+            score()
             out["kernel_eager"] = {"s": time.perf_counter() - t0, "sweeps_s": dict(sweeps)}
     scoring.set_compile("auto")
     out["compile_s_by_sweep_first_call"] = scoring.compile_seconds()
@@ -221,7 +224,7 @@ def main() -> None:
         memory_child(mode, model_dir, int(long), SamplingPolicy(**json.loads(pol)))
         return
 
-    from lens_rl.pretrain import pretrain_small_lm
+    from lens_rl.cli.pretrain import pretrain_small_lm
 
     cases = []
     qs_dir = str(pretrain_small_lm(Path(args.cache_dir) / "base-llama-d128"))

@@ -23,14 +23,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from timing import median_time
 
+from lens_rl.cli.pretrain import pretrain_small_lm
 from lens_rl.data.dump import DumpConfig, run_dump
 from lens_rl.data.windows import build_windows, tokenize_corpus
+from lens_rl.metrics import functional_kl, reconstruct
 from lens_rl.models import DecoderConfig, EncoderConfig
 from lens_rl.models.lens import ConsistencyLens
 from lens_rl.models.orig import OrigWrapper
-from lens_rl.pretrain import pretrain_small_lm
-from lens_rl.training.losses import normalized_mse
-from lens_rl.training.sft_losses import functional_kl
 
 
 def main() -> None:
@@ -116,7 +115,7 @@ def main() -> None:
 
     def enc_fb():
         emb = torch.randn(args.batch, args.t_text, a.shape[1], generator=g.manual_seed(1))
-        normalized_mse(lens.encoder(emb), a, var).backward()
+        reconstruct(lens.encoder(emb), a, train_var=var, dtype=torch.float32).nmse.mean().backward()
 
     def kl_fb():
         new = (a + 0.1).requires_grad_(True)
@@ -125,7 +124,10 @@ def main() -> None:
     def full_step():
         gen = lens.decoder.generate_soft_kv_cached(a, args.t_text, generator=g.manual_seed(0))
         a_hat = lens.encoder(gen.generated_text_embeddings)
-        (normalized_mse(a_hat, a, var) + functional_kl(orig, batch, 1, a_hat).mean()).backward()
+        (
+            reconstruct(a_hat, a, train_var=var, dtype=torch.float32).nmse.mean()
+            + functional_kl(orig, batch, 1, a_hat).mean()
+        ).backward()
         opt.step()
         opt.zero_grad()
 

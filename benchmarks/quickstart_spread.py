@@ -4,7 +4,7 @@ The README's quickstart figures are what ``make demo`` prints; this measures how
 when the base model is pretrained with another seed (``--base_seed``) and when the lens is
 trained with another seed (``--seed``). Each run is ``python -m lens_rl.cli demo`` in a fresh
 process, exactly the quickstart, with its own output folder; bases are cached per seed (the
-pretraining is bit-reproducible, see ``lens_rl.pretrain``). The baseline in the same run is
+pretraining is bit-reproducible, see ``lens_rl.cli.pretrain``). The baseline in the same run is
 the mean-activation predictor's FVE, which every quickstart run reports next to the lens's.
 
     python benchmarks/quickstart_spread.py --base_seeds 0 1 2 --lens_seeds 0 1 2 --jobs 2 \
@@ -95,7 +95,7 @@ def main() -> None:
         )
         print(json.dumps(summarize(prev["runs"], bases)["grpo_fve_change"], indent=2))
         return
-    from lens_rl.quickstart import base_model_dir
+    from lens_rl.cli.demo import base_model_dir
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ def main() -> None:
     # or write the same dump (a second concurrent dump is refused by its lock).
     def pretrain(b: int) -> tuple[int, float]:
         code = (
-            "from lens_rl.quickstart import prepare_base_and_dump; "
+            "from lens_rl.cli.demo import prepare_base_and_dump; "
             f"prepare_base_and_dump({args.cache_dir!r}, {b})"
         )
         return _run([sys.executable, "-c", code], threads, work / f"pretrain_base{b}.log")

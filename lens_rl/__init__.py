@@ -1,14 +1,14 @@
 """lens_rl: consistency lenses trained supervised, then fine-tuned with RL on TRL.
 
 A consistency lens maps a hidden activation ``A`` of a frozen LM to a short text (the
-decoder) and back to ``Â`` (the encoder). See README.md for the stages and commands.
+decoder) and back to ``Â`` (the encoder). See README.md and docs/ for the stages and commands.
 
 The public API is importable from the package root; the names are resolved lazily (on first
 use), so ``import lens_rl`` stays cheap and does not import torch, transformers or TRL::
 
     from lens_rl import ConsistencyLens, explain
     lens = ConsistencyLens.from_pretrained("outputs/quickstart/sft/lens")
-    rows = lens.explain(["def main():\\n    return 0"], positions="last", k=8)
+    rows = explain(lens, ["def main():\\n    return 0"], positions="last", k=8)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from lens_rl.version import __version__
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
@@ -30,7 +30,7 @@ _EXPORTS: dict[str, str] = {
     # sampling and scoring
     "SamplingPolicy": "lens_rl.ops.sampling",
     "SequenceProcessor": "lens_rl.processing.sequence_processor",
-    "GenerationConfig": "lens_rl.processing.sequence_processor",
+    "SamplingConfig": "lens_rl.processing.sequence_processor",
     # data
     "DumpConfig": "lens_rl.data.dump",
     "run_dump": "lens_rl.data.dump",
@@ -43,9 +43,10 @@ _EXPORTS: dict[str, str] = {
     "LensGRPOTrainer": "lens_rl.training.grpo_trainer",
     "run_rl": "lens_rl.training.rl_stage",
     # reading a lens
-    "explain": "lens_rl.explanations",
-    "report_samples": "lens_rl.explanations",
-    "write_html": "lens_rl.explanations",
+    "explain": "lens_rl.reading.explain",
+    "Explanations": "lens_rl.reading.results",
+    "report_samples": "lens_rl.training.reports",
+    "write_html": "lens_rl.reading.page",
     # the entropy probe
     "EntropyProbeConfig": "lens_rl.probe.config",
     "run_entropy_probe": "lens_rl.probe.runner",
@@ -61,7 +62,7 @@ __all__ = [
     "OrigWrapper",
     "SamplingPolicy",
     "SequenceProcessor",
-    "GenerationConfig",
+    "SamplingConfig",
     "DumpConfig",
     "run_dump",
     "ActivationDataset",
@@ -72,6 +73,7 @@ __all__ = [
     "LensGRPOTrainer",
     "run_rl",
     "explain",
+    "Explanations",
     "report_samples",
     "write_html",
     "EntropyProbeConfig",
@@ -96,7 +98,6 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static tools see the real names
     from lens_rl.data.dataset import ActivationDataset
     from lens_rl.data.dump import DumpConfig, run_dump
-    from lens_rl.explanations import explain, report_samples, write_html
     from lens_rl.models.decoder import Decoder, DecoderConfig
     from lens_rl.models.encoder import Encoder, EncoderConfig
     from lens_rl.models.lens import ConsistencyLens
@@ -104,9 +105,13 @@ if TYPE_CHECKING:  # static tools see the real names
     from lens_rl.ops.sampling import SamplingPolicy
     from lens_rl.probe.config import EntropyProbeConfig
     from lens_rl.probe.runner import run_entropy_probe
-    from lens_rl.processing.sequence_processor import GenerationConfig, SequenceProcessor
+    from lens_rl.processing.sequence_processor import SamplingConfig, SequenceProcessor
+    from lens_rl.reading.explain import explain
+    from lens_rl.reading.page import write_html
+    from lens_rl.reading.results import Explanations
     from lens_rl.training.grpo_config import LensGRPOConfig
     from lens_rl.training.grpo_trainer import LensGRPOTrainer
+    from lens_rl.training.reports import report_samples
     from lens_rl.training.rl_stage import run_rl
     from lens_rl.training.sft_config import LensSFTConfig
     from lens_rl.training.sft_trainer import LensSFTTrainer, run_sft

@@ -8,6 +8,10 @@ them. On top of TRL this module adds what TRL leaves out:
   command-line strings, so a YAML ``lr: fast`` would otherwise reach the code as a string);
 - unknown YAML keys and unknown flags are errors (TRL's default, kept);
 - each dataclass's own ``__post_init__`` checks combinations of values.
+
+:func:`packaged_config` finds the YAML configs shipped with the package. trl and transformers
+are imported inside the two functions that need them, so that ``lens-rl --help`` and the
+configs of lighter modules do not pay for them.
 """
 
 from __future__ import annotations
@@ -16,9 +20,17 @@ import dataclasses
 import types
 import typing
 from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 T = TypeVar("T")
+
+
+def packaged_config(name: str) -> Path:
+    """The path of a config shipped with the package (``lens_rl/configs/<name>``, the
+    repository's ``configs/``)."""
+    return Path(str(files("lens_rl") / "configs" / name))
 
 
 class ConfigError(ValueError):

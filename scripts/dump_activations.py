@@ -11,7 +11,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the config and run the dump. (``lens-rl dump`` runs the same function.)"""
-    from lens_rl.cli import dump
+    from lens_rl.cli.dump import main as dump
 
     dump(sys.argv[1:] if argv is None else argv)
 

@@ -14,7 +14,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the config and run the probe; returns the results. (``lens-rl probe`` runs the same function.)"""
-    from lens_rl.cli import probe
+    from lens_rl.cli.probe import main as probe
 
     return probe(sys.argv[1:] if argv is None else argv)
 

@@ -41,7 +41,7 @@ def no_cuda_message() -> str | None:
         f"{torch.__version__}, CUDA build: {build}). Nothing was run.\n"
         "On a machine with an NVIDIA GPU, `make gpu-check` builds ~1B-parameter random models "
         "locally, runs the `gpu` tests and the GPU benchmarks, and writes "
-        "benchmarks/results/gpu_check.json and a table for the README."
+        "benchmarks/results/gpu_check.json and a table for docs/benchmarks.md."
     )
 
 
@@ -109,7 +109,7 @@ def _fmt(x, spec: str = ".3g") -> str:
 
 
 def table(results: dict) -> str:
-    """The README table: one column per model."""
+    """The docs table (docs/benchmarks.md): one column per model."""
     names = list(results["benchmarks"])
 
     def get(name, *path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from lens_rl.quickstart import main
+from lens_rl.cli.demo import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the config and run the RL stage; returns metrics before and after. (``lens-rl grpo`` runs the same function.)"""
-    from lens_rl.cli import grpo
+    from lens_rl.cli.grpo import main as grpo
 
     return grpo(sys.argv[1:] if argv is None else argv)
 

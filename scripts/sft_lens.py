@@ -13,7 +13,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the config and train; returns the final evaluation metrics. (``lens-rl sft`` runs the same function.)"""
-    from lens_rl.cli import sft
+    from lens_rl.cli.sft import main as sft
 
     return sft(sys.argv[1:] if argv is None else argv)
 

@@ -1,8 +1,8 @@
 """Command-line flags of the training scripts, parsed the way the scripts parse them.
 
-``scripts/sft_lens.py`` and ``scripts/rl_lens.py`` call ``lens_rl.cli.sft`` / ``grpo``, which
-parse the argv and hand the config to ``run_sft`` / ``run_rl``; the tests replace those two with
-a function that keeps the config, so the README's command lines are parsed for real without
+``scripts/sft_lens.py`` and ``scripts/rl_lens.py`` call ``lens_rl.cli.sft`` / ``lens_rl.cli.grpo``,
+which parse the argv and hand the config to ``run_sft`` / ``run_rl``; the tests replace those two
+(as the subcommand modules see them) with a function that keeps the config, so the README's command lines are parsed for real without
 training.
 """
 
@@ -14,8 +14,8 @@ from types import ModuleType
 
 import pytest
 
-import lens_rl.training.rl_stage
-import lens_rl.training.sft_trainer
+import lens_rl.cli.grpo
+import lens_rl.cli.sft
 from lens_rl.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +32,11 @@ def _parsed(monkeypatch, stage: str, argv: list[str], tmp_path: Path):
     """The config that ``scripts/<stage>.py`` builds from the README-style ``argv``."""
     seen = []
     if stage == "sft_lens":
-        target, name = lens_rl.training.sft_trainer, "run_sft"
+        target, name = lens_rl.cli.sft, "run_sft"
         base = ["--config", "configs/sft_quickstart.yaml", "--val_data", str(tmp_path)]
         monkeypatch.setattr(target, name, lambda cfg: seen.append(cfg) or {"final": {}})
     else:
-        target, name = lens_rl.training.rl_stage, "run_rl"
+        target, name = lens_rl.cli.grpo, "run_rl"
         base = ["--config", "configs/rl_quickstart.yaml", "--sft_lens", str(tmp_path / "lens")]
         base += ["--rollout_backend", "hf"]
         monkeypatch.setattr(target, name, lambda cfg: seen.append(cfg) or {})

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lens_rl.ops.diagnostics import DistributionDiagnostics, token_scores
+from lens_rl.ops.diagnostics import score_tokens
 from lens_rl.ops.importance import effective_sample_size, importance_weights, mismatch_stats, token_log_ratio
 from lens_rl.ops.sampling import SamplingPolicy
 
@@ -66,7 +66,8 @@ def _direct(q: list[float], kept_full_mass: float, kept_logits: list[float]):
 )
 def test_step_diagnostics_equal_direct_formulas(probs, policy, q, kept_mass, kept_logits, margin):
     logits = _logits(probs)
-    diag = DistributionDiagnostics(policy, eos_token_id=2).compute_from_logits(logits).step
+    tokens = logits.argmax(-1)  # the step diagnostics are functions of the logits only
+    diag = score_tokens(logits, tokens, policy, fp64=True, diagnostics=True, eos_token_id=2).diagnostics.step
     h, coll, mean, var, two = _direct(q, kept_mass, kept_logits)
     close = dict(rel_tol=0, abs_tol=1e-12)
     assert math.isclose(float(diag.rb_entropy), h, **close)
@@ -87,7 +88,8 @@ def test_temperature_enters_every_quantity():
     probs = [0.5, 0.3, 0.2]
     logits = _logits(probs)
     t = 0.5
-    diag = DistributionDiagnostics(SamplingPolicy(temperature=t)).compute_from_logits(logits).step
+    pol = SamplingPolicy(temperature=t)
+    diag = score_tokens(logits, logits.argmax(-1), pol, fp64=True, diagnostics=True).diagnostics.step
     a = [math.log(p) / t for p in probs]
     z = sum(math.exp(x) for x in a)
     q = [math.exp(x) / z for x in a]
@@ -102,10 +104,10 @@ def test_sequence_aggregates_and_windows():
     mask[1, 12:] = False
     tokens = torch.randint(0, 7, (2, 20), generator=g)
     pol = SamplingPolicy(top_p=0.9)
-    sc = token_scores(logits, tokens, pol, fp64=True)
-    pack = DistributionDiagnostics(pol, early_window=16).compute_from_logits(logits, mask, sc["surprisal"])
+    sc = score_tokens(logits, tokens, pol, fp64=True, diagnostics=True, mask=mask, early_window=16)
+    pack = sc.diagnostics
     h = pack.step.rb_entropy
-    torch.testing.assert_close(h, sc["rb_entropy"] * mask)
+    torch.testing.assert_close(h, sc.rb_entropy * mask)
     assert pack.seq.length.tolist() == [20, 12]
     assert math.isclose(float(pack.seq.rb_entropy_sum[1]), float(h[1, :12].sum()), abs_tol=1e-12)
     assert math.isclose(float(pack.seq.early_rb_entropy_mean[0]), float(h[0, :16].mean()), abs_tol=1e-12)
@@ -114,7 +116,7 @@ def test_sequence_aggregates_and_windows():
     assert math.isclose(float(pack.seq.late_rb_entropy_mean[1]), float(pack.seq.early_rb_entropy_mean[1]))
     assert math.isclose(float(pack.seq.rb_entropy_max[1]), float(h[1, :12].max()), abs_tol=1e-12)
     assert math.isclose(float(pack.seq.rb_entropy_min[1]), float(h[1, :12].min()), abs_tol=1e-12)
-    assert math.isclose(float(pack.seq.surprisal_sum[0]), float(-sc["logp"][0].sum()), abs_tol=1e-12)
+    assert math.isclose(float(pack.seq.surprisal_sum[0]), float(-sc.logp[0].sum()), abs_tol=1e-12)
 
 
 def test_importance_modes_and_ess():

@@ -1,4 +1,4 @@
-"""Reading a lens: the public API, the lens sidecar, `lens.explain`, `lens-rl explain` and its
+"""Reading a lens: the public API, the lens sidecar, `explain(lens, ...)`, `lens-rl explain` and its
 HTML page (rendered in a real headless Chromium where one is installed)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from lens_rl.config import ConfigError
 from lens_rl.models.lens import LENS_CONFIG, ConsistencyLens
+from lens_rl.reading import explain
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog, and returns None."
@@ -183,13 +184,13 @@ def test_older_sidecar_with_fewer_fields_loads(saved_lens, tiny_model_dir, tmp_p
     monkeypatch.chdir(tiny_model_dir.parent)
     lens = ConsistencyLens.from_pretrained(old)
     with pytest.raises(ValueError, match=r"lens_config.json records no activation statistics.*train_mean"):
-        lens.explain(TEXT, positions="last", k=2, t_text=3)
+        explain(lens, TEXT, positions="last", k=2, t_text=3)
     saved = json.loads((saved_lens / LENS_CONFIG).read_text())["meta"]
     lens.meta.update(train_mean=saved["train_mean"], train_var=saved["train_var"])
-    res = lens.explain(TEXT, positions="last", k=2, t_text=3)
+    res = explain(lens, TEXT, positions="last", k=2, t_text=3)
     assert len(res) == 1 and res[0]["normaliser"] == "train_mean"
     with pytest.raises(ValueError, match="records no t_text"):
-        lens.explain(TEXT, positions="last", k=2)
+        explain(lens, TEXT, positions="last", k=2)
 
 
 def test_explain_rows_are_the_lens_own_computation(saved_lens):
@@ -197,12 +198,12 @@ def test_explain_rows_are_the_lens_own_computation(saved_lens):
     by the orig model, Â from the encoder on those tokens, the relative error against the
     recorded training mean, the functional KL; the best sample is the one with the lowest error.
     Same seed, same rows."""
+    from lens_rl.metrics import functional_kl
     from lens_rl.models.families import embed_tokens
     from lens_rl.models.orig import OrigWrapper
-    from lens_rl.training.sft_losses import functional_kl
 
     lens = ConsistencyLens.from_pretrained(saved_lens)
-    res = lens.explain([TEXT, "x = 1"], positions="all", k=4, seed=3)
+    res = explain(lens, [TEXT, "x = 1"], positions="all", k=4, seed=3)
     tok = lens.tokenizer
     n0 = len(tok(TEXT, add_special_tokens=False)["input_ids"])
     assert len(res) == n0 + len(tok("x = 1", add_special_tokens=False)["input_ids"])
@@ -225,10 +226,10 @@ def test_explain_rows_are_the_lens_own_computation(saved_lens):
             assert s["rel_error"] == pytest.approx(rel, rel=1e-4, abs=1e-6)
             assert s["fve"] == pytest.approx(1 - s["rel_error"])
             assert s["kl"] == pytest.approx(float(kl[0]), rel=1e-3, abs=1e-6) and s["kl"] > -1e-7
-    again = lens.explain([TEXT, "x = 1"], positions="all", k=4, seed=3)
+    again = explain(lens, [TEXT, "x = 1"], positions="all", k=4, seed=3)
     assert again.rows == res.rows
     # KL passes split into many small groups (at most 16 tokens each): the same values
-    split = lens.explain([TEXT, "x = 1"], positions="all", k=4, seed=3, max_kl_tokens=16)
+    split = explain(lens, [TEXT, "x = 1"], positions="all", k=4, seed=3, max_kl_tokens=16)
     assert [r["explanation"] for r in split] == [r["explanation"] for r in res]
     got = torch.tensor([s["kl"] for r in split for s in r["samples"]])
     torch.testing.assert_close(
@@ -237,7 +238,7 @@ def test_explain_rows_are_the_lens_own_computation(saved_lens):
 
 
 def test_positions_and_inputs_are_checked(tmp_path):
-    from lens_rl.explanations import parse_positions, read_texts
+    from lens_rl.reading import parse_positions, read_texts
 
     assert parse_positions("all", 3) == [0, 1, 2] and parse_positions("last", 3) == [2]
     assert parse_positions("2,-3", 4) == [1, 2] and parse_positions(-1, 2) == [1]
@@ -274,10 +275,10 @@ def test_html_page_renders_in_headless_chromium(saved_lens, tmp_path):
 
     from matplotlib.image import imread
 
-    from lens_rl.explanations import visible
+    from lens_rl.reading.page import visible
 
     lens = ConsistencyLens.from_pretrained(saved_lens)
-    res = lens.explain([TEXT, "def f(x):\n    return x"], positions="all", k=3)
+    res = explain(lens, [TEXT, "def f(x):\n    return x"], positions="all", k=3)
     page = res.write_html(tmp_path / "explanations.html")
     source = page.read_text()
     assert "<link" not in source and "src=" not in source and "href=" not in source  # self-contained
@@ -343,7 +344,7 @@ def test_supervised_training_shows_its_work(tiny_model_dir, tiny_dump, tmp_path,
 
 
 def visible_html(text: str) -> str:
-    from lens_rl.explanations import esc
+    from lens_rl.reading.page import esc
 
     return esc(text)
 
@@ -352,7 +353,8 @@ def test_config_lookup_and_module_launch_parsing(tmp_path, monkeypatch):
     """`--config NAME.yaml` that is not a file here resolves to the shipped config (the README's
     commands work from any folder and from a wheel); a file here wins. The world-size check reads
     `accelerate launch ... -m lens_rl.cli` command lines up to the module."""
-    from lens_rl.cli import packaged_config, resolve_config
+    from lens_rl.cli.common import resolve_config
+    from lens_rl.config import packaged_config
     from lens_rl.utils.launch import _requested_processes
 
     monkeypatch.chdir(tmp_path)
@@ -431,7 +433,7 @@ def test_explain_refuses_to_replace_earlier_outputs(saved_lens, tmp_path):
     """`lens-rl explain` into a folder that already holds its files (e.g. a training run's own
     explanations.html) stops before any work and leaves the files as they were;
     --overwrite_output_dir replaces them."""
-    from lens_rl.explanations import main
+    from lens_rl.cli.explain import main
 
     out = tmp_path / "run"
     out.mkdir()

@@ -30,12 +30,12 @@ from lens_rl.config import ConfigError
 from lens_rl.models import Decoder, DecoderConfig, EncoderConfig
 from lens_rl.models.families import (
     UnsupportedArchitectureError,
-    check_lens_family,
     embed_soft,
     embed_tokens,
     get_blocks,
     load_causal_lm,
 )
+from lens_rl.models.family_check import check_lens_family
 from lens_rl.models.lens import ConsistencyLens
 
 ATOL = 1e-5

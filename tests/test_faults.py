@@ -88,7 +88,8 @@ def test_explain_interrupted_while_writing_leaves_no_outputs(saved_lens, tmp_pat
     """A failure while the outputs are written (the disk fills in the page, or halfway through
     the rows) leaves neither file under its final name, nor temporary files; a rerun is not
     refused as if a finished explain were there."""
-    import lens_rl.explanations as ex
+    import lens_rl.reading.results as ex
+    from lens_rl.cli.explain import main
 
     out = tmp_path / "explain"
     full = OSError(errno.ENOSPC, "No space left on device")
@@ -111,16 +112,16 @@ def test_explain_interrupted_while_writing_leaves_no_outputs(saved_lens, tmp_pat
 
         monkeypatch.setattr(ex, "json", HalfJson)
     with pytest.raises(OSError, match="No space left"):
-        ex.main(_explain_argv(saved_lens, out))
+        main(_explain_argv(saved_lens, out))
     assert _no_litter(out) == []
     monkeypatch.undo()
-    res = ex.main(_explain_argv(saved_lens, out))
+    res = main(_explain_argv(saved_lens, out))
     assert _no_litter(out) == ["explanations.html", "explanations.jsonl"]
     assert len((out / "explanations.jsonl").read_text().splitlines()) == len(res) == 4
 
 
 def test_explain_into_a_folder_another_run_holds_is_refused(saved_lens, tmp_path):
-    from lens_rl.explanations import main
+    from lens_rl.cli.explain import main
     from lens_rl.training.guards import claim_output_dir
 
     out = tmp_path / "busy"
@@ -185,7 +186,7 @@ def test_probe_interrupted_while_writing_leaves_no_outputs(tmp_path, monkeypatch
     ],
 )
 def test_explain_flags_are_checked_when_parsed(flag, value, capsys):
-    from lens_rl.explanations import make_parser
+    from lens_rl.cli.explain import make_parser
 
     argv = ["--lens", "L", "--text", "t", "--output_dir", "o", flag, value]
     with pytest.raises(SystemExit) as e:
@@ -195,8 +196,9 @@ def test_explain_flags_are_checked_when_parsed(flag, value, capsys):
 
 
 def test_explain_max_length_none_means_no_cap_and_explain_checks_it(saved_lens):
-    from lens_rl.explanations import explain, make_parser
+    from lens_rl.cli.explain import make_parser
     from lens_rl.models.lens import ConsistencyLens
+    from lens_rl.reading import explain
 
     args = make_parser().parse_args(
         ["--lens", "L", "--text", "t", "--output_dir", "o", "--max_length", "none"]
@@ -236,7 +238,7 @@ def test_probe_numeric_fields_are_checked(field, value):
 
 # ---------------------------------------------------------------------- 4. unreadable inputs
 def test_explain_input_errors_name_file_and_line(tmp_path):
-    from lens_rl.explanations import read_texts
+    from lens_rl.reading import read_texts
 
     bad_json = tmp_path / "a.jsonl"
     bad_json.write_text('{"text": "ok"}\n{"text": "cut\n')

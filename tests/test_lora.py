@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 from lens_rl.config import ConfigError
 from lens_rl.models import DecoderConfig, EncoderConfig
 from lens_rl.models.families import load_causal_lm
-from lens_rl.models.lens import LENS_WEIGHTS, ConsistencyLens, base_fingerprint
+from lens_rl.models.fingerprint import base_fingerprint
+from lens_rl.models.lens import LENS_WEIGHTS, ConsistencyLens
 from lens_rl.models.lora import has_lora, lora_parameters, merged_state_dict
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_trainer import run_sft

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lens_rl.models.hooks import UnsupportedArchitectureError, get_blocks, hooked
 from lens_rl.models.orig import OrigWrapper
-from lens_rl.models.surgery import UnsupportedArchitectureError, get_blocks, hooked
 
 
 def _batch(tokenizer, side: str):

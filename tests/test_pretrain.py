@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from lens_rl.pretrain import PretrainRecipe, _recipe_matches, pretrain_small_lm
+from lens_rl.cli.pretrain import PretrainRecipe, _recipe_matches, pretrain_small_lm
 
 TINY = PretrainRecipe(
     vocab_size=512,

@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from lens_rl.quickstart import main
+from lens_rl.cli.demo import main
 
 # The base the pinned pretraining builds from Python 3.11.7's corpus with torch 2.13.0+cpu
 # (README "Two commands"); another Python or torch reads another corpus or runs other kernels.

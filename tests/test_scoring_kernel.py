@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lens_rl.ops import scoring
-from lens_rl.ops.diagnostics import DistributionDiagnostics, score_policy, token_scores
+from lens_rl.ops.diagnostics import score_tokens
 from lens_rl.ops.sampling import SamplingPolicy
 
 
@@ -153,25 +153,26 @@ def test_gradients_equal_dense(policy):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
 
 
-def test_score_policy_one_pass_equals_separate_calls():
-    """The trainer's entry point: log q, log p_T (= log_softmax(logits / T) gathered), RB entropy
-    and the diagnostics pack equal token_scores, the plain log-softmax and compute_from_logits."""
+def test_score_tokens_one_pass_equals_separate_calls():
+    """One pass with diagnostics (the trainer's and the processor's): log q, log p_T (=
+    log_softmax(logits / T) gathered), RB entropy and the diagnostics pack equal a pass without
+    diagnostics, the plain log-softmax, and the diagnostics of other tokens on the same logits."""
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, 20, 50, generator=g) * 2
     ids = torch.randint(0, 50, (3, 20), generator=g)
     mask = torch.ones(3, 20, dtype=torch.bool)
     mask[1, 14:] = False
     policy = SamplingPolicy(temperature=0.8, top_p=0.9)
-    out = score_policy(logits, ids, mask, policy, eos_token_id=4)
-    sc = token_scores(logits, ids, policy)
+    out = score_tokens(logits, ids, policy, diagnostics=True, mask=mask, eos_token_id=4)
+    sc = score_tokens(logits, ids, policy)
     want_temp = torch.log_softmax(logits / 0.8, -1).gather(-1, ids[..., None])[..., 0]
     torch.testing.assert_close(out.logp_temp, want_temp, rtol=0, atol=1e-6)
     for name in ("logq", "logp", "rb_entropy"):
-        torch.testing.assert_close(getattr(out, name), sc[name], rtol=0, atol=0)
-    pack = DistributionDiagnostics(policy, 4).compute_from_logits(logits, mask, -sc["logp"], fp64=False)
+        torch.testing.assert_close(getattr(out, name), getattr(sc, name), rtol=0, atol=0)
+    pack = score_tokens(logits, ids.flip(-1), policy, diagnostics=True, mask=mask, eos_token_id=4).diagnostics
     for name in ("rb_entropy", "head_mass", "margin", "eos_prob"):
         torch.testing.assert_close(getattr(out.diagnostics.step, name), getattr(pack.step, name))
-    torch.testing.assert_close(out.diagnostics.seq.surprisal_sum, pack.seq.surprisal_sum)
+    torch.testing.assert_close(out.diagnostics.seq.surprisal_sum, (-sc.logp * mask).sum(1))
     assert out.diagnostics.seq.length.tolist() == [20, 14, 20]
 
 
@@ -232,7 +233,7 @@ def test_float32_supports_equal_the_samplers_at_the_nucleus_edge(v, bracket, mon
             # the support is an upper set: the sampler's last kept and first dropped tokens decide it
             order = z[0].argsort(descending=True)
             edge = order[n_kept - 1 : n_kept + 1]
-            kept = torch.isfinite(token_scores(z.expand(2, v)[None], edge[None], policy)["logq"])[0]
+            kept = torch.isfinite(score_tokens(z.expand(2, v)[None], edge[None], policy).logq)[0]
             mismatches["kernel"] += int(kept.tolist() != [True, False])
             mismatches["process_logits"] += abs(int(torch.isfinite(policy.process_logits(z)).sum()) - n_kept)
     assert mismatches == {"kernel": 0, "process_logits": 0}

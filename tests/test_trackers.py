@@ -82,12 +82,12 @@ def test_each_stage_is_one_run_with_its_explanations(tiny_model_dir, tiny_dump, 
     assert [w["step"] for w in written] == [2, 2, 2, 3, 3, 3]
     tables = _tables(sft_run, "eval/explanations")
     assert len(tables) == 2
-    assert tables[0]["columns"] == ["step", "context", "token", "explanation", "rel_sq_error"]
+    assert tables[0]["columns"] == ["step", "context", "token", "explanation", "rel_error"]
     logged = [row for t in tables for row in t["data"]]
     assert [(r[0], r[1], r[2], r[3]) for r in logged] == [
         (w["step"], w["context"], w["token"], w["explanation"]) for w in written
     ]
-    assert [r[4] for r in logged] == pytest.approx([w["sq_error"] for w in written], rel=1e-6)
+    assert [r[4] for r in logged] == pytest.approx([w["rel_error"] for w in written], rel=1e-6)
     (page,) = (sft_run / "files" / "media" / "html").glob("explanations_page_*.html")
     assert page.read_text() == (sft_out / "explanations.html").read_text()  # self-contained, as written
     tb = _tb_text(sft_out, "eval/explanations")

@@ -21,14 +21,9 @@ from sft_configs import small_sft_config
 
 from lens_rl.config import ConfigError, parse_args
 from lens_rl.models.families import load_causal_lm
-from lens_rl.models.lens import (
-    LENS_CONFIG,
-    LENS_WEIGHTS,
-    ConsistencyLens,
-    LensFileError,
-    base_fingerprint,
-    base_fingerprints,
-)
+from lens_rl.models.fingerprint import base_fingerprint, base_fingerprints
+from lens_rl.models.lens import LENS_CONFIG, LENS_WEIGHTS, ConsistencyLens, LensFileError
+from lens_rl.reading import explain
 from lens_rl.training.sft_trainer import build_sft, run_sft
 from lens_rl.utils.launch import resolve_resume
 
@@ -174,9 +169,9 @@ def test_a_lens_without_statistics_is_refused_for_explaining(lens_dir, tmp_path)
     _edit_meta(lens_path, train_mean=None, train_var=None)
     lens = ConsistencyLens.from_pretrained(lens_path)  # loads (for inspection)
     with pytest.raises(ValueError, match=rf"{lens_path / LENS_CONFIG} records no activation statistics"):
-        lens.explain(TEXT, positions="last", k=1)
+        explain(lens, TEXT, positions="last", k=1)
     good = ConsistencyLens.from_pretrained(lens_dir)
-    assert good.explain(TEXT, positions="last", k=1)[0]["normaliser"] == "train_mean"
+    assert explain(good, TEXT, positions="last", k=1)[0]["normaliser"] == "train_mean"
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gemma2", "gpt_neox"])

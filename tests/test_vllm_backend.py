@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from lens_rl.models import Decoder, DecoderConfig
 from lens_rl.ops.importance import token_log_ratio
-from lens_rl.processing import GenerationConfig, SequenceProcessor
+from lens_rl.processing import SamplingConfig, SequenceProcessor
 
 pytestmark = pytest.mark.vllm
 VLLM_TOL = 1e-5
@@ -40,7 +40,7 @@ def hf_model(tiny_model_dir):
 def test_vllm_logprobs_equal_teacher_forced_logq(
     engine, hf_model, tokenizer, top_p, temperature, top_k, record_max
 ):
-    cfg = GenerationConfig(
+    cfg = SamplingConfig(
         top_p=top_p,
         temperature=temperature,
         top_k=top_k,
@@ -59,12 +59,12 @@ def test_vllm_logprobs_equal_teacher_forced_logq(
 
 
 def test_vllm_on_policy_ratio_top_p_08(engine, hf_model, tokenizer):
-    cfg = GenerationConfig(top_p=0.8, max_new_tokens=24, num_return_sequences=4, backend="vllm", seed=1)
+    cfg = SamplingConfig(top_p=0.8, max_new_tokens=24, num_return_sequences=4, backend="vllm", seed=1)
     sp = SequenceProcessor(hf_model, tokenizer, cfg, vllm_backend=engine)
     seqs, res, _ = sp.generate_with_logprobs(dataset_name="pydoc_openings", num_prompts=6)
     m = seqs.gen_mask
     ours = token_log_ratio(res.token_logqs, seqs.sampler_logprobs, m)[m]
-    trl = token_log_ratio(res.logprobs, seqs.sampler_logprobs, m)[m]
+    trl = token_log_ratio(res.token_logps, seqs.sampler_logprobs, m)[m]
     print(
         f"vLLM top_p=0.8: our ratio mean {ours.exp().mean():.6f}, full-softmax ratio mean {trl.exp().mean():.4f}"
     )
@@ -79,7 +79,7 @@ def test_lens_prompt_embeds_rollouts(engine, hf_model, tokenizer, record_max):
     with torch.no_grad():  # a non-identity projection, so the test would see a wrong slot value
         dec.proj.weight.mul_(0.5)
         dec.proj.bias.add_(0.1)
-    cfg = GenerationConfig(
+    cfg = SamplingConfig(
         top_p=0.9, temperature=0.8, max_new_tokens=12, num_return_sequences=3, backend="vllm", seed=3
     )
     sp = SequenceProcessor(dec, tokenizer, cfg, vllm_backend=engine)
@@ -96,4 +96,4 @@ def test_lens_prompt_embeds_rollouts(engine, hf_model, tokenizer, record_max):
 def test_multilayer_lens_refuses_vllm(engine, hf_model, tokenizer):
     dec = Decoder.from_base(hf_model, tokenizer, DecoderConfig(patch_all_layers=True), share_weights=True)
     with pytest.raises(ValueError, match="cannot express multi-layer patching"):
-        SequenceProcessor(dec, tokenizer, GenerationConfig(backend="vllm"), vllm_backend=engine)
+        SequenceProcessor(dec, tokenizer, SamplingConfig(backend="vllm"), vllm_backend=engine)

@@ -26,6 +26,7 @@ from lens_rl.data.shards import (
     read_header,
     stream_shard,
 )
+from lens_rl.models.fingerprint import base_fingerprints
 
 if TYPE_CHECKING:  # windows imports transformers; the dump reader does not need it
     from lens_rl.data.windows import WindowSet
@@ -282,8 +283,6 @@ class ActivationDataset(Dataset):
             raise DumpError(f"{self.path}: d_model {self.metadata['d_model']} != the model's {d_model}.")
         recorded = self.metadata.get("base_fingerprint")
         if model is not None and recorded is not None:
-            from lens_rl.models.lens import base_fingerprints
-
             mine = base_fingerprints(model)  # the same for an fp32, bf16 or fp16 load
             if recorded not in mine:
                 raise DumpError(

@@ -30,9 +30,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lens_rl.config import ConfigError, ValidatedConfig
+from lens_rl.data.corpus import iter_corpus
 from lens_rl.data.shards import DTYPES, FORMAT_VERSION, read_header, stream_shard, tensors_digest
 from lens_rl.data.windows import WindowSet, build_windows, tokenize_corpus
+from lens_rl.models.fingerprint import base_fingerprints
+from lens_rl.models.hooks import resolve_layer
 from lens_rl.models.loading import ModelLoadingArguments
+from lens_rl.models.orig import OrigWrapper
+from lens_rl.utils.files import decode_utf8, iter_jsonl
 from lens_rl.utils.progress import progress_bar
 
 
@@ -70,8 +75,6 @@ def load_texts(cfg: CorpusConfig) -> list[str]:
             another type there (numbers).
     """
     if cfg.corpus:
-        from lens_rl.data.corpus import iter_corpus
-
         return list(iter_corpus(cfg.corpus))
     import datasets
 
@@ -101,7 +104,6 @@ def load_texts(cfg: CorpusConfig) -> list[str]:
 def _unreadable(path: Path, kind: str, error: Exception) -> str:
     """Why ``path`` could not be read as ``kind``: the first line that is not UTF-8 or not JSON
     (``file:line: ...``), else the loader's own reason."""
-    from lens_rl.utils.files import decode_utf8, iter_jsonl
 
     try:
         if kind == "text" or path.suffix.lower() == ".json":
@@ -409,10 +411,6 @@ def run_dump(cfg: DumpConfig) -> dict[str, Path]:
     import torch.cuda
     from accelerate import PartialState
     from transformers import AutoTokenizer
-
-    from lens_rl.models.lens import base_fingerprints
-    from lens_rl.models.orig import OrigWrapper
-    from lens_rl.models.surgery import resolve_layer
 
     # On a machine without CUDA, `accelerate launch --multi_gpu` starts N processes that must run
     # as MULTI_CPU (gloo); PartialState only picks that when told cpu=True.

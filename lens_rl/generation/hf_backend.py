@@ -1,10 +1,11 @@
 """HF generation that samples exactly from the shared :class:`SamplingPolicy`.
 
 HF's own warpers and its sampler (``torch.multinomial`` on global RNG state) are bypassed:
-:class:`PolicyGumbelProcessor` applies ``policy.process_logits`` and adds Gumbel noise from an
-explicit ``torch.Generator``, and ``generate`` runs greedy, so ``argmax(z + g)`` is an exact
-draw from q. The processor records log q of each drawn token (the sampler's log-probs), so a
-teacher-forced re-score can be compared with what the sampler actually used.
+:class:`PolicyGumbelProcessor` runs the project's one Gumbel-max step
+(:func:`~lens_rl.ops.sampling.gumbel_max_sample`: ``policy.process_logits`` plus Gumbel noise from
+an explicit ``torch.Generator``) and hands ``z + g`` to ``generate``, which runs greedy, so its
+``argmax(z + g)`` is an exact draw from q. The processor records log q of each drawn token (the
+sampler's log-probs), so a teacher-forced re-score can be compared with what the sampler used.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from lens_rl.ops.sampling import SamplingPolicy, gumbel_noise
+from lens_rl.ops.sampling import SamplingPolicy, gumbel_max_sample
 
 
 class PolicyGumbelProcessor(LogitsProcessor):
@@ -28,11 +28,9 @@ class PolicyGumbelProcessor(LogitsProcessor):
         self.logq_steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        z = self.policy.process_logits(scores)
-        noisy = z + gumbel_noise(z.shape, self.generator, z.device, z.dtype)
-        choice = noisy.argmax(dim=-1, keepdim=True)
-        self.logq_steps.append(F.log_softmax(z, dim=-1).gather(-1, choice).squeeze(-1))
-        return noisy
+        draw = gumbel_max_sample(scores, self.policy, self.generator)
+        self.logq_steps.append(draw.logq)
+        return draw.perturbed  # greedy decoding takes its argmax: draw.ids
 
 
 @dataclass

@@ -8,7 +8,7 @@ Sequence layout (one row per activation)::
 Single-layer mode writes ``proj(A)`` into the input slot only (this is the layout vLLM gets as
 ``prompt_embeds``). Multi-layer mode (``patch_all_layers``) additionally *replaces* the input of
 each block ``i < N`` at the slot with ``proj_i(A)`` (one projection per layer, or one shared),
-through the single hook mechanism in :mod:`lens_rl.models.surgery`. For GPT-2 this means block
+through the single hook mechanism in :mod:`lens_rl.models.hooks`. For GPT-2 this means block
 0 sees ``proj_0(A)`` without the learned position embedding at the slot; the semantics is the
 same for every architecture: "the input of block i at the slot is proj_i(A)".
 
@@ -48,17 +48,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens_rl.config import ConfigError, ValidatedConfig
 from lens_rl.models.families import (
-    check_lens_family,
     embed_soft,
     embed_tokens,
     length_dependent_rope_error,
     lm_logits,
     load_causal_lm,
 )
+from lens_rl.models.family_check import check_lens_family
+from lens_rl.models.hooks import checkpointed_blocks, hooked, replace_rows
 from lens_rl.models.lora import check_lora_config, lora_base, lora_parameters
-from lens_rl.models.surgery import checkpointed_blocks, hooked, replace_rows
-from lens_rl.ops.diagnostics import token_scores
-from lens_rl.ops.sampling import SamplingPolicy, gumbel_noise
+from lens_rl.ops.diagnostics import score_tokens
+from lens_rl.ops.sampling import SamplingPolicy, gumbel_max_sample
 
 EMBED_MARKER = "<embed>"
 
@@ -167,9 +167,10 @@ class FwdTokensOutput:
     """Teacher-forced scores of given tokens.
 
     Attributes:
-        logprobs: ``(B, T)`` log-prob of each given token under the policy (default: the model's
-            plain softmax at temperature 1), with gradient.
-        entropies: ``(B, T)`` entropy of the same distribution at each position, with gradient.
+        logprobs: ``(B, T)`` log q of each given token under the policy (the default policy is the
+            model's plain softmax at temperature 1, where q = p), with gradient: ``TokenScores.logq``.
+        entropies: ``(B, T)`` H(q), the entropy of the same distribution at each position (the
+            Rao-Blackwellised estimate, not the surprisal), with gradient: ``TokenScores.rb_entropy``.
         logits: ``(B, T, V)`` fp32 raw logits that scored each token.
         hidden_states: ``(B, T, d)`` final hidden states, when requested.
     """
@@ -430,21 +431,19 @@ class Decoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Sample one token per row by Gumbel-max; return (ids, embeddings, log q of the ids or None).
 
+        The draw is :func:`~lens_rl.ops.sampling.gumbel_max_sample` (shared with the HF backend).
         Forward: exactly what the model's embedding module returns for the sampled token
         (Gemma: the row times ``sqrt(hidden_size)``). Backward (when ``differentiable``): the
         gradient of ``softmax((z + g) / tau) @ W_E * scale`` flows into the logits, i.e. the
         straight-through Gumbel-softmax estimator. ``tau`` never changes which token is drawn.
         """
-        z = policy.process_logits(logits)  # (B, V) fp32, -inf outside the policy's support
-        scores = z + gumbel_noise(z.shape, generator, z.device, z.dtype)
-        ids = scores.argmax(dim=-1)
-        emb = embed_tokens(self.base, ids)
+        draw = gumbel_max_sample(logits, policy, generator, want_logq=want_logq)
+        emb = embed_tokens(self.base, draw.ids)
         if differentiable:
-            y_soft = F.softmax(scores / gumbel_tau, dim=-1)
+            y_soft = F.softmax(draw.perturbed / gumbel_tau, dim=-1)
             # (y_soft - y_soft.detach()) is exactly 0 forward; backward it carries d/dy_soft.
             emb = emb + embed_soft(self.base, y_soft - y_soft.detach())
-        log_q = F.log_softmax(z, dim=-1).gather(-1, ids[:, None]).squeeze(-1) if want_logq else None
-        return ids, emb, log_q
+        return draw.ids, emb, draw.logq
 
     def _generate(
         self,
@@ -628,7 +627,7 @@ class Decoder(nn.Module):
             activation: ``(B, d)``.
             tokens: ``(B, T)`` token ids (e.g. ``Generated.hard_token_ids``).
             policy: score under this sampling policy (log q); default: plain softmax (log p).
-            scores: compute ``logprobs``/``entropies`` (with :func:`~lens_rl.ops.diagnostics.token_scores`,
+            scores: compute ``logprobs``/``entropies`` (with :func:`~lens_rl.ops.diagnostics.score_tokens`,
                 the scorer the sequence processor and the trainer share); False: logits only.
         """
         if tokens.dim() != 2 or tokens.shape[0] != activation.shape[0]:
@@ -647,8 +646,8 @@ class Decoder(nn.Module):
         logits = self._head(h_sel)  # (B, T, V)
         lp = ent = None
         if scores:
-            sc = token_scores(logits, tokens, policy)
-            lp, ent = sc["logq"], sc["rb_entropy"]
+            sc = score_tokens(logits, tokens, policy)
+            lp, ent = sc.logq, sc.rb_entropy
         return FwdTokensOutput(
             logprobs=lp,
             entropies=ent,

@@ -18,9 +18,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens_rl.config import ConfigError, ValidatedConfig
 from lens_rl.models.decoder import _identity_linear, refuse_lora_with_full_training
-from lens_rl.models.families import check_lens_family, embed_tokens
+from lens_rl.models.families import embed_tokens
+from lens_rl.models.family_check import check_lens_family
+from lens_rl.models.hooks import checkpointed_blocks, run_until
 from lens_rl.models.lora import check_lora_config, lora_base, lora_parameters
-from lens_rl.models.surgery import checkpointed_blocks, run_until
 
 TEXT_MARKER = "<text>"
 

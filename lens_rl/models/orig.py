@@ -1,7 +1,7 @@
 """The frozen original LM: read the residual stream after block L and write it back.
 
 ``A`` in this toolkit is always the residual-stream activation *after* block ``L`` (the
-block's output), at one token position per row. Capturing uses :func:`surgery.run_until`
+block's output), at one token position per row. Capturing uses :func:`hooks.run_until`
 (blocks after ``L`` are skipped); replacing uses an output hook on block ``L`` that swaps the
 row's position out of place, so patching the captured value back reproduces the clean logits.
 """
@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lens_rl.models.families import load_causal_lm
-from lens_rl.models.surgery import hooked, num_layers, replace_rows, resolve_layer, run_until
+from lens_rl.models.hooks import hooked, num_layers, replace_rows, resolve_layer, run_until
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

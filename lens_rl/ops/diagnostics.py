@@ -1,13 +1,18 @@
-"""Per-token scores and distribution diagnostics under the sampling policy.
+"""Per-token scores and distribution diagnostics under the sampling policy: :func:`score_tokens`.
 
-Everything here is a function of raw logits ``(..., V)`` (the model's output, before
-temperature), the realised tokens and a :class:`SamplingPolicy`:
+:func:`score_tokens` is the one entry point (the decoder's ``fwd_tokens``, the sequence
+processor, the GRPO trainer and, through the processor, the entropy probe call it). It is a
+function of raw logits ``(N, T, V)`` (the model's output, before temperature), the realised
+tokens ``(N, T)`` and a :class:`SamplingPolicy`, and returns :class:`TokenScores` with the
+kernel's names:
 
 - ``logp``: log p(y) under the model's plain softmax (temperature 1, no truncation);
 - ``logp_temp``: log p_T(y) under ``softmax(logits / T)`` without truncation (TRL's ratio);
 - ``logq``: log q(y) under the sampling policy (temperature + truncation), -inf outside it;
 - ``rb_entropy``: H(q) at each step, the Rao-Blackwellised entropy estimate;
-- ``surprisal``: -log p(y) (the naive entropy estimate).
+- ``surprisal``: -log p(y) (the naive entropy estimate);
+- ``diagnostics`` (on request): the step and sequence diagnostics of q (:class:`DiagnosticsPack`),
+  from the same sweep over the vocabulary.
 
 With ``fp64=True`` the softmax/entropy math runs in float64 and stays in float64 through
 the sums. The vocabulary math is chunked over positions so memory stays bounded, and each chunk
@@ -17,7 +22,8 @@ vocabulary instead of a sort and materialised log-softmaxes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -59,21 +65,6 @@ def _chunked(
         for k, v in res.items():
             parts.setdefault(k, []).append(v)
     return {k: torch.cat(v, dim=1) for k, v in parts.items()}
-
-
-def token_scores(
-    logits: torch.Tensor, tokens: torch.Tensor, policy: SamplingPolicy, fp64: bool = False
-) -> dict[str, torch.Tensor]:
-    """``logp``, ``logp_temp``, ``logq``, ``rb_entropy``, ``surprisal``: each ``tokens.shape``;
-    keeps the graph (forward-mode too).
-
-    Args:
-        logits: ``(N, T, V)`` raw logits; row ``t`` scores ``tokens[:, t]``.
-        tokens: ``(N, T)`` realised tokens.
-    """
-    res = _chunked(logits, policy, torch.float64 if fp64 else torch.float32, tokens)
-    res["surprisal"] = -res["logp"]
-    return res
 
 
 @dataclass
@@ -123,156 +114,147 @@ class DiagnosticsPack:
     step: TokenStepDiagnostics
     seq: SequenceDiagnostics
 
+    @classmethod
+    def cat(cls, packs: Sequence[DiagnosticsPack]) -> DiagnosticsPack:
+        """The packs of consecutive row batches as one pack (rows concatenated in order)."""
+
+        def cat_fields(objs, kind):
+            vals = {}
+            for f in fields(kind):
+                xs = [getattr(o, f.name) for o in objs]
+                vals[f.name] = None if xs[0] is None else torch.cat(xs)
+            return kind(**vals)
+
+        return cls(
+            step=cat_fields([p.step for p in packs], TokenStepDiagnostics),
+            seq=cat_fields([p.seq for p in packs], SequenceDiagnostics),
+        )
+
+
+@dataclass
+class TokenScores:
+    """Scores of realised tokens ``(N, T)`` under a sampling policy, each ``(N, T)`` (no mask
+    applied; the graph to the logits is kept, forward mode too).
+
+    Attributes:
+        logp: log p(y) under the plain softmax (temperature 1, no truncation).
+        logp_temp: log p_T(y) under ``softmax(logits / T)`` without truncation (TRL's ratio).
+        logq: log q(y) under the sampling policy (-inf outside its support).
+        rb_entropy: H(q) at each step (the Rao-Blackwellised entropy estimate).
+        surprisal: -log p(y) (the naive entropy estimate).
+        diagnostics: the step and sequence diagnostics over the mask (detached), when requested.
+    """
+
+    logp: torch.Tensor
+    logp_temp: torch.Tensor
+    logq: torch.Tensor
+    rb_entropy: torch.Tensor
+    surprisal: torch.Tensor
+    diagnostics: DiagnosticsPack | None = None
+
+
+def score_tokens(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    policy: SamplingPolicy,
+    *,
+    fp64: bool = False,
+    diagnostics: bool = False,
+    mask: torch.Tensor | None = None,
+    eos_token_id: int | None = None,
+    early_window: int = 16,
+) -> TokenScores:
+    """log p, log p_T, log q, RB entropy, surprisal (and the diagnostics) of ``tokens`` in one pass.
+
+    Args:
+        logits: ``(N, T, V)`` raw logits; row ``t`` scores ``tokens[:, t]``.
+        tokens: ``(N, T)`` realised tokens.
+        policy: the sampling policy q.
+        fp64: run the vocabulary math in float64 (the scores stay float64).
+        diagnostics: also compute :class:`DiagnosticsPack` (from the same sweep; detached).
+        mask: ``(N, T)`` scored tokens for the diagnostics and their sequence aggregates; None: all.
+        eos_token_id: token whose q is reported as ``eos_prob`` in the diagnostics.
+        early_window: steps counted as early in ``early_rb_entropy_mean``.
+    """
+    dtype = torch.float64 if fp64 else torch.float32
+    st = _chunked(logits, policy, dtype, tokens, diagnostics, eos_token_id)
+    st["surprisal"] = -st["logp"]
+    pack = None
+    if diagnostics:
+        detached = {k: v.detach() for k, v in st.items()}
+        pack = _diagnostics_pack(detached, mask, detached["surprisal"], early_window)
+    return TokenScores(
+        logp=st["logp"],
+        logp_temp=st["logp_temp"],
+        logq=st["logq"],
+        rb_entropy=st["rb_entropy"],
+        surprisal=st["surprisal"],
+        diagnostics=pack,
+    )
+
 
 def _xlogx(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x * x.clamp(min=1e-300).log(), torch.zeros_like(x))
 
 
-class DistributionDiagnostics:
-    """Diagnostics of the sampling distribution q (tempered, truncated) at every step.
-
-    ``head_mass`` is the mass the truncation keeps under the tempered, untruncated
-    distribution softmax(logits / T); ``tail_mass = 1 - head_mass``. ``margin`` is the gap
-    between the two largest kept tempered logits (0 with a one-token support).
-    """
-
-    def __init__(
-        self, policy: SamplingPolicy, eos_token_id: int | None = None, early_window: int = 16
-    ) -> None:
-        self.policy = policy
-        self.eos_token_id = eos_token_id
-        self.early_window = early_window
-
-    @torch.no_grad()
-    def compute_from_logits(
-        self,
-        logits: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        surprisal: torch.Tensor | None = None,
-        fp64: bool = True,
-    ) -> DiagnosticsPack:
-        """Diagnostics for ``logits`` ``(N, T, V)``; ``mask`` ``(N, T)`` marks scored steps."""
-        dtype = torch.float64 if fp64 else torch.float32
-        st = _chunked(logits, self.policy, dtype, diagnostics=True, eos_token_id=self.eos_token_id)
-        return self._pack(st, mask, surprisal)
-
-    def score_and_diagnose(
-        self, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None, fp64: bool = False
-    ) -> tuple[dict[str, torch.Tensor], DiagnosticsPack]:
-        """:func:`token_scores` and :meth:`compute_from_logits` in one pass over the vocabulary.
-
-        Returns ``({"logp", "logp_temp", "logq", "rb_entropy", "surprisal"}, pack)``; the scores
-        keep the graph, the pack is detached.
-        """
-        dtype = torch.float64 if fp64 else torch.float32
-        st = _chunked(logits, self.policy, dtype, tokens, diagnostics=True, eos_token_id=self.eos_token_id)
-        st["surprisal"] = -st["logp"]
-        scores = {k: st[k] for k in ("logp", "logp_temp", "logq", "rb_entropy", "surprisal")}
-        detached = {k: v.detach() for k, v in st.items()}
-        return scores, self._pack(detached, mask, detached["surprisal"])
-
-    def _pack(self, st: dict[str, torch.Tensor], mask, surprisal) -> DiagnosticsPack:
-        dtype = st["rb_entropy"].dtype
-        n, t = st["rb_entropy"].shape
-        device = st["rb_entropy"].device
-        mask = torch.ones(n, t, dtype=torch.bool, device=device) if mask is None else mask.bool()
-        st.setdefault("eos", None)
-        zero = torch.zeros_like(st["rb_entropy"])
-        m = mask.to(dtype)
-        head = st["head_mass"]
-        step = TokenStepDiagnostics(
-            rb_entropy=st["rb_entropy"] * m,
-            head_mass=head * m,
-            tail_mass=(1 - head) * m,
-            two_point_entropy=-(_xlogx(head) + _xlogx(1 - head)) * m,
-            top1_prob=st["top1_prob"] * m,
-            margin=st["margin"] * m,
-            collision=st["collision"] * m,
-            renyi2=-st["collision"].log() * m,
-            eff_support=st["rb_entropy"].exp() * m,
-            logit_mean=st["logit_mean"] * m,
-            logit_var=st["logit_var"] * m,
-            eos_prob=st["eos"] * m if st.get("eos") is not None else None,
-        )
-        length = m.sum(1)
-        denom = length.clamp(min=1)
-
-        def mean_(x: torch.Tensor) -> torch.Tensor:
-            return (x * m).sum(1) / denom
-
-        pos = torch.arange(t, device=device)[None, :]
-        early = m * (pos < self.early_window)
-        late = m * (pos >= self.early_window)
-        h = step.rb_entropy
-        early_mean = (h * early).sum(1) / early.sum(1).clamp(min=1)
-        late_mean = torch.where(late.sum(1) > 0, (h * late).sum(1) / late.sum(1).clamp(min=1), early_mean)
-        sur = surprisal.to(dtype) * m if surprisal is not None else zero
-        inf = torch.tensor(float("inf"), dtype=dtype, device=device)
-        seq = SequenceDiagnostics(
-            length=length,
-            rb_entropy_sum=h.sum(1),
-            rb_entropy_mean=h.sum(1) / denom,
-            rb_entropy_max=torch.where(mask, h, -inf).amax(1).clamp(min=0),
-            rb_entropy_min=torch.where(mask, h, inf).amin(1).nan_to_num(posinf=0.0),
-            early_rb_entropy_mean=early_mean,
-            late_rb_entropy_mean=late_mean,
-            surprisal_sum=sur.sum(1),
-            surprisal_mean=sur.sum(1) / denom,
-            margin_mean=mean_(step.margin),
-            margin_sum=step.margin.sum(1),
-            top1_mean=mean_(step.top1_prob),
-            collision_mean=mean_(step.collision),
-            renyi2_mean=mean_(step.renyi2),
-            eff_support_mean=mean_(step.eff_support),
-            eos_prob_mean=mean_(step.eos_prob) if step.eos_prob is not None else None,
-        )
-        return DiagnosticsPack(step=step, seq=seq)
-
-
-@dataclass
-class PolicyScores:
-    """What one scoring pass yields for ``(N, T)`` tokens (each ``(N, T)``; no mask applied).
-
-    Attributes:
-        logq: log q(y) under the sampling policy (-inf outside its support).
-        logp_temp: log p_T(y) under ``softmax(logits / T)`` without truncation (TRL's ratio).
-        logp: log p(y) under the plain softmax (temperature 1).
-        rb_entropy: H(q) at each step.
-        diagnostics: the step and sequence diagnostics over ``mask``.
-    """
-
-    logq: torch.Tensor
-    logp_temp: torch.Tensor
-    logp: torch.Tensor
-    rb_entropy: torch.Tensor
-    diagnostics: DiagnosticsPack
-
-
-def score_policy(
-    logits: torch.Tensor,
-    token_ids: torch.Tensor,
-    mask: torch.Tensor | None,
-    policy: SamplingPolicy,
-    eos_token_id: int | None = None,
-    fp64: bool = False,
-) -> PolicyScores:
-    """log q, log p_T, log p, RB entropy and the diagnostics of ``token_ids`` in one pass.
-
-    Args:
-        logits: ``(N, T, V)`` raw logits; row ``t`` scores ``token_ids[:, t]``.
-        token_ids: ``(N, T)`` realised tokens.
-        mask: ``(N, T)`` scored tokens (diagnostics and sequence aggregates), or None for all.
-        policy: the sampling policy.
-        eos_token_id: token whose q is reported as ``eos_prob``.
-        fp64: run the vocabulary math in float64.
-    """
-    scores, pack = DistributionDiagnostics(policy, eos_token_id).score_and_diagnose(
-        logits, token_ids, mask, fp64
+def _diagnostics_pack(
+    st: dict[str, torch.Tensor], mask: torch.Tensor | None, surprisal: torch.Tensor, early_window: int
+) -> DiagnosticsPack:
+    """Diagnostics of q at every step from the kernel's per-step quantities ``st`` (each
+    ``(N, T)``, detached). ``head_mass`` is the mass the truncation keeps under the tempered,
+    untruncated distribution softmax(logits / T); ``tail_mass = 1 - head_mass``. ``margin`` is
+    the gap between the two largest kept tempered logits (0 with a one-token support)."""
+    dtype = st["rb_entropy"].dtype
+    n, t = st["rb_entropy"].shape
+    device = st["rb_entropy"].device
+    mask = torch.ones(n, t, dtype=torch.bool, device=device) if mask is None else mask.bool()
+    st.setdefault("eos", None)
+    m = mask.to(dtype)
+    head = st["head_mass"]
+    step = TokenStepDiagnostics(
+        rb_entropy=st["rb_entropy"] * m,
+        head_mass=head * m,
+        tail_mass=(1 - head) * m,
+        two_point_entropy=-(_xlogx(head) + _xlogx(1 - head)) * m,
+        top1_prob=st["top1_prob"] * m,
+        margin=st["margin"] * m,
+        collision=st["collision"] * m,
+        renyi2=-st["collision"].log() * m,
+        eff_support=st["rb_entropy"].exp() * m,
+        logit_mean=st["logit_mean"] * m,
+        logit_var=st["logit_var"] * m,
+        eos_prob=st["eos"] * m if st.get("eos") is not None else None,
     )
-    return PolicyScores(
-        logq=scores["logq"],
-        logp_temp=scores["logp_temp"],
-        logp=scores["logp"],
-        rb_entropy=scores["rb_entropy"],
-        diagnostics=pack,
+    length = m.sum(1)
+    denom = length.clamp(min=1)
+
+    def mean_(x: torch.Tensor) -> torch.Tensor:
+        return (x * m).sum(1) / denom
+
+    pos = torch.arange(t, device=device)[None, :]
+    early = m * (pos < early_window)
+    late = m * (pos >= early_window)
+    h = step.rb_entropy
+    early_mean = (h * early).sum(1) / early.sum(1).clamp(min=1)
+    late_mean = torch.where(late.sum(1) > 0, (h * late).sum(1) / late.sum(1).clamp(min=1), early_mean)
+    sur = surprisal.to(dtype) * m
+    inf = torch.tensor(float("inf"), dtype=dtype, device=device)
+    seq = SequenceDiagnostics(
+        length=length,
+        rb_entropy_sum=h.sum(1),
+        rb_entropy_mean=h.sum(1) / denom,
+        rb_entropy_max=torch.where(mask, h, -inf).amax(1).clamp(min=0),
+        rb_entropy_min=torch.where(mask, h, inf).amin(1).nan_to_num(posinf=0.0),
+        early_rb_entropy_mean=early_mean,
+        late_rb_entropy_mean=late_mean,
+        surprisal_sum=sur.sum(1),
+        surprisal_mean=sur.sum(1) / denom,
+        margin_mean=mean_(step.margin),
+        margin_sum=step.margin.sum(1),
+        top1_mean=mean_(step.top1_prob),
+        collision_mean=mean_(step.collision),
+        renyi2_mean=mean_(step.renyi2),
+        eff_support_mean=mean_(step.eff_support),
+        eos_prob_mean=mean_(step.eos_prob) if step.eos_prob is not None else None,
     )
+    return DiagnosticsPack(step=step, seq=seq)

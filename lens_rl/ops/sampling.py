@@ -204,6 +204,42 @@ def gumbel_noise(
     return -e.log()
 
 
+@dataclass
+class GumbelSample:
+    """One Gumbel-max draw per row.
+
+    Attributes:
+        ids: ``(N,)`` the sampled tokens, ``argmax(z + g)``.
+        perturbed: ``(N, V)`` ``z + g``: the processed logits ``z`` plus the Gumbel noise ``g``
+            (keeps the graph to the logits; the straight-through estimator softmaxes it).
+        logq: ``(N,)`` log q of the sampled tokens under the policy, or None if not requested.
+    """
+
+    ids: torch.Tensor
+    perturbed: torch.Tensor
+    logq: torch.Tensor | None
+
+
+def gumbel_max_sample(
+    logits: torch.Tensor, policy: SamplingPolicy, generator: torch.Generator, want_logq: bool = True
+) -> GumbelSample:
+    """The one Gumbel-max sampling step of the project (the decoder's generators and the HF
+    backend): ``z = policy.process_logits(logits)``, ``ids = argmax(z + g)`` with ``g`` from
+    :func:`gumbel_noise` (an exact draw from q), and log q of the drawn ids.
+
+    Args:
+        logits: ``(N, V)`` raw logits of the step.
+        policy: the sampling policy q.
+        generator: where the noise comes from (one ``(N, V)`` draw per call).
+        want_logq: also return log q of the drawn ids.
+    """
+    z = policy.process_logits(logits)  # (N, V) fp32, -inf outside the policy's support
+    perturbed = z + gumbel_noise(z.shape, generator, z.device, z.dtype)
+    ids = perturbed.argmax(dim=-1)
+    logq = F.log_softmax(z, dim=-1).gather(-1, ids[:, None]).squeeze(-1) if want_logq else None
+    return GumbelSample(ids=ids, perturbed=perturbed, logq=logq)
+
+
 def entropy_from_log_probs(log_q: torch.Tensor) -> torch.Tensor:
     """Entropy ``-sum q log q`` over the last axis, treating ``-inf`` entries as zero mass."""
     q = log_q.exp()

@@ -55,11 +55,11 @@ from lens_rl.probe.update_vector import (
     pg_loss,
     verify_against_step,
 )
+from lens_rl.processing.prompts import PROMPT_DATASETS
 from lens_rl.processing.sequence_processor import (
-    PROMPT_DATASETS,
     BatchedSequences,
-    GenerationConfig,
     PrecisionConfig,
+    SamplingConfig,
     SequenceProcessor,
 )
 from lens_rl.training.rewards import group_advantages, reconstruction_reward
@@ -106,8 +106,8 @@ def _text_reward(name: str) -> Callable[..., list[float]]:
     raise ValueError(f"Unknown reward {name!r}: use distinct_tokens, length or 'module:function'.")
 
 
-def _generation_config(cfg: EntropyProbeConfig) -> GenerationConfig:
-    return GenerationConfig(
+def _sampling_config(cfg: EntropyProbeConfig) -> SamplingConfig:
+    return SamplingConfig(
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,
@@ -137,7 +137,7 @@ def lm_subject(
         pool = PROMPT_DATASETS[cfg.prompt_dataset](cfg.prompt_split)
     pool = pool[: cfg.pool_size] if cfg.pool_size else pool
     sp = SequenceProcessor(
-        model, tokenizer, _generation_config(cfg), PrecisionConfig(entropy_fp64=cfg.entropy_fp64)
+        model, tokenizer, _sampling_config(cfg), PrecisionConfig(entropy_fp64=cfg.entropy_fp64)
     )
     reward_fn = _text_reward(cfg.reward)
 
@@ -156,7 +156,7 @@ def lens_subject(lens, tokenizer, store, cfg: EntropyProbeConfig) -> ProbeSubjec
     """A lens decoder with activation prompts from a dump; reward = reconstruction."""
     dec = lens.decoder
     sp = SequenceProcessor(
-        dec, tokenizer, _generation_config(cfg), PrecisionConfig(entropy_fp64=cfg.entropy_fp64)
+        dec, tokenizer, _sampling_config(cfg), PrecisionConfig(entropy_fp64=cfg.entropy_fp64)
     )
     n = min(len(store), cfg.pool_size) if cfg.pool_size else len(store)
     var_mean = float(store.var.double().mean())

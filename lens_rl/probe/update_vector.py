@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lens_rl.training.loss_norm import aggregate_loss
+
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
 PROBE_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 ScaleRewards = Literal["group", "batch", "none"]
@@ -56,7 +58,6 @@ def pg_loss(
         advantages: ``(N,)``.
         max_completion_length: dr_grpo's constant (the lens: ``t_text``).
     """
-    from lens_rl.training.loss_norm import aggregate_loss
 
     if loss_type not in PROBE_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {PROBE_LOSS_TYPES}; got {loss_type!r}.")

@@ -8,11 +8,17 @@ It works on two kinds of policy with the same outputs:
   and whose scores come from ``fwd_tokens`` (fixed-length explanations).
 
 Sampling, log q, RB entropies, diagnostics and importance weights all use ONE
-:class:`~lens_rl.ops.sampling.SamplingPolicy` built from :class:`GenerationConfig`. Backends:
+:class:`~lens_rl.ops.sampling.SamplingPolicy` built from :class:`SamplingConfig`. Backends:
 ``hf`` (exact Gumbel-max sampling from the policy with an explicit generator) and ``vllm``
-(token prompts or ``prompt_embeds``; processed log-probs). Teacher forcing aligns logits at
-``i - 1`` with token ``i``; padded tensors ``(B, G, T)`` with ``gen_mask`` replace the seed's
-lists of per-sequence arrays (``per_sequence`` gives the trimmed view).
+(token prompts or ``prompt_embeds``; processed log-probs); lens rollouts are
+:func:`~lens_rl.generation.rollouts.lens_rollouts`, shared with the GRPO trainer. Teacher
+forcing aligns logits at ``i - 1`` with token ``i`` and scores with
+:func:`~lens_rl.ops.diagnostics.score_tokens`; padded tensors ``(B, G, T)`` with ``gen_mask``
+replace the seed's lists of per-sequence arrays (``per_sequence`` gives the trimmed view).
+
+Names: ``logp`` is log p (the model's plain softmax), ``logq`` is log q (the sampling policy),
+``rb_entropy`` is H(q), ``surprisal`` is -log p. ``sampler_logprobs`` (like
+``Generated.logprobs``) is log q as the sampler returned it.
 
 The no-grad path always runs through ``torch.func.functional_call`` with a parameter mapping
 (the live parameters, or ``theta + eta * v``), so an override with ``eta = 0`` is the same
@@ -27,39 +33,19 @@ from typing import Literal
 
 import torch
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lens_rl.generation.hf_backend import hf_generate
+from lens_rl.generation.rollouts import lens_rollouts, text_rollouts
 from lens_rl.models.decoder import Decoder
-from lens_rl.ops.diagnostics import DiagnosticsPack, DistributionDiagnostics, token_scores
+from lens_rl.ops.autodiff import jvp
+from lens_rl.ops.diagnostics import DiagnosticsPack, score_tokens
 from lens_rl.ops.sampling import SamplingPolicy
-
-# ---------------------------------------------------------------------------- prompt datasets
-PROMPT_DATASETS: dict[str, Callable[[str], list[str]]] = {}
-
-
-def register_prompt_dataset(name: str):
-    """Register ``fn(split) -> list[str]`` as a prompt source for ``sample_prompts``."""
-
-    def deco(fn: Callable[[str], list[str]]):
-        PROMPT_DATASETS[name] = fn
-        return fn
-
-    return deco
-
-
-@register_prompt_dataset("pydoc_openings")
-def _pydoc_openings(split: str) -> list[str]:
-    """First sentence fragments of the pydoc topics (offline); even topics train, odd test."""
-    from lens_rl.data.corpus import pydoc_topics
-
-    texts = [t.strip().split("\n")[0][:80] for t in pydoc_topics() if t.strip()]
-    texts = [t for t in texts if len(t) > 8]
-    return texts[0::2] if split == "train" else texts[1::2]
+from lens_rl.processing.prompts import prompt_pool, sample_prompts
 
 
 # ---------------------------------------------------------------------------- configs and results
 @dataclass
-class GenerationConfig:
+class SamplingConfig:
     """Sampling policy and batching (the seed's fields plus top_k, min_p, backend, stops)."""
 
     temperature: float = 1.0
@@ -140,13 +126,26 @@ class BatchedSequences:
 
 @dataclass
 class LogprobResults:
-    """Teacher-forced scores, ``(B, G, T)`` per token (0 beyond ``gen_mask``), ``(B, G)`` sums."""
+    """Teacher-forced scores, ``(B, G, T)`` per token (0 beyond ``gen_mask``), ``(B, G)`` sums.
 
-    logprobs: torch.Tensor
-    entropies: torch.Tensor
+    Attributes:
+        token_logps: log p of each token under the model's plain softmax (temperature 1).
+        token_surprisals: -log p of each token (the naive entropy estimate).
+        rb_entropies: H(q) at each step (the Rao-Blackwellised estimate), detached.
+        token_logqs: log q of each token under the sampling policy.
+        sequence_logps: ``(B, G)`` sums of ``token_logps``.
+        sequence_logqs: ``(B, G)`` sums of ``token_logqs``.
+        rb_entropy_sums: ``(B, G)`` sums of ``rb_entropies``.
+        gen_mask: ``(B, G, T)`` scored tokens.
+        rb_entropies_torch: H(q) with its graph (with-grad scoring and ``rb_requires_grad``).
+        rewards: ``(B, G)`` when a reward function was given.
+    """
+
+    token_logps: torch.Tensor
+    token_surprisals: torch.Tensor
     rb_entropies: torch.Tensor
     token_logqs: torch.Tensor
-    sequence_logprobs: torch.Tensor
+    sequence_logps: torch.Tensor
     sequence_logqs: torch.Tensor
     rb_entropy_sums: torch.Tensor
     gen_mask: torch.Tensor
@@ -184,16 +183,14 @@ class SequenceProcessor:
         self,
         model: torch.nn.Module,
         tokenizer,
-        config: GenerationConfig | dict | None = None,
+        config: SamplingConfig | dict | None = None,
         precision: PrecisionConfig | dict | None = None,
         vllm_backend=None,
     ) -> None:
         if isinstance(config, dict):  # seed 002 style: {"generation": {...}, "precision": {...}}
             precision = precision or config.get("precision")
-            config = GenerationConfig(
-                **config.get("generation", config if "generation" not in config else {})
-            )
-        self.config = config or GenerationConfig()
+            config = SamplingConfig(**config.get("generation", config if "generation" not in config else {}))
+        self.config = config or SamplingConfig()
         self.precision = (
             PrecisionConfig(**precision) if isinstance(precision, dict) else precision or PrecisionConfig()
         )
@@ -207,7 +204,6 @@ class SequenceProcessor:
             raise ValueError("The vLLM backend cannot express multi-layer patching; use backend='hf'.")
         base = model.base if self.is_lens else model
         self.eos_token_id = base.config.eos_token_id if tokenizer is None else tokenizer.eos_token_id
-        self.diagnostics = DistributionDiagnostics(self.config.policy, self.eos_token_id)
         self._params_zero: dict[str, torch.Tensor] | None = None
         torch.backends.cuda.matmul.allow_tf32 = self.precision.allow_tf32
 
@@ -223,14 +219,9 @@ class SequenceProcessor:
 
     # ------------------------------------------------------------------ prompts
     def sample_prompts(self, dataset_name: str, split: str, num_prompts: int, seed: int) -> list[str]:
-        """Draw ``num_prompts`` distinct prompts from a registered dataset with a seeded generator."""
-        if dataset_name not in PROMPT_DATASETS:
-            raise KeyError(f"Unknown prompt dataset {dataset_name!r}; registered: {sorted(PROMPT_DATASETS)}.")
-        pool = PROMPT_DATASETS[dataset_name](split)
-        if num_prompts > len(pool):
-            raise ValueError(f"{dataset_name}/{split} has {len(pool)} prompts, fewer than {num_prompts}.")
-        idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:num_prompts]
-        return [pool[int(i)] for i in idx]
+        """Draw ``num_prompts`` distinct prompts from a registered dataset with a seeded generator
+        (:func:`lens_rl.processing.prompts.sample_prompts`)."""
+        return sample_prompts(dataset_name, split, num_prompts, seed)
 
     # ------------------------------------------------------------------ generation
     def generate_batched(
@@ -257,31 +248,18 @@ class SequenceProcessor:
     def _generate_lens(self, activations: torch.Tensor, g_count: int, seed: int) -> BatchedSequences:
         if not isinstance(activations, torch.Tensor) or activations.dim() != 2:
             raise ValueError("In lens mode the prompts are activations, a (B, d) tensor.")
-        dec: Decoder = self.model
         b = activations.shape[0]
         t = self.config.max_new_tokens
-        if self.config.backend == "hf":  # prefix encoded once per activation, cache expanded over G
-            gen = dec.generate_soft_kv_cached_nondiff(
-                activations.to(self.device),
-                t,
-                generator=torch.Generator(self.device).manual_seed(seed),
-                policy=self.policy,
-                return_logits=False,
-                num_samples=g_count,
-            )
-            ids, logq = gen.hard_token_ids, gen.logprobs
-        else:
-            embeds = dec.prompt_embeds(activations.to(self.device)).detach()
-            out = self.vllm.generate(
-                policy=self.policy,
-                n=g_count,
-                max_new_tokens=t,
-                seed=seed,
-                prompt_embeds=list(embeds),
-                ignore_eos=True,
-            )
-            ids = torch.tensor([s for req in out.token_ids for s in req], device=self.device)
-            logq = torch.tensor([s for req in out.logprobs for s in req], device=self.device)
+        out = lens_rollouts(
+            self.model,
+            activations.to(self.device),
+            g_count,
+            t,
+            policy=self.policy,
+            seed=seed,
+            vllm_backend=self.vllm if self.config.backend == "vllm" else None,
+        )
+        ids, logq = out.token_ids, out.sampler_logqs
         ids = ids.view(b, g_count, t)
         return BatchedSequences(
             sequences=ids,
@@ -307,94 +285,38 @@ class SequenceProcessor:
             enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         finally:
             tok.padding_side = side
-        p_len = enc["input_ids"].shape[1]
         pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos_token_id
         t_max = self.config.max_new_tokens
-        rows_ids = enc["input_ids"].repeat_interleave(g_count, 0)
-        rows_mask = enc["attention_mask"].repeat_interleave(g_count, 0)
-        n = rows_ids.shape[0]
-        seqs = torch.full((n, p_len + t_max), pad, dtype=torch.long)
-        logq = torch.zeros(n, t_max)
-        steps_run = torch.full((n,), t_max, dtype=torch.long)
-        if self.config.backend == "hf":
-            gen = torch.Generator(self.device).manual_seed(seed)
-            for s in range(0, n, gen_batch_size):
-                e = min(s + gen_batch_size, n)
-                out = hf_generate(
-                    self.model,
-                    rows_ids[s:e].to(self.device),
-                    rows_mask[s:e].to(self.device),
-                    policy=self.policy,
-                    generator=gen,
-                    max_new_tokens=t_max,
-                    eos_token_id=self.eos_token_id,
-                    pad_token_id=pad,
-                    stop_strings=self.config.stop_strings,
-                    tokenizer=tok,
-                )
-                seqs[s:e, : out.sequences.shape[1]] = out.sequences.cpu()
-                steps_run[s:e] = out.sequences.shape[1] - p_len
-                logq[s:e, : out.sampler_logq.shape[1]] = out.sampler_logq.float().cpu()
-                if progress is not None:
-                    progress(e - s)
-        else:
-            ids = [
-                row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)
-            ]
-            out = self.vllm.generate(
-                policy=self.policy,
-                n=g_count,
-                max_new_tokens=t_max,
-                seed=seed,
-                prompt_token_ids=ids,
-                stop=self.config.stop_strings,
-                eos_token_id=self.eos_token_id,
-            )
-            r = 0
-            for req_ids, req_lp in zip(out.token_ids, out.logprobs, strict=True):
-                for sample_ids, sample_lp in zip(req_ids, req_lp, strict=True):
-                    seqs[r, :p_len] = rows_ids[r]
-                    seqs[r, p_len : p_len + len(sample_ids)] = torch.tensor(sample_ids)
-                    logq[r, : len(sample_lp)] = torch.tensor(sample_lp)
-                    r += 1
-            if progress is not None:
-                progress(n)
-        gen_part = seqs[:, p_len:]
-        if self.config.backend == "vllm":  # vLLM returns each sample up to its own stop
-            gen_lens = torch.tensor([len(s) for req in out.token_ids for s in req])
-        else:
-            gen_lens = self._gen_lengths(gen_part, steps_run)
+        out = text_rollouts(
+            self.model,
+            tok,
+            enc["input_ids"],
+            enc["attention_mask"],
+            g_count,
+            t_max,
+            policy=self.policy,
+            seed=seed,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=pad,
+            stop_strings=self.config.stop_strings,
+            gen_batch_size=gen_batch_size,
+            vllm_backend=self.vllm if self.config.backend == "vllm" else None,
+            progress=progress,
+        )
+        p_len, n = enc["input_ids"].shape[1], out.sequences.shape[0]
+        gen_part, gen_lens = out.sequences[:, p_len:], out.gen_lens
         t_mask = torch.arange(t_max)[None, :] < gen_lens[:, None]
-        attn = torch.cat([rows_mask, t_mask.long()], dim=1)
+        attn = torch.cat([enc["attention_mask"].repeat_interleave(g_count, 0), t_mask.long()], dim=1)
         texts = [tok.decode(gen_part[i, : gen_lens[i]]) for i in range(n)]
         b = len(prompts)
         return BatchedSequences(
-            sequences=seqs.view(b, g_count, -1).to(self.device),
+            sequences=out.sequences.view(b, g_count, -1).to(self.device),
             prompt_lens=[p_len] * b,
             gen_lens=gen_lens.view(b, g_count).to(self.device),
             attention_masks=attn.view(b, g_count, -1).to(self.device),
             responses_text=[texts[i * g_count : (i + 1) * g_count] for i in range(b)],
-            sampler_logprobs=(logq * t_mask).view(b, g_count, t_max).to(self.device),
+            sampler_logprobs=(out.sampler_logqs * t_mask).view(b, g_count, t_max).to(self.device),
         )
-
-    def _gen_lengths(self, gen_part: torch.Tensor, steps_run: torch.Tensor) -> torch.Tensor:
-        """Generated tokens per row: through the first EOS, else through the token that completes
-        a stop string, else every step the generator ran for that row's batch. (A sampled pad
-        token is an ordinary token: after a stop HF pads, but those positions lie past the stop.)"""
-        n = gen_part.shape[0]
-        lens = steps_run.clone()
-        stops = self.config.stop_strings or []
-        for i in range(n):
-            row = gen_part[i, : int(steps_run[i])]
-            eos = (row == self.eos_token_id).nonzero()
-            end = int(eos[0]) + 1 if len(eos) else int(steps_run[i])
-            if stops:
-                for t in range(1, end + 1):
-                    if any(stop in self.tokenizer.decode(row[:t]) for stop in stops):
-                        end = t
-                        break
-            lens[i] = end
-        return lens
 
     # ------------------------------------------------------------------ parameter overrides
     def _named_params(self) -> dict[str, torch.Tensor]:
@@ -476,26 +398,33 @@ class SequenceProcessor:
                 if mapping is None and not with_grad:
                     mapping = self._zero_mapping()
                 logits, tokens = self._logits(sequences, rows, mapping)
-                if return_diagnostics:  # one pass over the vocabulary for scores and diagnostics
-                    scores, pack = self.diagnostics.score_and_diagnose(logits, tokens, mask[rows], fp64=fp64)
-                    diag_parts.append(pack)
-                else:
-                    scores = token_scores(logits, tokens, self.policy, fp64=fp64)
-            m = mask[rows].to(scores["logp"].dtype)
+                sc = score_tokens(  # one pass over the vocabulary for scores and diagnostics
+                    logits,
+                    tokens,
+                    self.policy,
+                    fp64=fp64,
+                    diagnostics=return_diagnostics,
+                    mask=mask[rows],
+                    eos_token_id=self.eos_token_id,
+                )
+                if return_diagnostics:
+                    diag_parts.append(sc.diagnostics)
+            m = mask[rows].to(sc.logp.dtype)
             for k in parts:
-                parts[k].append(torch.where(m.bool(), scores[k], torch.zeros_like(scores[k])))
+                val = getattr(sc, k)
+                parts[k].append(torch.where(m.bool(), val, torch.zeros_like(val)))
             if progress is not None:
                 progress(rows.stop - rows.start)
         full = {k: torch.cat(v).view(b, g_count, -1) for k, v in parts.items()}
         rb_torch = full["rb_entropy"] if (with_grad and self.config.rb_requires_grad) else None
         res = LogprobResults(
-            logprobs=full["logp"],
-            entropies=full["surprisal"].detach() if not with_grad else full["surprisal"],
+            token_logps=full["logp"],
+            token_surprisals=full["surprisal"].detach() if not with_grad else full["surprisal"],
             rb_entropies=full["rb_entropy"].detach()
             if compute_rb
             else torch.zeros_like(full["logp"]).detach(),
             token_logqs=full["logq"],
-            sequence_logprobs=full["logp"].sum(-1),
+            sequence_logps=full["logp"].sum(-1),
             sequence_logqs=full["logq"].sum(-1),
             rb_entropy_sums=full["rb_entropy"].detach().sum(-1),
             gen_mask=sequences.gen_mask,
@@ -503,7 +432,7 @@ class SequenceProcessor:
         )
         if not return_diagnostics:
             return res
-        return res, DiagnosticsResults(_concat_packs(diag_parts))
+        return res, DiagnosticsResults(DiagnosticsPack.cat(diag_parts))
 
     def teacher_force_logprobs_with_diagnostics(self, sequences: BatchedSequences, **kwargs):
         """:meth:`teacher_force_logprobs` that also returns :class:`DiagnosticsResults`."""
@@ -538,8 +467,6 @@ class SequenceProcessor:
         not in ``v_named`` are held fixed. Values outside ``gen_mask`` are 0. ``progress(n)`` is
         called with the number of sequences done after each batch.
         """
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         if method not in ("jvp", "double_backward"):
             raise ValueError(f"method must be jvp or double_backward, not {method!r}.")
         missing = set(v_named) - set(dict(self.model.named_parameters()))
@@ -560,14 +487,11 @@ class SequenceProcessor:
 
             def scores(trainable: dict[str, torch.Tensor], rows=rows) -> tuple[torch.Tensor, torch.Tensor]:
                 logits, tokens = self._logits(sequences, rows, {**base, **trainable})
-                sc = token_scores(logits, tokens, self.policy, fp64=fp64)
-                return sc["logq"], sc["rb_entropy"]
+                sc = score_tokens(logits, tokens, self.policy, fp64=fp64)
+                return sc.logq, sc.rb_entropy
 
             with sdpa_kernel(SDPBackend.MATH):
-                if method == "jvp":
-                    (lq, rb), (dlq, drb) = torch.func.jvp(scores, (primals,), (tangents,))
-                else:
-                    lq, rb, dlq, drb = _double_backward_jvp(scores, primals, tangents)
+                (lq, rb), (dlq, drb) = jvp(scores, primals, tangents, method)
             m = mask[rows]
             for k, val in zip(("logq", "rb", "d_logq", "d_rb"), (lq, rb, dlq, drb), strict=True):
                 parts[k].append(torch.where(m, val.detach(), torch.zeros_like(val)))
@@ -626,7 +550,7 @@ class SequenceProcessor:
         if prompts_pool is None:
             if dataset_name is None:
                 raise ValueError("Give prompts_pool or dataset_name.")
-            prompts_pool = PROMPT_DATASETS[dataset_name](split)
+            prompts_pool = prompt_pool(dataset_name, split)
         size = len(prompts_pool) if max_prompts_pool is None else min(max_prompts_pool, len(prompts_pool))
         idx = torch.randint(0, size, (total_sequences,), generator=torch.Generator().manual_seed(seed))
         if isinstance(prompts_pool, torch.Tensor):
@@ -635,39 +559,3 @@ class SequenceProcessor:
             chosen = [prompts_pool[int(i)] for i in idx]
         kwargs.pop("G", None)
         return self.generate_with_logprobs(prompts=chosen, G=1, seed=seed, **kwargs)
-
-
-def _double_backward_jvp(fn, primals: dict, tangents: dict) -> tuple[torch.Tensor, ...]:
-    """``J v`` by reverse mode: ``g(u) = J^T u`` is linear in ``u``, so ``d<g(u), v>/du = J v``."""
-    params = {k: p.detach().requires_grad_(True) for k, p in primals.items()}
-    with torch.enable_grad():
-        outs = fn(params)
-        us = [torch.zeros_like(o, requires_grad=True) for o in outs]
-        keys = list(params)
-        safe = [torch.where(torch.isfinite(o), o, torch.zeros_like(o)) for o in outs]
-        grads = torch.autograd.grad(safe, [params[k] for k in keys], us, create_graph=True, allow_unused=True)
-        pairs = [(g, tangents[k]) for g, k in zip(grads, keys, strict=True) if g is not None]
-        dot = sum((g * t).sum() for g, t in pairs)
-        jv = torch.autograd.grad(dot, us, allow_unused=True)
-    return (
-        *(o.detach() for o in outs),
-        *(torch.zeros_like(o) if j is None else j.detach() for o, j in zip(outs, jv, strict=True)),
-    )
-
-
-def _concat_packs(packs: list[DiagnosticsPack]) -> DiagnosticsPack:
-    from dataclasses import fields as dc_fields
-
-    from lens_rl.ops.diagnostics import SequenceDiagnostics, TokenStepDiagnostics
-
-    def cat(objs, cls):
-        vals = {}
-        for f in dc_fields(cls):
-            xs = [getattr(o, f.name) for o in objs]
-            vals[f.name] = None if xs[0] is None else torch.cat(xs)
-        return cls(**vals)
-
-    return DiagnosticsPack(
-        step=cat([p.step for p in packs], TokenStepDiagnostics),
-        seq=cat([p.seq for p in packs], SequenceDiagnostics),
-    )

@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from lens_rl.data.corpus import pydoc_topics
+from lens_rl.models.tokenizer import train_bpe_tokenizer
+
 SHAPES = ("llama-1b", "qwen3-1b", "gemma3-1b")
 
 
@@ -89,8 +92,6 @@ def build_realistic_model(
 ) -> Path:
     """Write a seeded random model of shape ``name`` and a tokenizer to ``save_dir`` (reused when
     already there); returns the folder."""
-    from lens_rl.data.corpus import pydoc_topics
-    from lens_rl.models.tokenizer import train_bpe_tokenizer
 
     save_dir = Path(save_dir)
     if (save_dir / "config.json").exists() and (save_dir / "tokenizer.json").exists():

@@ -10,6 +10,10 @@ every N-th sample and the sums are reduced):
 - ``kl_recon`` / ``kl_train``: functional KL of the next-token distribution with Â / A_train;
 - ``lm_kl``: KL(P_orig || P_dec) on the explanations;
 - ``entropy``: the decoder's mean next-token entropy.
+
+The reconstruction arithmetic is :mod:`lens_rl.metrics`'s (:class:`~lens_rl.metrics.FVEAccumulator`
+for the split, :func:`~lens_rl.metrics.reconstruct` for each sample explanation's ``rel_error``:
+``||A_train - A||^2 / ||A - train_mean||^2``).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lens_rl.data.dataset import materialize
-from lens_rl.training.losses import entropy_from_logits
-from lens_rl.training.sft_losses import functional_kl, lm_kl, reconstruct
+from lens_rl.metrics import FVEAccumulator, functional_kl, reconstruct
+from lens_rl.ops.distributions import entropy_from_logits
+from lens_rl.training.reports import evaluation_tables
+from lens_rl.training.sft_losses import lm_kl, round_trip
 
 
 @torch.no_grad()
@@ -51,42 +57,28 @@ def evaluate_lens(
     # Each process takes every N-th sample (a process may get none on a tiny set).
     subset = Subset(dataset, list(range(process_index, len(dataset), num_processes)))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False)
-    keys = [
-        "sse",
-        "sse_recon",
-        "sse_base",
-        "sum_a",
-        "sum_a2",
-        "n",
-        "kl_recon",
-        "kl_train",
-        "lm_kl",
-        "entropy",
-    ]
+    keys = ["n", "kl_recon", "kl_train", "lm_kl", "entropy"]
     acc = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
     d = train_mean.numel()
-    sum_a = torch.zeros(d, dtype=torch.float64, device=device)
-    sum_a2 = torch.zeros(d, dtype=torch.float64, device=device)
+    # one predictor each: A_train (the lens), Â (differs only with resample ablation), train mean
+    fve = {name: FVEAccumulator(d, device) for name in ("train", "recon", "base")}
     samples: list[dict[str, Any]] = []
     mean = train_mean.to(device)
     for i, batch in enumerate(loader):
         batch = materialize({k: v.to(device) for k, v in batch.items()}, orig, layer)
         g = torch.Generator(device).manual_seed(seed + 1_000 * i + process_index)
-        gen, a_hat, a_train = reconstruct(
-            lens, batch, t_text, 1.0, g, resample_ablation, differentiable=False
-        )
+        gen, a_hat, a_train = round_trip(lens, batch, t_text, 1.0, g, resample_ablation, differentiable=False)
         a = batch["A"].double()
-        sum_a += a.sum(0)
-        sum_a2 += (a * a).sum(0)
         acc["n"] += a.shape[0]
-        acc["sse"] += (a_train.double() - a).pow(2).sum()
-        acc["sse_recon"] += (a_hat.double() - a).pow(2).sum()
-        acc["sse_base"] += (mean.double() - a).pow(2).sum()
+        fve["train"].update(a_train, a)
+        fve["recon"].update(a_hat, a)
+        fve["base"].update(mean, a)
         acc["kl_recon"] += functional_kl(orig, batch, layer, a_hat).double().sum()
         acc["kl_train"] += functional_kl(orig, batch, layer, a_train).double().sum()
         acc["lm_kl"] += lm_kl(orig, prefix_ids, gen.hard_token_ids, gen.raw_lm_logits).double().mean(1).sum()
         acc["entropy"] += entropy_from_logits(gen.raw_lm_logits).double().mean(1).sum()
         if len(samples) < num_explanations and process_index == 0:
+            rel_error = reconstruct(a_train, a, train_mean=mean).rel_error
             for b in range(min(a.shape[0], num_explanations - len(samples))):
                 p = int(batch["token_pos"][b])
                 ids = batch["input_ids"][b]
@@ -97,26 +89,22 @@ def evaluate_lens(
                         "context": tokenizer.decode(ids[max(0, p - 15) : p]),
                         "token": tokenizer.decode(ids[p : p + 1]),
                         "explanation": tokenizer.decode(gen.hard_token_ids[b]),
-                        "sq_error": float(
-                            (a_train[b].double() - a[b]).pow(2).sum() / (a[b] - mean).pow(2).sum()
-                        ),
+                        "rel_error": float(rel_error[b]),
                     }
                 )
     if len(dataset) == 0:
         raise ValueError("The evaluation set is empty.")
-    acc["sum_a"] = sum_a
-    acc["sum_a2"] = sum_a2
     if reduce is not None:
         acc = {k: reduce(v) for k, v in acc.items()}
+        for f in fve.values():
+            f.reduce_(reduce)
     n = acc["n"]
-    sst = (acc["sum_a2"] - acc["sum_a"] ** 2 / n).sum()  # sum ||A - mean_val||^2
-    var_mean = train_var.double().mean().to(device)
     metrics = {
-        "fve": 1 - acc["sse"] / sst,
-        "fve_recon": 1 - acc["sse_recon"] / sst,
-        "baseline_mean_fve": 1 - acc["sse_base"] / sst,
-        "nmse": acc["sse"] / (n * d) / var_mean,
-        "baseline_mean_nmse": acc["sse_base"] / (n * d) / var_mean,
+        "fve": fve["train"].fve(),
+        "fve_recon": fve["recon"].fve(),
+        "baseline_mean_fve": fve["base"].fve(),
+        "nmse": fve["train"].nmse(train_var),
+        "baseline_mean_nmse": fve["base"].nmse(train_var),
         "kl_recon": acc["kl_recon"] / n,
         "kl_train": acc["kl_train"] / n,
         "lm_kl": acc["lm_kl"] / n,
@@ -132,7 +120,7 @@ def evaluate_on_processes(
 ) -> tuple[dict[str, float], list]:
     """:func:`evaluate_lens` as both trainers run it: every process takes its share of
     ``dataset``, the sums are reduced, and the main process prints the metrics and sample
-    explanations (:func:`lens_rl.explanations.evaluation_tables`). ``kwargs`` are
+    explanations (:func:`lens_rl.training.reports.evaluation_tables`). ``kwargs`` are
     :func:`evaluate_lens`'s keyword arguments other than the process layout and the device."""
     acc = accelerator
     metrics, samples = evaluate_lens(
@@ -147,8 +135,6 @@ def evaluate_on_processes(
     )
     if acc.is_main_process:
         from rich.console import Console
-
-        from lens_rl.explanations import evaluation_tables
 
         Console().print(*evaluation_tables(metrics, samples, step=step))
     return metrics, samples

@@ -1,6 +1,6 @@
 """End-of-run explanations, shared by both training configs (a base of ``LensSFTConfig`` and
 ``LensGRPOConfig``): how many held-out windows are explained at every position and how many
-explanations are sampled per position (:func:`lens_rl.explanations.report_samples`)."""
+explanations are sampled per position (:func:`lens_rl.training.reports.report_samples`)."""
 
 from __future__ import annotations
 

@@ -4,9 +4,10 @@ policy.
 
 Overridden surface (everything else is TRL 1.16's ``GRPOTrainer``):
 
-- ``_generate_and_score_completions``: rollouts from activations (HF nondiff generator with the
-  prefix encoded once per group, or vLLM with one request of n = group size per activation and
-  the decoder prompt as ``prompt_embeds``; a trainable base is synced into the engine after each
+- ``_generate_and_score_completions``: rollouts from activations
+  (:func:`~lens_rl.generation.rollouts.lens_rollouts`: HF nondiff generator with the prefix
+  encoded once per group, or vLLM with one request of n = group size per activation and the
+  decoder prompt as ``prompt_embeds``; a trainable base is synced into the engine after each
   optimizer step); theta_old scores and step diagnostics from one teacher-forced pass and one
   vocabulary sweep, through the wrapped module (the trainer's autocast); rewards through TRL's
   reward-function machinery (the reconstruction reward first; prompts are the activations'
@@ -41,16 +42,17 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
 from lens_rl.data.dataset import ActivationDataset
+from lens_rl.generation.rollouts import lens_rollouts
+from lens_rl.metrics import reconstruct
 from lens_rl.models.families import embed_tokens
 from lens_rl.models.lens import ConsistencyLens, LensModule
 from lens_rl.models.orig import OrigWrapper
-from lens_rl.ops.diagnostics import DiagnosticsPack, DistributionDiagnostics, token_scores
+from lens_rl.ops.diagnostics import TokenScores, score_tokens
 from lens_rl.ops.importance import importance_weights, mismatch_stats, token_log_ratio
 from lens_rl.ops.sampling import SamplingPolicy, step_seed
 from lens_rl.training.evaluate import evaluate_on_processes
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.guards import NonFiniteGuard
-from lens_rl.training.losses import normalized_mse
 from lens_rl.training.rewards import group_advantages, reconstruction_reward
 from lens_rl.training.trackers import log_completions_text, log_samples
 
@@ -80,17 +82,23 @@ def _score(
     if encoder_mse is not None:
         current_token, feature_var = encoder_mse
         emb = embed_tokens(lens.decoder.base, tokens).detach()  # what the model embeds (Gemma: scaled)
-        mse = normalized_mse(lens.encoder(emb, current_token_ids=current_token), acts, feature_var)
+        a_hat = lens.encoder(emb, current_token_ids=current_token)
+        mse = reconstruct(a_hat, acts, train_var=feature_var, dtype=torch.float32).nmse.mean()
     return logq, out.entropies, mse
 
 
 def _score_rollouts(
-    lens: ConsistencyLens, acts: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, diagnostics
-) -> tuple[dict[str, torch.Tensor], DiagnosticsPack]:
+    lens: ConsistencyLens,
+    acts: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    policy: SamplingPolicy,
+    eos_token_id: int | None,
+) -> TokenScores:
     """Scores of sampled tokens under the current parameters (theta_old) and the step
     diagnostics, from one teacher-forced pass and one sweep over the vocabulary."""
     logits = lens.decoder.fwd_tokens(acts, tokens, scores=False).logits
-    return diagnostics.score_and_diagnose(logits, tokens, mask)
+    return score_tokens(logits, tokens, policy, diagnostics=True, mask=mask, eos_token_id=eos_token_id)
 
 
 def _group_size(idx: torch.Tensor) -> int:
@@ -137,7 +145,6 @@ class LensGRPOTrainer(GRPOTrainer):
         self.lens_args = args
         self.var_mean = float(train_store.var.double().mean())
         self.vllm_backend = vllm_backend
-        self.diagnostics = DistributionDiagnostics(args.policy, tokenizer.eos_token_id)
         self._rollout_calls = 0
         self.last_samples: list[dict[str, Any]] = []
         rewards = [self._reconstruction_reward_fn(), *(reward_funcs or [])]
@@ -184,7 +191,7 @@ class LensGRPOTrainer(GRPOTrainer):
                 reward, a_hat = reconstruction_reward(lens, a, ids, cur, trainer.var_mean)
                 w_kl = trainer.lens_args.functional_kl_reward
                 if w_kl > 0:
-                    from lens_rl.training.sft_losses import functional_kl
+                    from lens_rl.metrics import functional_kl
 
                     batch = {
                         "input_ids": trainer.store.input_ids[idx].long().to(device),
@@ -209,39 +216,25 @@ class LensGRPOTrainer(GRPOTrainer):
     def _rollouts(
         self, acts: torch.Tensor, seed: int, idx: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids ``(N, t_text)`` and the sampler's own log q of each."""
+        """Token ids ``(N, t_text)`` and the sampler's own log q of each (:func:`lens_rollouts`).
+
+        TRL's sampler hands over each activation num_generations times in a row: the rollouts get
+        one row per group and sample the group from it (HF: the prefix encoded once and the KV
+        cache expanded over the group; vLLM: one request with n = group size)."""
         args = self.lens_args
-        dec = self.lens.decoder
-        if self.vllm_backend is None:
-            # TRL's sampler hands over each activation num_generations times in a row: encode
-            # the prefix once per group and expand the KV cache over the group.
-            g = _group_size(idx)
-            gen = dec.generate_soft_kv_cached_nondiff(
-                acts[::g],
-                args.t_text,
-                generator=torch.Generator(acts.device).manual_seed(seed),
-                policy=args.policy,
-                return_logits=False,
-                num_samples=g,
-            )
-            return gen.hard_token_ids, gen.logprobs
-        self._sync_vllm_weights()
-        # One request per activation with n = group size (as the sequence processor sends them):
-        # the engine encodes each prompt once.
+        if self.vllm_backend is not None:
+            self._sync_vllm_weights()
         g = _group_size(idx)
-        with torch.no_grad():
-            embeds = dec.prompt_embeds(acts[::g])
-        out = self.vllm_backend.generate(
+        out = lens_rollouts(
+            self.lens.decoder,
+            acts[::g],
+            g,
+            args.t_text,
             policy=args.policy,
-            n=g,
-            max_new_tokens=args.t_text,
             seed=seed,
-            prompt_embeds=list(embeds),
-            ignore_eos=True,
+            vllm_backend=self.vllm_backend,
         )
-        ids = torch.tensor([s for r in out.token_ids for s in r], device=acts.device)
-        lp = torch.tensor([s for r in out.logprobs for s in r], device=acts.device, dtype=torch.float32)
-        return ids, lp
+        return out.token_ids, out.sampler_logqs
 
     def _sync_vllm_weights(self) -> None:
         """Push the decoder base into the vLLM engine once per optimizer step, when it trains
@@ -279,8 +272,11 @@ class LensGRPOTrainer(GRPOTrainer):
         # the wrapped module: under the trainer's autocast, so bf16 training measures (and corrects)
         # its own mismatch to the sampler.
         with torch.no_grad():
-            scores, pack = self.model(_score_rollouts, acts, ids, mask, self.diagnostics)
-        logq_old = scores["logq"].float()
+            scores = self.model(
+                _score_rollouts, acts, ids, mask, args.policy, self.processing_class.eos_token_id
+            )
+        pack = scores.diagnostics
+        logq_old = scores.logq.float()
         # A sampled token outside the trainer's own support (q_theta_old = 0: a tie at the nucleus
         # edge resolved differently by the sampler's numerics) is one the policy cannot produce:
         # it is left out of the loss (TRL's completion mask), and counted.
@@ -362,7 +358,7 @@ class LensGRPOTrainer(GRPOTrainer):
                 metrics[f"sampling/lens_is/{k}"].append(v)
             # TRL's ratio against the untruncated tempered softmax (the issue-6789 bias), for
             # comparison: the kernel's log softmax(z/T)_y, from the same vocabulary sweep.
-            full_lp = scores["logp_temp"].float()
+            full_lp = scores.logp_temp.float()
             metrics["sampling/full_softmax_ratio_mean"].append(
                 float(token_log_ratio(full_lp, sampler_lp, mask).exp().mean())
             )
@@ -372,7 +368,7 @@ class LensGRPOTrainer(GRPOTrainer):
             prefix = self.prefix_ids.to(device).expand(len(prompts), -1)
             with torch.no_grad():
                 ref_logits = self.orig.logits(torch.cat([prefix, ids], dim=1))[:, prefix.shape[1] - 1 : -1]
-                out["ref_per_token_logps"] = token_scores(ref_logits, ids, args.policy)["logq"].float()
+                out["ref_per_token_logps"] = score_tokens(ref_logits, ids, args.policy).logq.float()
         return out
 
     def _log_completions_and_reward_logs(

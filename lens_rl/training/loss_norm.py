@@ -1,6 +1,7 @@
 """TRL 1.16's aggregation of a GRPO per-token loss into the scalar that is back-propagated.
 
-One implementation shared by the lens GRPO trainer and the entropy probe. It reproduces the
+The entropy probe's copy of the loss the lens GRPO trainer back-propagates (the trainer runs
+TRL's own ``_compute_loss``; ``tests/test_loss_norm.py`` checks the two agree). It reproduces the
 ``loss_type`` branches at the end of ``trl.trainer.grpo_trainer.GRPOTrainer._compute_loss``
 (TRL 1.16.0, ``grpo_trainer.py`` lines 3152-3182), with the trainer's state passed explicitly:
 

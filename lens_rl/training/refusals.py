@@ -205,7 +205,7 @@ def refuse_sharded_parameters(cfg) -> None:
     frozen original model (which FSDP's RAM-efficient loading leaves unloaded on every rank but
     the first), the soft-token embedding product of the generators, the rollouts and the scoring.
     Measured on CPU: ZeRO-3 fails in the first step with an IndexError; ZeRO-1/2 and DDP are
-    exact (README, "DeepSpeed")."""
+    exact (docs/deepspeed.md)."""
     kind = type(cfg).__name__
     if cfg.fsdp or _env_true("ACCELERATE_USE_FSDP"):
         how = f"fsdp={cfg.fsdp!r}" if cfg.fsdp else "accelerate launch --use_fsdp (ACCELERATE_USE_FSDP)"

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from trl.trainer.utils import nanstd
 
+from lens_rl.metrics import reconstruct
 from lens_rl.models.families import embed_tokens
 from lens_rl.models.lens import ConsistencyLens
 
@@ -19,7 +20,8 @@ def reconstruction_reward(
     current_token_ids: torch.Tensor,
     var_mean: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(reward, Â)``: reward ``-||Â - A||^2 / (d * mean train variance)`` per row: 0 is perfect, -1 is the mean predictor.
+    """``(reward, Â)``: reward ``-nmse = -||Â - A||^2 / (d * mean train variance)`` per row
+    (:func:`~lens_rl.metrics.reconstruct`, float32): 0 is perfect, -1 is the mean predictor.
 
     Args:
         activations: ``(N, d)`` the activations the explanations were generated from.
@@ -29,7 +31,7 @@ def reconstruction_reward(
     """
     emb = embed_tokens(lens.decoder.base, completion_ids)  # what the model embeds (Gemma: scaled)
     a_hat = lens.encoder(emb, current_token_ids=current_token_ids)
-    return -(a_hat - activations).pow(2).mean(-1) / var_mean, a_hat
+    return -reconstruct(a_hat, activations, train_var=var_mean, dtype=torch.float32).nmse, a_hat
 
 
 def group_advantages(

@@ -8,7 +8,16 @@ from typing import Any
 
 import torch
 
+from lens_rl.data.dataset import ActivationDataset
+from lens_rl.models.lens import ConsistencyLens, base_record
+from lens_rl.models.orig import OrigWrapper
+from lens_rl.training.evaluate import evaluate_lens
 from lens_rl.training.grpo_config import LensGRPOConfig
+from lens_rl.training.grpo_trainer import LensGRPOTrainer
+from lens_rl.training.guards import claim_output_dir, main_then_all, train_or_finish
+from lens_rl.training.reports import end_of_run_report
+from lens_rl.training.trackers import log_lens_artifact, stage_run
+from lens_rl.utils.launch import check_world_size, resolve_resume
 
 
 def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, Any]:
@@ -16,10 +25,6 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
     given) and TRL's ``log_history``. ``reward_funcs`` (TRL signature) are added after the
     reconstruction reward; weigh them with ``reward_weights``."""
     from accelerate import PartialState
-
-    from lens_rl.training.guards import claim_output_dir, main_then_all
-    from lens_rl.training.trackers import stage_run
-    from lens_rl.utils.launch import check_world_size, resolve_resume
 
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -38,13 +43,6 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
 def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: str | None) -> dict[str, Any]:
     """The body of :func:`run_rl` once the output folder is claimed."""
     from transformers import AutoTokenizer
-
-    from lens_rl.data.dataset import ActivationDataset
-    from lens_rl.models.lens import ConsistencyLens, base_record
-    from lens_rl.models.orig import OrigWrapper
-    from lens_rl.training.evaluate import evaluate_lens
-    from lens_rl.training.grpo_trainer import LensGRPOTrainer
-    from lens_rl.training.guards import train_or_finish
 
     cfg.check_model_folders()  # local folders only: no Hub lookup for a mistyped path
     tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
@@ -172,9 +170,6 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
         lens.save_pretrained(out / "lens")
     after = evaluate()
     if state.is_main_process:
-        from lens_rl.explanations import end_of_run_report
-        from lens_rl.training.trackers import log_lens_artifact
-
         title = f"held-out explanations after {trainer.state.global_step} GRPO steps"
         end_of_run_report(cfg, lens, orig, val, tok, store.layer, out, title, trainer=trainer)
         log_lens_artifact(trainer, out / "lens", after)

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lens_rl.metrics import FVEAccumulator, functional_kl, reconstruct
 from lens_rl.models.lens import ConsistencyLens
 from lens_rl.models.orig import OrigWrapper
-from lens_rl.training.losses import entropy_from_logits, kl_from_logits, normalized_mse
+from lens_rl.ops.distributions import entropy_from_logits, kl_from_logits
 
 
 @dataclass
@@ -22,7 +23,7 @@ class StepWeights:
     tau: float
 
 
-def reconstruct(
+def round_trip(
     lens: ConsistencyLens,
     batch: dict[str, torch.Tensor],
     t_text: int,
@@ -57,19 +58,6 @@ def lm_kl(orig: OrigWrapper, prefix_ids: torch.Tensor, hard_ids: torch.Tensor, d
     return kl_from_logits(orig_logits, dec_logits)  # (B, T)
 
 
-def functional_kl(
-    orig: OrigWrapper, batch: dict[str, torch.Tensor], layer: int, new_activation: torch.Tensor
-):
-    """KL(P(next | A) || P(next | new)) at the position of A, per row (context cut after P)."""
-    pos = batch["token_pos"]
-    ids = batch["input_ids"][:, : int(pos.max()) + 1]
-    rows = torch.arange(ids.shape[0], device=ids.device)
-    with torch.no_grad():
-        clean = orig.logits(ids)[rows, pos]
-    patched = orig.next_token_logits_with_replacement(ids, layer, pos, new_activation)
-    return kl_from_logits(clean, patched)
-
-
 def sft_losses(
     lens: ConsistencyLens,
     orig: OrigWrapper,
@@ -84,10 +72,10 @@ def sft_losses(
     resample_ablation: bool,
 ) -> dict[str, torch.Tensor]:
     """Total loss and its parts. Terms with weight 0 are not computed (they cost forward passes)."""
-    gen, a_hat, a_train = reconstruct(lens, batch, t_text, weights.tau, generator, resample_ablation)
+    gen, a_hat, a_train = round_trip(lens, batch, t_text, weights.tau, generator, resample_ablation)
     a = batch["A"]
     out: dict[str, torch.Tensor] = {}
-    out["mse"] = normalized_mse(a_train, a, feature_var)
+    out["mse"] = reconstruct(a_train, a, train_var=feature_var, dtype=torch.float32).nmse.mean()
     total = weights.mse * out["mse"]
     if weights.lm > 0:
         out["lm"] = lm_kl(orig, prefix_ids, gen.hard_token_ids, gen.raw_lm_logits).mean()
@@ -99,6 +87,8 @@ def sft_losses(
     if weights.entropy != 0:
         total = total - weights.entropy * out["entropy"]
     with torch.no_grad():
-        out["fve_batch"] = 1 - (a_train - a).pow(2).sum() / (a - a.mean(0)).pow(2).sum().clamp(min=1e-12)
+        batch_fve = FVEAccumulator(a.shape[-1], a.device)
+        batch_fve.update(a_train, a)
+        out["fve_batch"] = batch_fve.fve()
     out["loss"] = total
     return out

@@ -19,7 +19,7 @@ Everything else (DDP/DeepSpeed/FSDP through accelerate, gradient accumulation an
 LR schedules, ``checkpoint-N`` folders with rotation, ``resume_from_checkpoint``,
 ``report_to``, callbacks) is the Trainer's own. :func:`run_sft` builds the pieces, trains,
 saves the lens, evaluates it, and explains ``explain_texts`` held-out windows at every position
-(:func:`lens_rl.explanations.report_samples`: a table, ``explanations.html``,
+(:func:`lens_rl.training.reports.report_samples`: a table, ``explanations.html``,
 ``explanations_val.jsonl``).
 """
 
@@ -33,17 +33,22 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 
+from lens_rl.config import parse_args
 from lens_rl.data.dataset import ActivationDataset, OnTheFlyDataset, materialize
+from lens_rl.data.dump import DumpConfig, dump_windows
+from lens_rl.models.hooks import resolve_layer
 from lens_rl.models.lens import ConsistencyLens, LensModule, base_record
 from lens_rl.models.orig import OrigWrapper
-from lens_rl.models.surgery import resolve_layer
 from lens_rl.ops.sampling import step_seed
 from lens_rl.training.evaluate import evaluate_on_processes
 from lens_rl.training.guards import NonFiniteGuard, claim_output_dir, main_then_all, train_or_finish
+from lens_rl.training.plots import plot_curves
+from lens_rl.training.reports import end_of_run_report
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_losses import StepWeights, sft_losses
 from lens_rl.training.trackers import log_lens_artifact, log_samples, stage_run
 from lens_rl.utils.files import iter_jsonl, write_jsonl
+from lens_rl.utils.launch import check_world_size, resolve_resume
 
 METRICS_FILE = "metrics.jsonl"
 EXPLANATIONS_FILE = "explanations.jsonl"
@@ -272,8 +277,6 @@ class LensSFTTrainer(Trainer):
 
 # ---------------------------------------------------------------------- the stage end to end
 def _on_the_fly_data(cfg: LensSFTConfig, orig: OrigWrapper, tokenizer):
-    from lens_rl.config import parse_args
-    from lens_rl.data.dump import DumpConfig, dump_windows
 
     (dcfg,) = parse_args(
         [DumpConfig], ["--config", cfg.on_the_fly, "--model_name_or_path", cfg.model_name_or_path]
@@ -297,8 +300,6 @@ def build_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None
     """Load the orig model and the data, build a fresh lens and its trainer (checks run first:
     the data is validated before anything trains)."""
     from transformers import AutoTokenizer
-
-    from lens_rl.utils.launch import check_world_size
 
     check_world_size(cfg.world_size)
     cfg.check_model_folders()  # local folders only: no Hub lookup for a mistyped path
@@ -375,8 +376,6 @@ def run_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None) 
     ``eval_`` prefix; empty without a validation split) and the trainer."""
     from accelerate import PartialState
 
-    from lens_rl.utils.launch import resolve_resume
-
     out = Path(cfg.output_dir)
     resume = resolve_resume(cfg.resume_from_checkpoint, out)
     _ = cfg.device  # sets up the process group exactly as the Trainer will
@@ -416,7 +415,6 @@ def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbac
         final = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
     if acc.is_main_process:
         (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        from lens_rl.explanations import end_of_run_report
 
         title = f"held-out explanations after {trainer.state.global_step} supervised steps"
         end_of_run_report(
@@ -432,7 +430,5 @@ def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbac
         )
         log_lens_artifact(trainer, out / "lens", final)
         if cfg.plot:
-            from lens_rl.training.plots import plot_curves
-
             plot_curves(out / METRICS_FILE, out / "training_curves.png")
     return {"final": final, "trainer": trainer}

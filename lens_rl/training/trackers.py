@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SAMPLE_COLUMNS = ("step", "context", "token", "explanation", "rel_sq_error")
+SAMPLE_COLUMNS = ("step", "context", "token", "explanation", "rel_error")
 
 
 def _trackers(trainer) -> tuple[Any, Any, Any]:
@@ -65,7 +65,7 @@ def log_samples(trainer, samples: Sequence[dict[str, Any]], step: int) -> None:
     if not samples or not trainer.accelerator.is_main_process:
         return
     wandb, _, writer = _trackers(trainer)
-    rows = [[step, s["context"], s["token"], s["explanation"], float(s["sq_error"])] for s in samples]
+    rows = [[step, s["context"], s["token"], s["explanation"], float(s["rel_error"])] for s in samples]
     if wandb is not None:
         table = wandb.Table(columns=list(SAMPLE_COLUMNS), data=rows)
         wandb.log({"eval/explanations": table, "train/global_step": step})

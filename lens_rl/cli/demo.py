@@ -1,7 +1,7 @@
 """The README's main job (``make demo``): the supervised lens end to end, offline on CPU.
 
 1. Pretrain (once; cached in ``.cache/lens_rl``) a small Llama-style LM with its own BPE
-   tokenizer on text every Python installation carries (:mod:`lens_rl.pretrain`; bit-identical
+   tokenizer on text every Python installation carries (:mod:`lens_rl.cli.pretrain`; bit-identical
    across thread settings, and ``--base_seed`` picks another base).
 2. Dump activations after block 1 on held-apart windows of the pydoc corpus
    (``configs/dump_quickstart.yaml``; under ``.cache/lens_rl/activations/<weights_sha256>``;
@@ -23,6 +23,14 @@ import os
 import time
 from pathlib import Path
 
+from lens_rl.cli.pretrain import PretrainRecipe, pretrain_small_lm
+from lens_rl.config import packaged_config, parse_args
+from lens_rl.data.dump import DumpConfig, run_dump
+from lens_rl.training.grpo_config import LensGRPOConfig
+from lens_rl.training.rl_stage import run_rl
+from lens_rl.training.sft_config import LensSFTConfig
+from lens_rl.training.sft_trainer import run_sft
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -39,10 +47,6 @@ def prepare_base_and_dump(
 
     The dump lives under ``<cache>/activations/<weights_sha256>``: a rebuilt base never meets a
     dump of another base (run_dump also refuses one by fingerprint)."""
-    from lens_rl.cli import packaged_config
-    from lens_rl.config import parse_args
-    from lens_rl.data.dump import DumpConfig, run_dump
-    from lens_rl.pretrain import PretrainRecipe, pretrain_small_lm
 
     cache = Path(cache_dir).resolve()  # absolute paths in dumps and lens sidecars
     rule("1/4 base model")
@@ -93,11 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lens_rl.cli import packaged_config
-    from lens_rl.config import parse_args
-    from lens_rl.training.sft_config import LensSFTConfig
-    from lens_rl.training.sft_trainer import run_sft
-
     console = Console()
     t0 = time.perf_counter()
     cache, out = Path(args.cache_dir), Path(args.output_dir)
@@ -132,9 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 
     rl = None
     if args.rl_steps != 0:
-        from lens_rl.training.grpo_config import LensGRPOConfig
-        from lens_rl.training.rl_stage import run_rl
-
         console.rule("4/4 GRPO fine-tuning on TRL")
         rl_args = [
             "--config",
@@ -164,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, overflow="fold")
     for s in getattr(trainer, "last_samples", []):
         table.add_row(
-            repr(s["context"][-40:]), repr(s["token"]), repr(s["explanation"]), f"{s['sq_error']:.2f}"
+            repr(s["context"][-40:]), repr(s["token"]), repr(s["explanation"]), f"{s['rel_error']:.2f}"
         )
     console.print(table)
     metrics = Table(

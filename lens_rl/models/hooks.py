@@ -1,4 +1,4 @@
-"""Architecture lookup and the one hook mechanism used to read and write the residual stream.
+"""The one hook mechanism used to read and write the residual stream (and block checkpointing).
 
 The decoder's multi-layer patching, the orig model's activation replacement and the
 encoder's read-out all go through :func:`hooked`: forward (pre-)hooks registered on the HF

@@ -33,6 +33,10 @@ from pathlib import Path
 
 import torch
 
+from lens_rl.data.corpus import pydoc_topics, stdlib_sources
+from lens_rl.data.windows import tokenize_corpus
+from lens_rl.models.tokenizer import train_bpe_tokenizer
+
 # The child process's environment on CPU (see the module docstring).
 DETERMINISTIC_CPU_ENV = {
     "OMP_NUM_THREADS": "1",
@@ -93,7 +97,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
 def pretrain_small_lm(path: str | Path, recipe: PretrainRecipe = PretrainRecipe(), log=print) -> Path:
     """Build (or reuse) the tokenizer and pretrained model in ``path``; return ``path``.
 
-    On CPU the training runs in a pinned child process (``python -m lens_rl.pretrain``), so the
+    On CPU the training runs in a pinned child process (``python -m lens_rl.cli.pretrain``), so the
     result does not depend on this process's thread settings; its output streams through.
     """
     path = Path(path)
@@ -109,7 +113,7 @@ def pretrain_small_lm(path: str | Path, recipe: PretrainRecipe = PretrainRecipe(
         cmd = [
             sys.executable,
             "-m",
-            "lens_rl.pretrain",
+            "lens_rl.cli.pretrain",
             "--path",
             str(path),
             "--recipe",
@@ -128,10 +132,6 @@ def pretrain_small_lm(path: str | Path, recipe: PretrainRecipe = PretrainRecipe(
 def _pretrain(path: Path, recipe: PretrainRecipe, log=print) -> None:
     """Train the tokenizer and the model in this process and save both with ``recipe.json``."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
-
-    from lens_rl.data.corpus import pydoc_topics, stdlib_sources
-    from lens_rl.data.windows import tokenize_corpus
-    from lens_rl.models.tokenizer import train_bpe_tokenizer
 
     log(
         f"base model: pretraining a {recipe.num_layers}-layer, d={recipe.hidden_size} Llama on pydoc + stdlib"
@@ -204,8 +204,10 @@ def _pretrain(path: Path, recipe: PretrainRecipe, log=print) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Child-process entry point: ``python -m lens_rl.pretrain --path DIR --recipe JSON``."""
-    ap = argparse.ArgumentParser(description="Pretrain the quickstart's base model (see lens_rl.pretrain).")
+    """Child-process entry point: ``python -m lens_rl.cli.pretrain --path DIR --recipe JSON``."""
+    ap = argparse.ArgumentParser(
+        description="Pretrain the quickstart's base model (see lens_rl.cli.pretrain)."
+    )
     ap.add_argument("--path", required=True)
     ap.add_argument(
         "--recipe", default="{}", help="PretrainRecipe fields as JSON (default: the quickstart's)."

@@ -26,7 +26,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lens_rl.probe.config import EntropyProbeConfig
-from lens_rl.probe.runner import lm_subject, probe
+from lens_rl.probe.runner import probe
+from lens_rl.probe.subjects import lm_subject
 from lens_rl.processing.sequence_processor import BatchedSequences
 
 

@@ -24,12 +24,13 @@ import torch
 from timing import median_time
 
 from lens_rl.cli.pretrain import pretrain_small_lm
-from lens_rl.data.dump import DumpConfig, run_dump
+from lens_rl.data.dump import run_dump
 from lens_rl.data.windows import build_windows, tokenize_corpus
 from lens_rl.metrics import functional_kl, reconstruct
 from lens_rl.models import DecoderConfig, EncoderConfig
 from lens_rl.models.lens import ConsistencyLens
 from lens_rl.models.orig import OrigWrapper
+from lens_rl.testing.configs import tiny_dump_config
 
 
 def main() -> None:
@@ -54,17 +55,8 @@ def main() -> None:
 
     # 1. dump throughput vs plain forward
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = DumpConfig(
-            model_name_or_path=str(model_dir),
-            corpus="pydoc",
-            layer=1,
-            seq_len=32,
-            min_pos=4,
-            num_train=args.num_train,
-            num_val=0,
-            shard_size=2048,
-            batch_size=64,
-            output_dir=tmp,
+        cfg = tiny_dump_config(
+            model_dir, tmp, num_train=args.num_train, num_val=0, shard_size=2048, batch_size=64
         )
         t0 = time.perf_counter()
         run_dump(cfg)

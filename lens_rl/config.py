@@ -33,7 +33,12 @@ def packaged_config(name: str) -> Path:
     return Path(str(files("lens_rl") / "configs" / name))
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """A user's input (a flag, a config value, a file) cannot be right; the message names it. The
+    ``lens-rl`` command prints such errors without a traceback (exit status 2)."""
+
+
+class ConfigError(InputError):
     """A configuration value or combination of values is invalid."""
 
 

@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from lens_rl.data.corpus import pydoc_topics
+from lens_rl.data.dump import run_dump
 from lens_rl.models.tokenizer import train_bpe_tokenizer
+from lens_rl.testing.configs import tiny_dump_config
 from lens_rl.testing.tiny_models import FAMILY_ARCHS, TINY_ARCHS, build_tiny_model
 
 VOCAB_SIZE = 512
@@ -107,20 +109,7 @@ def _model_dir(tmp_path_factory, tokenizer, arch: str, name: str):
 
 
 def _dump(model_dir, tmp_path_factory, name: str):
-    from lens_rl.data.dump import DumpConfig, run_dump
-
-    return run_dump(
-        DumpConfig(
-            model_name_or_path=str(model_dir),
-            corpus="pydoc",
-            layer=1,
-            seq_len=32,
-            min_pos=4,
-            num_train=128,
-            num_val=32,
-            output_dir=str(tmp_path_factory.mktemp(name)),
-        )
-    )
+    return run_dump(tiny_dump_config(model_dir, tmp_path_factory.mktemp(name)))
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from lens_rl.config import ConfigError
 from lens_rl.models import DecoderConfig, EncoderConfig
 from lens_rl.models.families import get_blocks
 from lens_rl.models.lens import ConsistencyLens
-from lens_rl.training.sft_config import LensSFTConfig
+from lens_rl.testing.configs import tiny_sft_config
 from lens_rl.training.sft_trainer import build_sft
 
 
@@ -83,16 +83,14 @@ def test_sft_with_gradient_checkpointing_trains_the_same(tiny_model_dir, tiny_du
     losses as without it."""
     runs = {}
     for gc in (False, True):
-        cfg = LensSFTConfig(
-            model_name_or_path=str(tiny_model_dir),
-            train_data=str(tiny_dump["train"]),
-            output_dir=str(tmp_path / f"gc{gc}"),
-            per_device_train_batch_size=8,
+        cfg = tiny_sft_config(
+            tiny_model_dir,
+            tiny_dump,
+            tmp_path / f"gc{gc}",
+            val_data=None,
             max_steps=3,
-            eval_strategy="no",
-            save_strategy="no",
-            logging_steps=1,
-            t_text=3,
+            plot=True,
+            explain_texts=4,
             gradient_checkpointing=gc,
             encoder={"trainable_base": True},
             decoder={"trainable_base": True},

@@ -112,3 +112,22 @@ def test_report_to_from_yaml_list_or_comma_string(tmp_path, stage):
         (tmp_path / "c.yaml").write_text(text)
         (cfg,) = parse_args([cls], ["--config", str(tmp_path / "c.yaml"), *argv], typecheck=False)
         assert cfg.report_to == ["wandb", "tensorboard"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("lm_natural_prefix", "lm_prefix"),
+        ("ref_kl_prefix", "lm_prefix"),
+        ("num_explanations", "num_completions_to_print"),
+    ],
+)
+def test_renamed_fields_are_refused_naming_the_new_one(monkeypatch, tmp_path, stage, old, new):
+    """A renamed field, as a flag, is refused in both stages with the field that replaces it;
+    the new name is accepted."""
+    value = "3" if new == "num_completions_to_print" else "prefix:"
+    with pytest.raises(ConfigError, match=f"{old} was renamed {new}: set {new}="):
+        _parsed(monkeypatch, stage, [f"--{old}", value], tmp_path)
+    cfg = _parsed(monkeypatch, stage, [f"--{new}", value], tmp_path)
+    assert str(getattr(cfg, new)) == value

@@ -13,24 +13,16 @@ from lens_rl.config import ConfigError
 from lens_rl.data.dataset import ActivationDataset, DumpError
 from lens_rl.data.dump import DumpConfig, run_dump
 from lens_rl.models.orig import OrigWrapper
+from lens_rl.testing.configs import tiny_dump_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(model_dir, out, **kw) -> DumpConfig:
-    base = dict(
-        model_name_or_path=str(model_dir),
-        corpus="pydoc",
-        layer=1,
-        seq_len=32,
-        min_pos=4,
-        num_train=150,
-        num_val=40,
-        shard_size=64,
-        batch_size=32,
-        output_dir=str(out),
+    """150 train / 40 val windows in shards of 64 (3 train shards), forwarded 32 at a time."""
+    return tiny_dump_config(
+        model_dir, out, **({"num_train": 150, "num_val": 40, "shard_size": 64, "batch_size": 32} | kw)
     )
-    return DumpConfig(**(base | kw))
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ from lens_rl.probe.estimators import (
     snis_stat,
     snis_terms,
 )
-from lens_rl.probe.runner import _features, _flat, compute_update_vector, lm_subject, probe
+from lens_rl.probe.runner import _features, _flat, compute_update_vector, probe
+from lens_rl.probe.subjects import lm_subject
 from lens_rl.probe.update_vector import (
     adamw_direction,
     build_optimizer,
@@ -455,7 +456,7 @@ def test_probe_plot_marks_lr_and_its_tick_labels_do_not_overlap(multipliers):
     default log axis labelled minor ticks of the default sweep at lr 1e-4: 3 overlapping pairs.)"""
     from matplotlib.lines import Line2D
 
-    from lens_rl.probe.runner import probe_figure
+    from lens_rl.probe.report import probe_figure
 
     lr = 1e-4
     etas = [lr * m for m in multipliers]
@@ -512,7 +513,7 @@ def test_lens_policy_probe(tiny_model_dir, tiny_dump, tmp_path):
         AutoTokenizer.from_pretrained(tiny_model_dir),
         DecoderConfig(trainable_output_head=True),
         EncoderConfig(),
-        meta={"model_name_or_path": str(tiny_model_dir), "layer": 1},
+        lens_config={"model_name_or_path": str(tiny_model_dir), "layer": 1},
     )
     lens.save_pretrained(tmp_path / "lens")
     cfg = EntropyProbeConfig(
@@ -599,7 +600,8 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path, capsys
     from lens_rl.models import DecoderConfig, EncoderConfig
     from lens_rl.models.lens import ConsistencyLens
     from lens_rl.models.orig import OrigWrapper
-    from lens_rl.probe.runner import load_trl_checkpoint, run_entropy_probe
+    from lens_rl.probe.runner import run_entropy_probe
+    from lens_rl.probe.subjects import load_trl_checkpoint
     from lens_rl.training.grpo_config import LensGRPOConfig
     from lens_rl.training.rl_stage import run_rl
 
@@ -607,7 +609,7 @@ def test_probe_from_a_trl_checkpoint(tiny_model_dir, tiny_dump, tmp_path, capsys
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     meta = {"model_name_or_path": str(tiny_model_dir), "layer": 1}
     lens = ConsistencyLens.build(
-        orig.model, tok, DecoderConfig(trainable_output_head=True), EncoderConfig(), meta=meta
+        orig.model, tok, DecoderConfig(trainable_output_head=True), EncoderConfig(), lens_config=meta
     )
     lens.save_pretrained(tmp_path / "lens0")
     args = {

@@ -16,6 +16,7 @@ import torch
 from lens_rl.config import ConfigError
 from lens_rl.models.lens import LENS_CONFIG, ConsistencyLens
 from lens_rl.reading import explain
+from lens_rl.testing.configs import tiny_sft_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog, and returns None."
@@ -39,15 +40,13 @@ def _run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Completed
 def saved_lens(tiny_model_dir, tiny_dump, tmp_path_factory):
     """A lens built by the supervised stage's own code (`build_sft`) with the base given by a
     RELATIVE path (as a user in the model's parent folder would type it), saved untrained."""
-    from sft_configs import small_sft_config
-
     from lens_rl.training.sft_trainer import build_sft
 
     out = tmp_path_factory.mktemp("explain-lens")
     cwd = os.getcwd()
     os.chdir(tiny_model_dir.parent)
     try:
-        cfg = small_sft_config(tiny_model_dir.name, tiny_dump, out / "run")
+        cfg = tiny_sft_config(tiny_model_dir.name, tiny_dump, out / "run")
         trainer = build_sft(cfg)
         trainer.lens.save_pretrained(out / "lens")
     finally:
@@ -133,13 +132,11 @@ def test_lens_loads_and_explains_from_another_working_directory(saved_lens, tmp_
 def test_missing_base_folder_is_a_clear_error_and_base_overrides_it(tiny_model_dir, tiny_dump, tmp_path):
     """A lens whose base folder moved names the missing folder and the fix (never a Hub lookup);
     `base=` a folder with the same weights loads it."""
-    from sft_configs import small_sft_config
-
     from lens_rl.training.sft_trainer import build_sft
 
     moved = tmp_path / "base-copy"
     shutil.copytree(tiny_model_dir, moved)
-    lens = build_sft(small_sft_config(moved, tiny_dump, tmp_path / "run")).lens
+    lens = build_sft(tiny_sft_config(moved, tiny_dump, tmp_path / "run")).lens
     lens.save_pretrained(tmp_path / "lens")
     shutil.rmtree(moved)
     with pytest.raises(
@@ -147,7 +144,7 @@ def test_missing_base_folder_is_a_clear_error_and_base_overrides_it(tiny_model_d
     ):
         ConsistencyLens.from_pretrained(tmp_path / "lens")
     again = ConsistencyLens.from_pretrained(tmp_path / "lens", base=str(tiny_model_dir))
-    assert again.meta["layer"] == 1
+    assert again.lens_config.layer == 1
 
 
 def test_different_base_folder_is_refused_naming_both(saved_lens, tiny_model_factory, tiny_model_dir):
@@ -179,14 +176,14 @@ def test_older_sidecar_with_fewer_fields_loads(saved_lens, tiny_model_dir, tmp_p
         "lens_rl_version",
         "model_dtype",
     ):
-        cfg["meta"].pop(key)
+        cfg["meta"].pop(key, None)
     (old / LENS_CONFIG).write_text(json.dumps(cfg))
     monkeypatch.chdir(tiny_model_dir.parent)
     lens = ConsistencyLens.from_pretrained(old)
     with pytest.raises(ValueError, match=r"lens_config.json records no activation statistics.*train_mean"):
         explain(lens, TEXT, positions="last", k=2, t_text=3)
     saved = json.loads((saved_lens / LENS_CONFIG).read_text())["meta"]
-    lens.meta.update(train_mean=saved["train_mean"], train_var=saved["train_var"])
+    lens.lens_config.train_mean, lens.lens_config.train_var = saved["train_mean"], saved["train_var"]
     res = explain(lens, TEXT, positions="last", k=2, t_text=3)
     assert len(res) == 1 and res[0]["normaliser"] == "train_mean"
     with pytest.raises(ValueError, match="records no t_text"):
@@ -208,7 +205,7 @@ def test_explain_rows_are_the_lens_own_computation(saved_lens):
     n0 = len(tok(TEXT, add_special_tokens=False)["input_ids"])
     assert len(res) == n0 + len(tok("x = 1", add_special_tokens=False)["input_ids"])
     orig = OrigWrapper(lens.base_model)
-    mean = torch.tensor(lens.meta["train_mean"], dtype=torch.float64)
+    mean = torch.tensor(lens.lens_config.train_mean, dtype=torch.float64)
     for r in (res[0], res[n0 - 1], res[-1]):
         assert r["token"] == res.tokens[r["text_index"]][r["position"]]
         rels = [s["rel_error"] for s in r["samples"]]
@@ -315,18 +312,16 @@ def test_html_page_renders_in_headless_chromium(saved_lens, tmp_path):
 def test_supervised_training_shows_its_work(tiny_model_dir, tiny_dump, tmp_path, capsys):
     """run_sft prints the metrics and a table of sample explanations at every evaluation and at
     the end, and writes the explanations page (and its JSONL) for held-out windows."""
-    from sft_configs import small_sft_config
-
     from lens_rl.training.sft_trainer import run_sft
 
     out = tmp_path / "run"
-    cfg = small_sft_config(
+    cfg = tiny_sft_config(
         tiny_model_dir,
         tiny_dump,
         out,
         eval_strategy="steps",
         eval_steps=1,
-        num_explanations=3,
+        num_completions_to_print=3,
         explain_texts=2,
         explain_samples=2,
     )
@@ -447,3 +442,23 @@ def test_explain_refuses_to_replace_earlier_outputs(saved_lens, tmp_path):
     main([*argv, "--overwrite_output_dir"])
     assert "the training run's page" not in (out / "explanations.html").read_text()
     assert len((out / "explanations.jsonl").read_text().splitlines()) == 1
+
+
+def test_the_lens_config_is_typed_and_keeps_what_a_caller_recorded(saved_lens, tmp_path):
+    """The sidecar's ``meta`` is a typed LensConfig: the fields lens_rl reads are attributes,
+    fields it does not read survive a save and a load unchanged, and a field of the wrong type
+    is refused naming it."""
+    from lens_rl.models.configuration import LensConfig, LensFileError
+
+    lens = ConsistencyLens.from_pretrained(saved_lens)
+    lc = lens.lens_config
+    assert isinstance(lc, LensConfig) and isinstance(lc.layer, int) and isinstance(lc.train_var, list)
+    lc.extra["experiment"] = {"note": "run 7", "tags": [1, 2]}
+    lens.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / LENS_CONFIG).read_text())["meta"]
+    assert saved["experiment"] == {"note": "run 7", "tags": [1, 2]} and saved["layer"] == lc.layer
+    again = ConsistencyLens.from_pretrained(tmp_path / "again")
+    assert again.lens_config.extra == {"experiment": {"note": "run 7", "tags": [1, 2]}}
+    assert again.lens_config.to_dict() == saved
+    with pytest.raises(LensFileError, match=r"here: field 'meta.t_text' must be an integer >= 1, got str"):
+        LensConfig.from_dict({"t_text": "4"}, "here")

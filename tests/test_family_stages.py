@@ -11,7 +11,8 @@ import pytest
 from safetensors.torch import load_file
 from script_runner import accelerate_launch
 
-from lens_rl.data.dump import DumpConfig, run_dump
+from lens_rl.data.dump import run_dump
+from lens_rl.testing.configs import tiny_dump_config
 from lens_rl.testing.tiny_models import build_tiny_model
 
 _PORTS = iter(range(29601, 29640))
@@ -33,17 +34,7 @@ def test_dump_sft_rl_on_family(arch, model_dtype, tokenizer, tmp_path):
     build_tiny_model(arch, model_dir, len(tokenizer), seed=0, n_layers=2, eos_token_id=tokenizer.eos_token_id)
     tokenizer.save_pretrained(model_dir)
     splits = run_dump(
-        DumpConfig(
-            model_name_or_path=str(model_dir),
-            corpus="pydoc",
-            layer=1,
-            seq_len=32,
-            min_pos=4,
-            num_train=64,
-            num_val=16,
-            model_dtype=model_dtype,
-            output_dir=str(tmp_path / "dump"),
-        )
+        tiny_dump_config(model_dir, tmp_path / "dump", num_train=64, num_val=16, model_dtype=model_dtype)
     )
     common = ["--model_name_or_path", model_dir, "--train_data", splits["train"], "--val_data", splits["val"]]
     common += ["--model_dtype", model_dtype, "--t_text", "4", "--per_device_train_batch_size", "8"]

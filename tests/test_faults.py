@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lens_rl.config import ConfigError
+from lens_rl.testing.configs import tiny_sft_config
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -64,12 +65,10 @@ def test_plot_reads_a_metrics_log_cut_short_and_names_a_bad_middle_line(tmp_path
 @pytest.fixture(scope="module")
 def saved_lens(tiny_model_dir, tiny_dump, tmp_path_factory):
     """An untrained lens saved by the supervised stage's own code."""
-    from sft_configs import small_sft_config
-
     from lens_rl.training.sft_trainer import build_sft
 
     out = tmp_path_factory.mktemp("faults-lens")
-    trainer = build_sft(small_sft_config(tiny_model_dir, tiny_dump, out / "run"))
+    trainer = build_sft(tiny_sft_config(tiny_model_dir, tiny_dump, out / "run"))
     trainer.lens.save_pretrained(out / "lens")
     return out / "lens"
 
@@ -290,3 +289,24 @@ def test_dump_corpus_missing_file_and_good_files_together(tmp_path):
     with pytest.raises(ConfigError, match=rf"{tmp_path / 'gone.jsonl'}: no such file"):
         load_texts(CorpusConfig(data_files=[str(a), str(tmp_path / "gone.jsonl")]))
     assert os.path.exists(a)
+
+
+def test_the_command_reports_a_bad_input_without_a_traceback(tmp_path):
+    """`lens-rl SUBCOMMAND` turns an input error (here a model folder that does not exist) into one
+    line naming it and exit status 2, not a traceback (and never a Hub lookup)."""
+    import os
+    import subprocess
+    import sys
+
+    missing = tmp_path / "models" / "my-base"
+    res = subprocess.run(
+        [sys.executable, "-m", "lens_rl.cli", "dump", "--config", "dump_quickstart.yaml"]
+        + ["--model_name_or_path", str(missing), "--output_dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert f"lens-rl dump: error: model_name_or_path '{missing}' is not an existing folder" in res.stderr

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lens_rl.models import Decoder, DecoderConfig
+from lens_rl.testing.configs import tiny_sft_config
 
 pytestmark = pytest.mark.gpu
 
@@ -29,21 +30,10 @@ def test_bf16_generators_agree_on_gpu(tiny_model_factory, tokenizer):
 
 def test_sft_bf16_autocast_step(tiny_model_dir, tiny_dump, tmp_path):
     """A short supervised run with the default bf16=None picks bf16 on CUDA and stays finite."""
-    from lens_rl.training.sft_config import LensSFTConfig
     from lens_rl.training.sft_trainer import run_sft
 
-    splits = tiny_dump
-    cfg = LensSFTConfig(
-        model_name_or_path=str(tiny_model_dir),
-        train_data=str(splits["train"]),
-        val_data=str(splits["val"]),
-        output_dir=str(tmp_path / "o"),
-        max_steps=3,
-        eval_strategy="no",
-        save_strategy="no",
-        per_device_train_batch_size=8,
-        t_text=4,
-        plot=False,
+    cfg = tiny_sft_config(
+        tiny_model_dir, tiny_dump, tmp_path / "o", max_steps=3, t_text=4, logging_steps=10, explain_texts=4
     )
     result = run_sft(cfg)
     assert cfg.bf16 and result["trainer"].accelerator.mixed_precision == "bf16"

@@ -20,6 +20,7 @@ from lens_rl.config import ConfigError
 from lens_rl.data.dataset import ActivationDataset
 from lens_rl.models.lens import ConsistencyLens
 from lens_rl.models.orig import OrigWrapper
+from lens_rl.testing.configs import tiny_grpo_config
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.grpo_trainer import LOGQ_FLOOR, LensGRPOTrainer
 from lens_rl.training.refusals import GRPO_REFUSED, TRAINING_ARGS_REFUSED
@@ -43,21 +44,10 @@ def parts(tiny_model_dir, tiny_dump):
 
 
 def _config(tmp_path, model_dir, data, **kw) -> LensGRPOConfig:
-    base = dict(
-        model_name_or_path=str(model_dir),
-        train_data=str(data),
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        t_text=T_TEXT,
-        rollout_backend="hf",
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        top_p=0.9,
-        temperature=1.3,
-    )
-    return LensGRPOConfig(**(base | kw))
+    """The tiny GRPO config sampling at top-p 0.9 and temperature 1.3. Nothing here trains:
+    max_steps, logging_steps and disable_tqdm keep LensGRPOConfig's defaults."""
+    fixed = dict(t_text=T_TEXT, top_p=0.9, temperature=1.3, max_steps=-1, logging_steps=10, disable_tqdm=None)
+    return tiny_grpo_config(model_dir, {"train": data}, tmp_path, **(fixed | kw))
 
 
 def _trainer(parts, cfg) -> LensGRPOTrainer:

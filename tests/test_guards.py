@@ -10,17 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from script_runner import accelerate_launch
-from sft_configs import small_sft_config
 from transformers import TrainerCallback
 
 from lens_rl.config import ConfigError
+from lens_rl.testing.configs import tiny_dump_config, tiny_sft_config
 from lens_rl.training.guards import LOCK_FILE, TrainingDivergedError, claim_output_dir
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_trainer import build_sft, run_sft
 
 
 def _config(model_dir, splits, out, **kw) -> LensSFTConfig:
-    return small_sft_config(model_dir, splits, out, **({"max_steps": 4} | kw))
+    return tiny_sft_config(model_dir, splits, out, **({"max_steps": 4} | kw))
 
 
 class _PoisonGradient(TrainerCallback):
@@ -201,20 +201,10 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tiny_dump, tmp_path):
 
 
 def _dump_cfg(model_dir, out, **kw):
-    from lens_rl.data.dump import DumpConfig
-
-    base = dict(
-        model_name_or_path=str(model_dir),
-        corpus="pydoc",
-        layer=1,
-        seq_len=16,
-        min_pos=4,
-        num_train=32,
-        num_val=0,
-        shard_size=8,
-        output_dir=str(out),
+    """32 train windows of 16 tokens in shards of 8, no val split."""
+    return tiny_dump_config(
+        model_dir, out, **({"seq_len": 16, "num_train": 32, "num_val": 0, "shard_size": 8} | kw)
     )
-    return DumpConfig(**(base | kw))
 
 
 def test_interrupted_dump_rerun_with_another_config_is_refused(tiny_model_dir, tmp_path):

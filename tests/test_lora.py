@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from sft_configs import small_sft_config
 from transformers import AutoTokenizer
 
 from lens_rl.config import ConfigError
@@ -17,6 +16,7 @@ from lens_rl.models.families import load_causal_lm
 from lens_rl.models.fingerprint import base_fingerprint
 from lens_rl.models.lens import LENS_WEIGHTS, ConsistencyLens
 from lens_rl.models.lora import has_lora, lora_parameters, merged_state_dict
+from lens_rl.testing.configs import tiny_sft_config
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_trainer import run_sft
 
@@ -33,7 +33,7 @@ def _lens(model_dir, dec_lora=LORA, enc_lora=LORA):
         tok,
         DecoderConfig(lora=dec_lora),
         EncoderConfig(lora=enc_lora),
-        meta={"model_name_or_path": str(model_dir)},
+        lens_config={"model_name_or_path": str(model_dir)},
     )
     return base, tok, lens
 
@@ -102,7 +102,7 @@ def test_lora_sft_run(tiny_model_dir, tiny_dump, tmp_path):
     the orig model's); the saved lens reloads with its adapters."""
     before = base_fingerprint(load_causal_lm(str(tiny_model_dir), dtype=torch.float32))
     out = tmp_path / "sft"
-    cfg = small_sft_config(tiny_model_dir, tiny_dump, out, peft_config=LORA, max_steps=4, learning_rate=1e-2)
+    cfg = tiny_sft_config(tiny_model_dir, tiny_dump, out, peft_config=LORA, max_steps=4, learning_rate=1e-2)
     run_sft(cfg)
     saved = load_file(str(out / "lens" / LENS_WEIGHTS))
     b_dec = [v for k, v in saved.items() if k.startswith("decoder.") and ".lora_B." in k]
@@ -121,7 +121,7 @@ def test_lora_added_to_an_sft_lens_in_rl(tiny_model_dir, tiny_dump, tmp_path):
 
     from lens_rl.training.rl_stage import run_rl
 
-    run_sft(small_sft_config(tiny_model_dir, tiny_dump, tmp_path / "sft"))
+    run_sft(tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "sft"))
     run_rl(
         _cfg(
             tiny_model_dir,

@@ -11,6 +11,7 @@ import pytest
 from script_runner import accelerate_launch
 
 from lens_rl.config import ConfigError, parse_args
+from lens_rl.testing.configs import config_argv, tiny_grpo_fields
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.rl_stage import run_rl
 
@@ -23,25 +24,13 @@ def splits(tiny_dump):
 
 
 def _argv(model_dir, splits, out, **kw) -> list[str]:
-    base = {
-        "model_name_or_path": str(model_dir),
-        "train_data": str(splits["train"]),
-        "output_dir": str(out),
-        "max_steps": "2",
-        "per_device_train_batch_size": "8",
-        "num_generations": "4",
-        "t_text": "4",
-        "rollout_backend": "hf",
-        "logging_steps": "1",
-        "report_to": "none",
-        "save_strategy": "no",
-        "disable_tqdm": "true",
-        "seed": "0",
-    } | {k: str(v) for k, v in kw.items()}
-    return [x for k, v in base.items() for x in (f"--{k}", v)]
+    """The tiny GRPO config's fields as command-line flags (for the scripts and ``_cfg``)."""
+    return config_argv(tiny_grpo_fields(model_dir, splits, out, **kw))
 
 
 def _cfg(*args, **kw) -> LensGRPOConfig:
+    """The tiny GRPO config parsed from flags, as the script parses them (``kw`` values are
+    command-line strings: ``"true"``, JSON for dict fields)."""
     (cfg,) = parse_args([LensGRPOConfig], _argv(*args, **kw), typecheck=False)
     return cfg
 
@@ -106,7 +95,7 @@ def test_accelerate_launch_from_a_saved_lens(tiny_model_dir, splits, tmp_path):
         AutoTokenizer.from_pretrained(tiny_model_dir),
         DecoderConfig(),
         EncoderConfig(),
-        meta={"model_name_or_path": str(tiny_model_dir), "layer": 1},
+        lens_config={"model_name_or_path": str(tiny_model_dir), "layer": 1},
     )
     lens.save_pretrained(tmp_path / "sft_lens")
     out = tmp_path / "rl"

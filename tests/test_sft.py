@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from script_runner import accelerate_launch
-from sft_configs import small_sft_config
 
 from lens_rl.config import ConfigError
 from lens_rl.data.dataset import ActivationDataset, DumpError
 from lens_rl.models.lens import ConsistencyLens
+from lens_rl.testing.configs import tiny_sft_config
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_trainer import build_sft, run_sft
 
@@ -137,7 +137,7 @@ def test_run_outputs_and_saved_lens(straight_runs, tiny_tied_model_dir):
     assert not any(k.startswith("lens.encoder.base.model.norm") for k in ckpt)
     assert "lens.encoder.base.model.embed_tokens.weight" not in ckpt
     lens = ConsistencyLens.from_pretrained(out / "lens")
-    assert lens.meta["layer"] == 1 and len(lens.meta["train_mean"]) == 64
+    assert lens.lens_config.layer == 1 and len(lens.lens_config.train_mean) == 64
     lens_w = load_file(str(out / "lens" / "lens.safetensors"))
     for k, v in lens.state_dict().items():
         torch.testing.assert_close(v, lens_w[k], rtol=0, atol=0)
@@ -179,12 +179,9 @@ def test_resume_is_bit_exact(
 
 
 def test_resume_without_a_checkpoint_is_an_error(tiny_model_dir, tiny_dump, tmp_path):
-    cfg = _config(tiny_model_dir, tiny_dump, tmp_path / "empty", resume_from_checkpoint="true")
+    cfg = tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "empty", resume_from_checkpoint="true")
     with pytest.raises(ConfigError, match="no complete checkpoint-N folder"):
         run_sft(cfg)
-
-
-_config = small_sft_config
 
 
 def test_learning_signal(tiny_model_dir, tiny_dump, tmp_path):
@@ -195,7 +192,7 @@ def test_learning_signal(tiny_model_dir, tiny_dump, tmp_path):
     approaches (but does not pass) the mean predictor here. Beating the mean baseline is shown on
     the pretrained quickstart model (README, and the `slow` quickstart test).
     """
-    cfg = _config(
+    cfg = tiny_sft_config(
         tiny_model_dir,
         tiny_dump,
         tmp_path / "learn",
@@ -224,7 +221,7 @@ def test_on_the_fly_matches_dump_statistics(tiny_model_dir, tiny_dump, tmp_path)
     dump_yaml.write_text(
         "corpus: pydoc\nlayer: 1\nseq_len: 32\nmin_pos: 4\nnum_train: 128\nnum_val: 32\nseed: 0\n"
     )
-    cfg = _config(
+    cfg = tiny_sft_config(
         tiny_model_dir, tiny_dump, tmp_path / "o", train_data=None, val_data=None, on_the_fly=str(dump_yaml)
     )
     result = run_sft(cfg)
@@ -240,7 +237,7 @@ def test_bad_dump_fails_before_training(tiny_model_dir, tiny_dump, tmp_path):
     shutil.copytree(tiny_dump["train"], bad)
     shard = next(bad.glob("rank_0/*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:64])
-    cfg = _config(tiny_model_dir, {"train": bad, "val": tiny_dump["val"]}, tmp_path / "o")
+    cfg = tiny_sft_config(tiny_model_dir, {"train": bad, "val": tiny_dump["val"]}, tmp_path / "o")
     with pytest.raises(DumpError, match="cannot be read"):
         run_sft(cfg)
     assert not list((tmp_path / "o").glob("checkpoint-*"))
@@ -263,7 +260,7 @@ def test_out_of_range_layer_is_an_error(tiny_model_dir, tiny_dump, tmp_path):
         )
     dump_yaml = tmp_path / "dump.yaml"
     dump_yaml.write_text("corpus: pydoc\nlayer: -3\nseq_len: 32\nnum_train: 32\nnum_val: 8\n")
-    cfg = _config(
+    cfg = tiny_sft_config(
         tiny_model_dir, tiny_dump, tmp_path / "o", train_data=None, val_data=None, on_the_fly=str(dump_yaml)
     )
     with pytest.raises(ConfigError, match=r"layer=-3 \(in .*dump.yaml\) is out of range"):
@@ -327,7 +324,7 @@ def test_save_strategy_best_keeps_the_best_evaluation(tiny_model_dir, tiny_dump,
     metric, in its own direction (lower nmse, higher fve: never transformers' "loss"-suffix guess),
     and ``best_model_checkpoint`` is the step with the best evaluated value."""
     out = tmp_path / "run"
-    cfg = small_sft_config(
+    cfg = tiny_sft_config(
         tiny_model_dir,
         tiny_dump,
         out,
@@ -368,7 +365,7 @@ def test_load_best_model_at_end_saves_and_evaluates_the_best_lens(request, tmp_p
     dump = request.getfixturevalue("tiny_tied_dump" if tied else "tiny_dump")
     extra = dict(decoder={"trainable_base": True}, encoder={"trainable_base": True}) if tied else {}
     out = tmp_path / "run"
-    cfg = small_sft_config(
+    cfg = tiny_sft_config(
         model_dir,
         dump,
         out,
@@ -417,7 +414,7 @@ def test_plateau_schedule_follows_the_metric_direction(
     test_load_best_model_at_end_*), so the rate never drops on FVE and halves after each
     evaluation that is not a new low of LM KL. transformers' default mode ("min") would cut the
     rate while FVE improves."""
-    cfg = small_sft_config(
+    cfg = tiny_sft_config(
         tiny_model_dir,
         tiny_dump,
         tmp_path / "run",
@@ -435,7 +432,7 @@ def test_plateau_schedule_follows_the_metric_direction(
     lrs = {m["step"]: m["lr/projection"] for m in _metrics(tmp_path / "run") if "lr/projection" in m}
     assert [lrs[s] for s in (1, 4, 7, 10)] == pytest.approx(expected_lrs, rel=1e-9)
     with pytest.raises(ConfigError, match="mode='min' contradicts metric_for_best_model='fve'"):
-        small_sft_config(
+        tiny_sft_config(
             tiny_model_dir,
             tiny_dump,
             tmp_path / "x",
@@ -454,11 +451,11 @@ def test_resume_at_the_end_of_the_schedule_trains_nothing(tiny_model_dir, tiny_d
     kw = dict(
         max_steps=4, save_strategy="steps", save_steps=2, lr_scheduler_type="constant", learning_rate=1e-2
     )
-    run_sft(small_sft_config(tiny_model_dir, tiny_dump, out, **kw))
+    run_sft(tiny_sft_config(tiny_model_dir, tiny_dump, out, **kw))
     straight = load_file(str(out / "lens" / "lens.safetensors"))
     shutil.rmtree(out / "lens")  # stopped after checkpoint-4 was written
     capsys.readouterr()
-    res = run_sft(small_sft_config(tiny_model_dir, tiny_dump, out, resume_from_checkpoint="true", **kw))
+    res = run_sft(tiny_sft_config(tiny_model_dir, tiny_dump, out, resume_from_checkpoint="true", **kw))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert res["trainer"].state.global_step == 4
     assert "the end of the schedule (max_steps=4): nothing left to train" in capsys.readouterr().out
@@ -472,7 +469,7 @@ def test_resume_at_the_end_of_the_schedule_trains_nothing(tiny_model_dir, tiny_d
 def test_a_dump_of_another_model_is_refused(tiny_model_other_weights_dir, tiny_dump, tmp_path):
     """Same shapes, other weights: training on another model's activations is refused, naming both."""
     with pytest.raises(DumpError, match="not from the model given"):
-        build_sft(small_sft_config(tiny_model_other_weights_dir, tiny_dump, tmp_path / "o"))
+        build_sft(tiny_sft_config(tiny_model_other_weights_dir, tiny_dump, tmp_path / "o"))
 
 
 def test_bf16_on_cpu_is_refused():
@@ -503,7 +500,7 @@ def test_tensorboard_tracking(tiny_model_dir, tiny_dump, tmp_path):
     """report_to=tensorboard writes event files; metrics.jsonl gets the loss parts."""
     pytest.importorskip("tensorboard")
     out = tmp_path / "tb"
-    run_sft(_config(tiny_model_dir, tiny_dump, out, report_to="tensorboard"))
+    run_sft(tiny_sft_config(tiny_model_dir, tiny_dump, out, report_to="tensorboard"))
     assert list(out.rglob("events.out.tfevents.*")), "no tensorboard event file"
     assert any("loss" in m and "mse" in m for m in _metrics(out))
 
@@ -537,4 +534,4 @@ def test_sharded_parameters_are_refused_from_config_or_launcher(
     for k, v in env.items():
         monkeypatch.setenv(k, str(zero3) if v == "ZERO3" else v)
     with pytest.raises(ConfigError, match=message):
-        small_sft_config(tiny_model_dir, tiny_dump, tmp_path / "run", **kw)
+        tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "run", **kw)

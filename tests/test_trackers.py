@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from sft_configs import small_sft_config
 from test_rl import _cfg
 from transformers import TrainerCallback
 
+from lens_rl.testing.configs import tiny_sft_config
 from lens_rl.training.rl_stage import run_rl
 from lens_rl.training.sft_trainer import EXPLANATIONS_FILE, run_sft
 
@@ -62,14 +62,14 @@ def test_each_stage_is_one_run_with_its_explanations(tiny_model_dir, tiny_dump, 
     the evaluations' sample explanations as tables (the same rows the stage writes to its own
     files) and the end-of-run page; TensorBoard gets the same explanations as text."""
     sft_out = tmp_path / "sft"
-    cfg = small_sft_config(
+    cfg = tiny_sft_config(
         tiny_model_dir,
         tiny_dump,
         sft_out,
         max_steps=3,
         eval_strategy="steps",
         eval_steps=2,
-        num_explanations=3,
+        num_completions_to_print=3,
         explain_texts=1,
         explain_samples=2,
         report_to=["wandb", "tensorboard"],
@@ -136,14 +136,14 @@ def test_a_callers_run_stays_open_and_a_failed_stage_closes_its_own(
     """A run the caller started receives the stage's logs and is left open; a stage that fails
     finishes the run it started, so the next stage does not log into it."""
     run = wandb.init(project="lens-rl-test")
-    run_sft(small_sft_config(tiny_model_dir, tiny_dump, tmp_path / "a", report_to="wandb"))
+    run_sft(tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "a", report_to="wandb"))
     assert wandb.run is run
     run.finish()
     assert len(_runs(wandb_dir)) == 1
 
     with pytest.raises(RuntimeError, match="stop here"):
         run_sft(
-            small_sft_config(tiny_model_dir, tiny_dump, tmp_path / "b", report_to="wandb"),
+            tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "b", report_to="wandb"),
             callbacks=[_FailAtStep()],
         )
     assert wandb.run is None
@@ -162,7 +162,7 @@ def test_wandb_log_model_uploads_a_loadable_lens(tiny_model_dir, tiny_dump, tmp_
     wandb.teardown()
     out = tmp_path / "run"
     run_sft(
-        small_sft_config(
+        tiny_sft_config(
             tiny_model_dir, tiny_dump, out, eval_strategy="steps", eval_steps=2, report_to="wandb"
         )
     )

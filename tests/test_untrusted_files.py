@@ -159,10 +159,27 @@ def test_the_allowlist_is_exactly_what_a_run_s_arguments_hold(tmp_path):
     torch.save(args, tmp_path / "training_args.bin")
     written = set(torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "training_args.bin"))
     allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in RUN_ARGS_GLOBALS}
-    assert written == allowed
+    legacy = {"lens_rl.models.decoder.DecoderConfig", "lens_rl.models.encoder.EncoderConfig"}
+    assert written == allowed - legacy
     loaded = load_untrusted(tmp_path / "training_args.bin", RUN_ARGS_GLOBALS)
     assert isinstance(loaded, LensGRPOConfig)
     assert (loaded.t_text, loaded.lr_scheduler_type, loaded.num_generations) == (4, args.lr_scheduler_type, 4)
     assert loaded.decoder_config == args.decoder_config and loaded.policy == args.policy
     assert loaded.get_warmup_steps(2) == args.get_warmup_steps(2)
     assert loaded.distributed_state.num_processes == 1
+
+
+def test_a_checkpoint_written_before_the_configs_moved_loads(tmp_path, monkeypatch):
+    """Runs saved when DecoderConfig/EncoderConfig lived in lens_rl.models.decoder/encoder name
+    those paths in their training_args.bin; the allowlist accepts them (and only them)."""
+    from lens_rl.models.configuration import DecoderConfig, EncoderConfig
+
+    args = genuine_args(tmp_path)
+    monkeypatch.setattr(DecoderConfig, "__module__", "lens_rl.models.decoder")
+    monkeypatch.setattr(EncoderConfig, "__module__", "lens_rl.models.encoder")
+    torch.save(args, tmp_path / "training_args.bin")
+    monkeypatch.undo()
+    written = set(torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "training_args.bin"))
+    assert {"lens_rl.models.decoder.DecoderConfig", "lens_rl.models.encoder.EncoderConfig"} <= written
+    loaded = load_untrusted(tmp_path / "training_args.bin", RUN_ARGS_GLOBALS)
+    assert loaded.decoder_config == args.decoder_config

@@ -17,13 +17,13 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from sft_configs import small_sft_config
 
-from lens_rl.config import ConfigError, parse_args
+from lens_rl.config import ConfigError
 from lens_rl.models.families import load_causal_lm
 from lens_rl.models.fingerprint import base_fingerprint, base_fingerprints
 from lens_rl.models.lens import LENS_CONFIG, LENS_WEIGHTS, ConsistencyLens, LensFileError
 from lens_rl.reading import explain
+from lens_rl.testing.configs import tiny_grpo_config, tiny_sft_config
 from lens_rl.training.sft_trainer import build_sft, run_sft
 from lens_rl.utils.launch import resolve_resume
 
@@ -34,7 +34,7 @@ TEXT = "The quick brown fox jumps over the lazy dog."
 def lens_dir(tiny_model_dir, tiny_dump, tmp_path_factory):
     """An untrained lens saved by the supervised stage's own code (read-only: tests copy it)."""
     out = tmp_path_factory.mktemp("untrusted-lens")
-    build_sft(small_sft_config(tiny_model_dir, tiny_dump, out / "run")).lens.save_pretrained(out / "lens")
+    build_sft(tiny_sft_config(tiny_model_dir, tiny_dump, out / "run")).lens.save_pretrained(out / "lens")
     return out / "lens"
 
 
@@ -208,7 +208,7 @@ def test_fp16_training_accepts_the_fp32_dump_of_the_same_model(
 def sft_run(tiny_model_dir, tiny_dump, tmp_path_factory):
     """A 2-step supervised run with checkpoint-1 and checkpoint-2 (read-only: tests copy it)."""
     out = tmp_path_factory.mktemp("sft-run") / "o"
-    run_sft(small_sft_config(tiny_model_dir, tiny_dump, out, save_strategy="steps", save_steps=1))
+    run_sft(tiny_sft_config(tiny_model_dir, tiny_dump, out, save_strategy="steps", save_steps=1))
     return out
 
 
@@ -255,7 +255,7 @@ def test_sft_resume_is_exact_without_a_missing_keys_warning(
     capsys.readouterr()
     handler = _transformers_warnings()
     try:
-        cfg = small_sft_config(
+        cfg = tiny_sft_config(
             tiny_model_dir, tiny_dump, out, save_strategy="steps", save_steps=1, resume_from_checkpoint="true"
         )
         assert run_sft(cfg)["trainer"].state.global_step == 2
@@ -266,34 +266,27 @@ def test_sft_resume_is_exact_without_a_missing_keys_warning(
 
 
 def test_grpo_resume_says_where_and_warns_about_nothing(tiny_model_dir, tiny_dump, tmp_path, capsys):
-    from lens_rl.training.grpo_config import LensGRPOConfig
     from lens_rl.training.rl_stage import run_rl
 
     def cfg(**kw):
-        args = {
-            "model_name_or_path": str(tiny_model_dir),
-            "train_data": str(tiny_dump["train"]),
-            "output_dir": str(tmp_path / "rl"),
-            "per_device_train_batch_size": "8",
-            "num_generations": "4",
-            "t_text": "3",
-            "rollout_backend": "hf",
-            "report_to": "none",
-            "save_strategy": "steps",
-            "save_steps": "1",
-            "disable_tqdm": "true",
-            "explain_texts": "0",
-        } | kw
-        (c,) = parse_args(
-            [LensGRPOConfig], [x for k, v in args.items() for x in (f"--{k}", v)], typecheck=False
+        return tiny_grpo_config(
+            tiny_model_dir,
+            tiny_dump,
+            tmp_path / "rl",
+            t_text=3,
+            logging_steps=10,
+            save_strategy="steps",
+            save_steps=1,
+            explain_texts=0,
+            seed=42,
+            **kw,
         )
-        return c
 
-    run_rl(cfg(max_steps="1"))
+    run_rl(cfg(max_steps=1))
     capsys.readouterr()
     handler = _transformers_warnings()
     try:
-        res = run_rl(cfg(max_steps="2", resume_from_checkpoint="true"))
+        res = run_rl(cfg(max_steps=2, resume_from_checkpoint="true"))
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert max(h.get("step", 0) for h in res["log_history"]) == 2
@@ -320,7 +313,7 @@ def test_a_model_path_that_is_not_a_folder_is_an_error_without_hub_lookup(tiny_d
     with pytest.raises(FileNotFoundError, match=match):
         load_causal_lm("models/my-base")
     with pytest.raises(FileNotFoundError, match=match):
-        build_sft(small_sft_config("models/my-base", tiny_dump, tmp_path / "o"))
+        build_sft(tiny_sft_config("models/my-base", tiny_dump, tmp_path / "o"))
     cfg = DumpConfig(model_name_or_path="models/my-base", corpus="pydoc", output_dir=str(tmp_path / "d"))
     with pytest.raises(FileNotFoundError, match=match):
         run_dump(cfg)

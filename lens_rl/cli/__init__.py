@@ -28,6 +28,7 @@ import sys
 from typing import Any
 
 from lens_rl.cli.common import PROG
+from lens_rl.config import InputError
 from lens_rl.version import __version__
 
 # subcommand -> (its module, one line of help). A subcommand's module is imported only when it
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     prog, sys.argv[0] = sys.argv[0], f"{PROG} {name}"  # what the subcommand's --help and errors say
     try:
         result = run(name, rest)
+    except (InputError, FileNotFoundError) as e:  # a bad flag, value or file: the message names it
+        print(f"{PROG} {name}: error: {e}", file=sys.stderr)  # noqa: T201
+        return 2
     finally:
         sys.argv[0] = prog
     return int(result) if name == "demo" and isinstance(result, int) else 0

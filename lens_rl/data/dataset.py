@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from lens_rl.config import InputError
 from lens_rl.data.shards import (
     DTYPES,
     FORMAT_VERSION,
@@ -37,7 +38,7 @@ REQUIRED_KEYS = ("A", "input_ids", "token_pos", "index", "a_prime_index")
 MAX_ABS_ACTIVATION = 1e8
 
 
-class DumpError(ValueError):
+class DumpError(InputError):
     """A dump folder is missing, incomplete, corrupted or inconsistent with its metadata."""
 
 

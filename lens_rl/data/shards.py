@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lens_rl.config import InputError
+
 # safetensors dtype codes -> torch dtypes (the ones a dump or its statistics use).
 ST_DTYPES = {
     "F64": torch.float64,
@@ -44,7 +46,7 @@ CHUNK_BYTES = 1 << 20  # bytes per read when streaming a whole tensor
 MAX_OPEN_FILES = 64
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(InputError):
     """A file is not a readable safetensors file (truncated, corrupted header, unknown dtype)."""
 
 

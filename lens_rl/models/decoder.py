@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -46,7 +46,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lens_rl.config import ConfigError, ValidatedConfig
+from lens_rl.config import ConfigError
+from lens_rl.models.configuration import (
+    _FULL_TRAINING,
+    EMBED_MARKER,
+    DecoderConfig,
+    refuse_lora_with_full_training,
+)
 from lens_rl.models.families import (
     embed_soft,
     embed_tokens,
@@ -59,75 +65,6 @@ from lens_rl.models.hooks import checkpointed_blocks, hooked, replace_rows
 from lens_rl.models.lora import check_lora_config, lora_base, lora_parameters
 from lens_rl.ops.diagnostics import score_tokens
 from lens_rl.ops.sampling import SamplingPolicy, gumbel_max_sample
-
-EMBED_MARKER = "<embed>"
-
-
-@dataclass
-class DecoderConfig(ValidatedConfig):
-    """Options of the lens decoder (saved beside its weights as ``decoder_config.json``)."""
-
-    prompt: str = field(
-        default="<|endoftext|>short explanation of <embed>:",
-        metadata={"help": "Prompt text with one `<embed>` slot; both sides become soft-prompt embeddings."},
-    )
-    patch_all_layers: bool | int = field(
-        default=False,
-        metadata={
-            "help": "False: A enters at the input slot only. True: also replace the slot at the input "
-            "of every block. N: of the first N blocks."
-        },
-    )
-    per_layer_projections: bool = field(
-        default=False, metadata={"help": "One projection per patched block (needs patch_all_layers)."}
-    )
-    trainable_base: bool = field(default=False, metadata={"help": "Train the transformer blocks and norms."})
-    trainable_embeddings: bool = field(
-        default=False, metadata={"help": "Train the input (and position) embeddings."}
-    )
-    trainable_output_head: bool = field(
-        default=False, metadata={"help": "Train the LM head (untied models)."}
-    )
-    trainable_projection: bool = field(default=True, metadata={"help": "Train the projection(s) of A."})
-    trainable_prompt: bool = field(default=True, metadata={"help": "Train the soft-prompt embeddings."})
-    use_dropout: bool = field(default=False, metadata={"help": "Keep the base's dropout on in train mode."})
-    lora: dict | None = field(
-        default=None,
-        metadata={
-            "help": "peft.LoraConfig options (r, lora_alpha, target_modules, ...): train LoRA adapters on "
-            "the base, which stays frozen and shared (see lens_rl.models.lora)."
-        },
-    )
-
-    def validate(self) -> None:
-        """Reject prompts without exactly one slot and impossible patching combinations."""
-        self.lora = check_lora_config(self.lora, "decoder.lora")
-        refuse_lora_with_full_training(self.lora, self, "decoder", _FULL_TRAINING)
-        if self.prompt.count(EMBED_MARKER) != 1:
-            raise ConfigError(
-                f"DecoderConfig.prompt must contain exactly one {EMBED_MARKER!r} slot, got {self.prompt!r}."
-            )
-        if not isinstance(self.patch_all_layers, bool) and self.patch_all_layers < 1:
-            raise ConfigError(
-                f"DecoderConfig.patch_all_layers must be False, True or a positive layer count, "
-                f"got {self.patch_all_layers}."
-            )
-        if self.per_layer_projections and self.patch_all_layers is False:
-            raise ConfigError("DecoderConfig.per_layer_projections=True needs patch_all_layers (True or N).")
-
-
-_FULL_TRAINING = ("trainable_base", "trainable_embeddings", "trainable_output_head")
-
-
-def refuse_lora_with_full_training(lora: dict | None, cfg, part: str, names: tuple[str, ...]) -> None:
-    """LoRA adapters sit on a base whose weights are shared (frozen); training full base weights
-    as well would change the orig model's."""
-    on = [n for n in names if getattr(cfg, n)]
-    if lora and on:
-        raise ConfigError(
-            f"{part}.lora trains adapters on the shared frozen base; it cannot be combined with {on}. "
-            "Use one or the other."
-        )
 
 
 @dataclass

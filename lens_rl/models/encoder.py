@@ -10,57 +10,18 @@ and the LM head are skipped), takes the last position and projects it to the act
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lens_rl.config import ConfigError, ValidatedConfig
-from lens_rl.models.decoder import _identity_linear, refuse_lora_with_full_training
+from lens_rl.config import ConfigError
+from lens_rl.models.configuration import TEXT_MARKER, EncoderConfig, refuse_lora_with_full_training
+from lens_rl.models.decoder import _identity_linear
 from lens_rl.models.families import embed_tokens
 from lens_rl.models.family_check import check_lens_family
 from lens_rl.models.hooks import checkpointed_blocks, run_until
 from lens_rl.models.lora import check_lora_config, lora_base, lora_parameters
-
-TEXT_MARKER = "<text>"
-
-
-@dataclass
-class EncoderConfig(ValidatedConfig):
-    """Options of the lens encoder (saved beside its weights as ``encoder_config.json``)."""
-
-    prompt: str = field(
-        default="",
-        metadata={"help": "Soft prompt around the text, split at one `<text>` marker; empty: no prompt."},
-    )
-    output_layer: int = field(
-        default=-1,
-        metadata={"help": "Block whose output is read at the last position (negative from the end)."},
-    )
-    add_current_token: bool = field(
-        default=False,
-        metadata={"help": "Append the embedding of the token at A's position (needs current_token_ids)."},
-    )
-    trainable_base: bool = field(default=False, metadata={"help": "Train the encoder's base LM."})
-    trainable_projection: bool = field(default=True, metadata={"help": "Train the output projection."})
-    trainable_prompt: bool = field(default=True, metadata={"help": "Train the soft-prompt embeddings."})
-    lora: dict | None = field(
-        default=None,
-        metadata={
-            "help": "peft.LoraConfig options: train LoRA adapters on the base, which stays frozen and "
-            "shared (see lens_rl.models.lora)."
-        },
-    )
-
-    def validate(self) -> None:
-        """A non-empty prompt must contain the marker exactly once; LoRA excludes a trainable base."""
-        self.lora = check_lora_config(self.lora, "encoder.lora")
-        refuse_lora_with_full_training(self.lora, self, "encoder", ("trainable_base",))
-        if self.prompt and self.prompt.count(TEXT_MARKER) != 1:
-            raise ConfigError(
-                f"EncoderConfig.prompt must be empty or contain exactly one {TEXT_MARKER!r}, got {self.prompt!r}."
-            )
 
 
 class Encoder(nn.Module):

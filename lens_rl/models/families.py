@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from lens_rl.config import ConfigError
+from lens_rl.config import ConfigError, InputError
 from lens_rl.models.loading import local_folder
 
 # Families the alignment tests run on (tiny configs in lens_rl.testing.tiny_models). Others that
@@ -51,7 +51,7 @@ REFUSED_FAMILIES: dict[str, str] = {
 BLOCK_PATH_OVERRIDES: dict[str, str] = {}
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(InputError):
     """The model family cannot be used by the lens (the message names the model type and why)."""
 
 

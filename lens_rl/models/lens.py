@@ -27,6 +27,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from transformers import AutoTokenizer, PreTrainedModel
 
 from lens_rl.config import ConfigError
+from lens_rl.models.configuration import LensConfig, LensFileError
 from lens_rl.models.decoder import Decoder, DecoderConfig
 from lens_rl.models.encoder import Encoder, EncoderConfig
 from lens_rl.models.families import get_blocks, load_causal_lm
@@ -40,24 +41,6 @@ LENS_WEIGHTS = "lens.safetensors"
 SIDECAR_VERSION = 2
 
 
-class LensFileError(ValueError):
-    """A lens file (``lens_config.json``, ``lens.safetensors``) is unreadable or holds a value
-    that cannot be right; the message names the file and the field or tensor."""
-
-
-# Fields of the sidecar's ``meta`` that lens_rl reads, and their JSON types (None: not recorded).
-_META_STRINGS = (
-    "model_name_or_path",
-    "base_resolved_path",
-    "base_revision",
-    "base_fingerprint",
-    "tokenizer_name_or_path",
-    "tokenizer_resolved_path",
-    "prompt",
-    "lens_rl_version",
-    "model_dtype",
-)
-_META_INTS = {"layer": 0, "t_text": 1}  # field -> smallest valid value
 _STATS = ("train_mean", "train_var")
 
 
@@ -85,11 +68,11 @@ def _sub_config(cfg: dict[str, Any], part: str, cls: type, file: Path) -> Any:
         raise LensFileError(f"{file}: field {part!r}: {e}") from e
 
 
-def read_sidecar(path: str | Path) -> tuple[dict[str, Any], DecoderConfig, EncoderConfig]:
-    """Read and check a lens folder's ``lens_config.json``: ``(config, decoder config, encoder
-    config)``, ``config["meta"]`` a dict whose known fields have their types (see
-    ``_META_STRINGS``/``_META_INTS``; ``model_dtype`` one of float32/bfloat16/float16). The
-    activation statistics are checked against the base by :func:`activation_stats`.
+def read_sidecar(path: str | Path) -> tuple[dict[str, Any], DecoderConfig, EncoderConfig, LensConfig]:
+    """Read and check a lens folder's ``lens_config.json``: ``(the JSON, decoder config, encoder
+    config, lens config)``, its ``meta`` object typed and checked as a :class:`LensConfig`
+    (:meth:`LensConfig.from_dict`). The activation statistics are checked against the base by
+    :func:`activation_stats`.
 
     Raises:
         FileNotFoundError: no ``lens_config.json`` there.
@@ -116,35 +99,12 @@ def read_sidecar(path: str | Path) -> tuple[dict[str, Any], DecoderConfig, Encod
             f"{file}: format_version {version} was written by a newer lens_rl (this one reads up to "
             f"{SIDECAR_VERSION}); upgrade lens_rl to load it."
         )
-    meta = cfg.setdefault("meta", {})
-    if not isinstance(meta, dict):
-        raise LensFileError(
-            f"{file}: field 'meta' must be an object, got {type(meta).__name__} {meta!r:.80}."
-        )
-    for name in _META_STRINGS:
-        if meta.get(name) is not None and not isinstance(meta[name], str):
-            raise LensFileError(
-                f"{file}: field 'meta.{name}' must be a string, got {type(meta[name]).__name__} {meta[name]!r:.80}."
-            )
-    for name, low in _META_INTS.items():
-        value = meta.get(name)
-        if value is not None and not (_is_int(value) and value >= low):
-            raise LensFileError(
-                f"{file}: field 'meta.{name}' must be an integer >= {low}, got {type(value).__name__} {value!r:.80}."
-            )
-    if meta.get("model_dtype") is not None and meta["model_dtype"] not in DTYPES:
-        raise LensFileError(
-            f"{file}: field 'meta.model_dtype' must be one of {sorted(DTYPES)}, got {meta['model_dtype']!r}."
-        )
-    for name in _STATS:
-        if meta.get(name) is not None and not isinstance(meta[name], list):
-            raise LensFileError(
-                f"{file}: field 'meta.{name}' must be a list of numbers, got {type(meta[name]).__name__}."
-            )
+    lens_config = LensConfig.from_dict(cfg.get("meta"), str(file))
     return (
         cfg,
         _sub_config(cfg, "decoder", DecoderConfig, file),
         _sub_config(cfg, "encoder", EncoderConfig, file),
+        lens_config,
     )
 
 
@@ -182,7 +142,7 @@ def read_lens_weights(file: str | Path) -> dict[str, torch.Tensor]:
 
 
 def activation_stats(
-    meta: dict[str, Any], d_model: int, where: str
+    lens_config: LensConfig, d_model: int, where: str
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The checked activation statistics a lens records: ``(train_mean, train_var)`` as float64
     vectors of ``d_model`` values, or None when it records neither.
@@ -191,14 +151,14 @@ def activation_stats(
     both must be finite, the variances >= 0 and their mean > 0.
 
     Args:
-        meta: the lens's ``meta``.
+        lens_config: what the lens records.
         d_model: the base's hidden size.
         where: how errors name the source (the sidecar file).
 
     Raises:
         LensFileError: one recorded without the other, or a value that cannot be right.
     """
-    recorded = {name: meta.get(name) for name in _STATS}
+    recorded = {name: getattr(lens_config, name) for name in _STATS}
     if all(v is None for v in recorded.values()):
         return None
     out = []
@@ -249,17 +209,20 @@ class ConsistencyLens(nn.Module):
     Attributes:
         decoder: activation -> text.
         encoder: text -> activation.
-        meta: model path, layer, activation statistics and other facts saved with the weights.
+        lens_config: what the lens records about itself (:class:`LensConfig`: base, layer,
+            ``t_text``, activation statistics), saved with the weights.
     """
 
     decoder: Decoder
     encoder: Encoder
 
-    def __init__(self, decoder: Decoder, encoder: Encoder, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, decoder: Decoder, encoder: Encoder, lens_config: LensConfig | dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.decoder = decoder
         self.encoder = encoder
-        self.meta = dict(meta or {})
+        self.lens_config = LensConfig.from_dict(copy.deepcopy(lens_config), "lens_config")
 
     @classmethod
     def build(
@@ -269,7 +232,7 @@ class ConsistencyLens(nn.Module):
         decoder_config: DecoderConfig,
         encoder_config: EncoderConfig,
         share_base: bool = True,
-        meta: dict[str, Any] | None = None,
+        lens_config: LensConfig | dict[str, Any] | None = None,
     ) -> ConsistencyLens:
         """Build a fresh lens on ``base`` (shared frozen weights where nothing in them trains)."""
         dec_share = share_base and not (
@@ -281,7 +244,7 @@ class ConsistencyLens(nn.Module):
         enc_share = share_base and not encoder_config.trainable_base
         decoder = Decoder.from_base(base, tokenizer, decoder_config, share_weights=dec_share)
         encoder = Encoder.from_base(base, tokenizer, encoder_config, share_weights=enc_share)
-        lens = cls(decoder, encoder, meta)
+        lens = cls(decoder, encoder, lens_config)
         # Plain attributes (not submodules: they must stay out of the state dict).
         lens.__dict__["_base_model"] = base
         lens.__dict__["tokenizer"] = tokenizer
@@ -378,7 +341,7 @@ class ConsistencyLens(nn.Module):
         return aliases
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write ``lens_config.json`` (the sidecar: configs, :meth:`sidecar_meta`) and
+        """Write ``lens_config.json`` (the sidecar: configs, :meth:`sidecar_config`) and
         ``lens.safetensors`` (trainable and lens-only tensors)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -392,25 +355,25 @@ class ConsistencyLens(nn.Module):
             "encoder": self.encoder.config.to_dict(),
             "shared_decoder_base": self.decoder.base is self.encoder.base
             or not any(p.requires_grad for p in self.decoder.base.parameters()),
-            "meta": self.sidecar_meta(),
+            "meta": self.sidecar_config().to_dict(),
         }
         (path / LENS_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
 
-    def sidecar_meta(self) -> dict[str, Any]:
-        """``meta`` completed with what loading and reading the lens need: absolute paths of the
-        base and tokenizer folders (resolved against the working directory of the save), the
-        decoder prompt and the package version. Fields a caller recorded are kept as they are."""
-        meta = dict(self.meta)
+    def sidecar_config(self) -> LensConfig:
+        """:attr:`lens_config` completed with what loading and reading the lens need: absolute
+        paths of the base and tokenizer folders (resolved against the working directory of the
+        save), the decoder prompt and the package version. Recorded fields are kept as they are."""
+        lc = copy.deepcopy(self.lens_config)
         for given, resolved in (
             ("model_name_or_path", "base_resolved_path"),
             ("tokenizer_name_or_path", "tokenizer_resolved_path"),
         ):
-            where = meta.get(given)
-            if where and not meta.get(resolved) and Path(where).expanduser().is_dir():
-                meta[resolved] = str(Path(where).expanduser().resolve())
-        meta.setdefault("prompt", self.decoder.config.prompt)
-        meta["lens_rl_version"] = __version__
-        return meta
+            where = getattr(lc, given)
+            if where and not getattr(lc, resolved) and Path(where).expanduser().is_dir():
+                setattr(lc, resolved, str(Path(where).expanduser().resolve()))
+        lc.prompt = lc.prompt or self.decoder.config.prompt
+        lc.lens_rl_version = __version__
+        return lc
 
     @property
     def base_model(self) -> PreTrainedModel | None:
@@ -447,36 +410,35 @@ class ConsistencyLens(nn.Module):
             LensFileError: a lens file is corrupt or holds a value that cannot be right (named).
         """
         path = Path(path).expanduser()
-        cfg, decoder_config, encoder_config = read_sidecar(path)
-        meta = cfg["meta"]
+        _, decoder_config, encoder_config, lc = read_sidecar(path)
         weights = read_lens_weights(path / LENS_WEIGHTS)  # before the (slow) base load
         base_dir: str | None = None
         if base is None or isinstance(base, str | Path):
-            base_dir = str(base) if base is not None else recorded_base(path, meta)
+            base_dir = str(base) if base is not None else recorded_base(path, lc)
             if dtype is None:
-                dtype = DTYPES[meta.get("model_dtype") or "float32"]
+                dtype = DTYPES[lc.model_dtype or "float32"]
             base = load_causal_lm(base_dir, dtype=dtype)
-        recorded = meta.get("base_fingerprint")
+        recorded = lc.base_fingerprint
         if recorded is not None and recorded not in (mine := base_fingerprints(base)):
             given = (
                 base_dir or getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", "?")
             )
             raise ConfigError(
-                f"{path} was trained on the base {meta.get('base_resolved_path') or meta.get('model_name_or_path')!r} "
+                f"{path} was trained on the base {lc.base_resolved_path or lc.model_name_or_path!r} "
                 f"(fingerprint {recorded}); the base given is {given!r} (fingerprint "
                 f"{mine[0]}), a different model. Load the lens with its own base."
             )
         sidecar = path / LENS_CONFIG
         n_blocks = len(get_blocks(base))
-        if meta.get("layer") is not None and meta["layer"] >= n_blocks:
+        if lc.layer is not None and lc.layer >= n_blocks:
             raise LensFileError(
-                f"{sidecar}: field 'meta.layer' is {meta['layer']}, but the base has {n_blocks} blocks "
+                f"{sidecar}: field 'meta.layer' is {lc.layer}, but the base has {n_blocks} blocks "
                 f"(0..{n_blocks - 1}); the lens belongs to another base."
             )
-        activation_stats(meta, base.get_input_embeddings().weight.shape[-1], str(sidecar))
+        activation_stats(lc, base.get_input_embeddings().weight.shape[-1], str(sidecar))
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(_recorded_tokenizer(path, meta, base_dir, base))
-        lens = cls.build(base, tokenizer, decoder_config, encoder_config, share_base=True, meta=meta)
+            tokenizer = AutoTokenizer.from_pretrained(_recorded_tokenizer(path, lc, base_dir, base))
+        lens = cls.build(base, tokenizer, decoder_config, encoder_config, share_base=True, lens_config=lc)
         try:
             lens.load_state_dict(weights)
         except RuntimeError as e:
@@ -496,12 +458,12 @@ def _missing_base_error(lens_dir: Path, where: str, given: str | None) -> FileNo
     )
 
 
-def recorded_base(lens_dir: Path, meta: dict[str, Any]) -> str:
+def recorded_base(lens_dir: Path, lens_config: LensConfig) -> str:
     """The base model folder a lens records: its absolute path (newer lenses) or the path as
     given (older ones, relative to the working directory). One that is not a folder here is an
     error naming it, never a Hub download."""
-    given = meta.get("model_name_or_path")
-    resolved = meta.get("base_resolved_path")
+    given = lens_config.model_name_or_path
+    resolved = lens_config.base_resolved_path
     if resolved:
         if Path(resolved).is_dir():
             return resolved
@@ -514,18 +476,18 @@ def recorded_base(lens_dir: Path, meta: dict[str, Any]) -> str:
 
 
 def _recorded_tokenizer(
-    lens_dir: Path, meta: dict[str, Any], base_dir: str | None, base: PreTrainedModel
+    lens_dir: Path, lens_config: LensConfig, base_dir: str | None, base: PreTrainedModel
 ) -> str:
     """The tokenizer folder: the recorded one if it is here, else the base's folder."""
     for key in ("tokenizer_resolved_path", "tokenizer_name_or_path"):
-        where = meta.get(key)
+        where = getattr(lens_config, key)
         if where and Path(where).expanduser().is_dir():
             return str(Path(where).expanduser())
     for where in (base_dir, getattr(base, "name_or_path", None)):
         if where and Path(where).expanduser().is_dir():
             return str(Path(where).expanduser())
     tried = [
-        w for w in (meta.get("tokenizer_resolved_path"), meta.get("tokenizer_name_or_path"), base_dir) if w
+        w for w in (lens_config.tokenizer_resolved_path, lens_config.tokenizer_name_or_path, base_dir) if w
     ]
     raise FileNotFoundError(
         f"No tokenizer folder for the lens {lens_dir}: {tried or 'none recorded'} "

@@ -30,8 +30,7 @@ from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrate
 from transformers.training_args import OptimizerNames
 
 from lens_rl.config import ConfigError
-from lens_rl.models.decoder import DecoderConfig
-from lens_rl.models.encoder import EncoderConfig
+from lens_rl.models.configuration import DecoderConfig, EncoderConfig
 from lens_rl.ops.sampling import SamplingPolicy
 from lens_rl.probe.config import EntropyProbeConfig
 from lens_rl.training.grpo_config import LensGRPOConfig
@@ -58,6 +57,9 @@ RUN_ARGS_GLOBALS: list[Any] = [
     OptimizerNames,
     DistributedType,
     (SavedPartialState, "accelerate.state.PartialState"),
+    # where checkpoints written before the configs moved to lens_rl.models.configuration name them
+    (DecoderConfig, "lens_rl.models.decoder.DecoderConfig"),
+    (EncoderConfig, "lens_rl.models.encoder.EncoderConfig"),
 ]
 
 

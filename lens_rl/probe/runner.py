@@ -22,7 +22,6 @@ sampler, log q, the RB entropy and the importance weights. The policy runs in ev
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import math
 import time
@@ -32,8 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+import transformers
+import trl
+from rich.console import Console
+from transformers import AutoTokenizer
 
+from lens_rl.data.dataset import ActivationDataset
+from lens_rl.models.families import load_causal_lm
+from lens_rl.models.lens import ConsistencyLens
+from lens_rl.models.loading import local_folder
 from lens_rl.probe.config import EntropyProbeConfig
 from lens_rl.probe.estimators import (
     FEATURE_NAMES,
@@ -48,6 +54,15 @@ from lens_rl.probe.estimators import (
     snis_terms,
     weight_diagnostics,
 )
+from lens_rl.probe.from_run import apply_run, read_run
+from lens_rl.probe.report import NORMALIZATIONS, closeness, plot_probe, summary_table
+from lens_rl.probe.subjects import (
+    ProbeSubject,
+    lens_subject,
+    lm_subject,
+    load_trl_checkpoint,
+    shifted_parameters,
+)
 from lens_rl.probe.update_vector import (
     adamw_direction,
     build_optimizer,
@@ -55,17 +70,14 @@ from lens_rl.probe.update_vector import (
     pg_loss,
     verify_against_step,
 )
-from lens_rl.processing.prompts import PROMPT_DATASETS
 from lens_rl.processing.sequence_processor import (
     BatchedSequences,
-    PrecisionConfig,
-    SamplingConfig,
-    SequenceProcessor,
 )
-from lens_rl.training.rewards import group_advantages, reconstruction_reward
-from lens_rl.utils.files import decode_utf8, replace_on_success
+from lens_rl.training.rewards import group_advantages
+from lens_rl.utils.files import replace_on_success
+from lens_rl.utils.outputs import refuse_existing_outputs
+from lens_rl.utils.progress import progress_bar
 
-NORMALIZATIONS = ("per_token", "per_sequence")
 COVARIANCE_REFERENCE = (
     "Cui et al. 2025 (arXiv 2505.22617): deltaH ~ -eta Cov(log q, A) over every scored token of the "
     "update batch U (A: the GRPO advantages of the step); per_sequence = per_token x mean tokens per "
@@ -73,122 +85,6 @@ COVARIANCE_REFERENCE = (
     "use v. Its SE: jackknife over U's GRPO groups. covariance_difference = truth - eta (-Cov), SE "
     "given U (the truth's, over E)."
 )
-
-
-# ---------------------------------------------------------------------------- the policy under probe
-@dataclass
-class ProbeSubject:
-    """What the probe needs from a policy: the module v moves, a SequenceProcessor over it, a
-    prompt pool, and rewards for ``(B, G)`` responses to pool entries ``idx``. The optimizer is
-    built on ``optimizer_module`` (default ``module``) with the trainer's parameter groups, so a
-    trainer's saved optimizer state loads into it; parameters outside ``module`` get no
-    gradient from the policy loss and do not move."""
-
-    module: nn.Module
-    sp: SequenceProcessor
-    pool_size: int
-    prompts: Callable[[torch.Tensor], Any]
-    rewards: Callable[[BatchedSequences, torch.Tensor], torch.Tensor]
-    optimizer_module: nn.Module | None = None  # what the trainer's optimizer was built on
-
-
-def _text_reward(name: str) -> Callable[..., list[float]]:
-    """Built-in text rewards, or ``'module:function'`` with TRL's reward signature."""
-    if name == "distinct_tokens":
-        return lambda prompts, completions, completion_ids, **kw: [
-            len(set(ids)) / max(len(ids), 1) for ids in completion_ids
-        ]
-    if name == "length":
-        return lambda prompts, completions, completion_ids, **kw: [float(len(ids)) for ids in completion_ids]
-    if ":" in name:
-        mod, fn = name.split(":", 1)
-        return getattr(importlib.import_module(mod), fn)
-    raise ValueError(f"Unknown reward {name!r}: use distinct_tokens, length or 'module:function'.")
-
-
-def _sampling_config(cfg: EntropyProbeConfig) -> SamplingConfig:
-    return SamplingConfig(
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        min_p=cfg.min_p,
-        max_new_tokens=cfg.max_new_tokens,
-        num_return_sequences=cfg.num_generations,
-        gen_batch_size=cfg.gen_batch_size,
-        tf_batch_size=cfg.tf_batch_size,
-        seed=cfg.seed,
-    )
-
-
-def lm_subject(
-    model: nn.Module, tokenizer, cfg: EntropyProbeConfig, pool: list[str] | None = None
-) -> ProbeSubject:
-    """A causal LM with text prompts (``pool`` or the registered ``prompt_dataset``)."""
-    if pool is None and cfg.prompts_file:
-        text = decode_utf8(Path(cfg.prompts_file).read_bytes(), cfg.prompts_file)
-        pool = [line for line in text.splitlines() if line.strip()]
-        if not pool:
-            raise ValueError(f"{cfg.prompts_file} holds no prompts.")
-    if pool is None:
-        if cfg.prompt_dataset not in PROMPT_DATASETS:
-            raise ValueError(
-                f"Unknown prompt_dataset {cfg.prompt_dataset!r}; known: {sorted(PROMPT_DATASETS)}."
-            )
-        pool = PROMPT_DATASETS[cfg.prompt_dataset](cfg.prompt_split)
-    pool = pool[: cfg.pool_size] if cfg.pool_size else pool
-    sp = SequenceProcessor(
-        model, tokenizer, _sampling_config(cfg), PrecisionConfig(entropy_fp64=cfg.entropy_fp64)
-    )
-    reward_fn = _text_reward(cfg.reward)
-
-    def rewards(seqs: BatchedSequences, idx: torch.Tensor) -> torch.Tensor:
-        b, g = seqs.gen_lens.shape
-        toks = seqs.gen_tokens()
-        ids = [toks[i, j, : int(seqs.gen_lens[i, j])].tolist() for i in range(b) for j in range(g)]
-        prompts = [pool[int(i)] for i in idx for _ in range(g)]
-        texts = [t for row in seqs.responses_text for t in row]
-        return torch.tensor(reward_fn(prompts, texts, completion_ids=ids), dtype=torch.float64).view(b, g)
-
-    return ProbeSubject(model, sp, len(pool), lambda idx: [pool[int(i)] for i in idx], rewards)
-
-
-def lens_subject(lens, tokenizer, store, cfg: EntropyProbeConfig) -> ProbeSubject:
-    """A lens decoder with activation prompts from a dump; reward = reconstruction."""
-    dec = lens.decoder
-    sp = SequenceProcessor(
-        dec, tokenizer, _sampling_config(cfg), PrecisionConfig(entropy_fp64=cfg.entropy_fp64)
-    )
-    n = min(len(store), cfg.pool_size) if cfg.pool_size else len(store)
-    var_mean = float(store.var.double().mean())
-
-    def prompts(idx: torch.Tensor) -> torch.Tensor:
-        return store.A[idx].float().to(sp.device)
-
-    def rewards(seqs: BatchedSequences, idx: torch.Tensor) -> torch.Tensor:
-        b, g = seqs.gen_lens.shape
-        rows = idx.repeat_interleave(g)
-        cur = store.input_ids[rows, store.token_pos[rows]].long().to(sp.device)
-        r, _ = reconstruction_reward(lens, prompts(rows), seqs.gen_tokens().reshape(b * g, -1), cur, var_mean)
-        return r.double().cpu().view(b, g)
-
-    return ProbeSubject(dec, sp, n, prompts, rewards)
-
-
-@contextlib.contextmanager
-def shifted_parameters(module: nn.Module, v_named: dict[str, torch.Tensor], eta: float) -> Iterator[None]:
-    """Temporarily set ``theta + eta v`` in place (for samplers that read the live module);
-    the original values are restored from copies, bit for bit."""
-    params = dict(module.named_parameters())
-    saved = {k: params[k].detach().clone() for k in v_named}
-    try:
-        with torch.no_grad():
-            for k, v in v_named.items():
-                params[k].add_(eta * v.to(params[k].device, params[k].dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for k, val in saved.items():
-                params[k].copy_(val)
 
 
 # ---------------------------------------------------------------------------- phases
@@ -306,7 +202,6 @@ def _phase(
     timer: _Timer, name: str, description: str, total: int, show: bool
 ) -> Iterator[Callable[[int], None]]:
     """A timed phase with a progress bar (rate and ETA) over ``total`` items."""
-    from lens_rl.utils.progress import progress_bar
 
     with timer.phase(name), progress_bar(description, total, enabled=show) as advance:
         yield lambda k=1: advance(k)
@@ -465,130 +360,12 @@ def probe(subject: ProbeSubject, cfg: EntropyProbeConfig, show_progress: bool = 
     return ProbeOutput(results, v_named)
 
 
-# ---------------------------------------------------------------------------- outputs
-def plot_probe(results: dict[str, Any], out_path: str | Path) -> Path:
-    """Save :func:`probe_figure` as a PNG; return its path."""
-    import matplotlib.pyplot as plt
-
-    fig = probe_figure(results)
-    out = Path(out_path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def probe_figure(results: dict[str, Any]):
-    """Predicted vs true deltaH over eta (one panel per normalisation), with CI error bars; the
-    first-order prediction, the covariance baseline and a dotted line at ``eta = lr``. The eta
-    axis is logarithmic with one label per probed eta (at most 6) and no minor labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-    entries = results["entries"]
-    etas = [e["eta"] for e in entries]
-    lr = results.get("learning_rate")
-    for ax, norm in zip(axes, NORMALIZATIONS, strict=True):
-        series = (
-            ("truth", "o-", "truth (SNIS)"),
-            ("prediction", "s--", f"first order ({results['best_baseline'][norm]} baseline)"),
-            ("covariance", "d-.", "covariance (Cui et al. 2025)"),
-            ("resample", "^:", "resample"),
-        )
-        for key, style, label in series:
-            if key not in entries[0][norm]:
-                continue
-            vals = [e[norm][key]["value"] for e in entries]
-            err = [
-                [v - e[norm][key]["ci"][0] for v, e in zip(vals, entries, strict=True)],
-                [e[norm][key]["ci"][1] - v for v, e in zip(vals, entries, strict=True)],
-            ]
-            ax.errorbar(etas, vals, yerr=err, fmt=style, capsize=3, label=label)
-        ax.axhline(0.0, color="grey", lw=0.5)
-        if lr:
-            ax.axvline(lr, color="black", ls=":", lw=1, label=f"eta = lr = {lr:.2g}")
-        ax.set_xscale("log")
-        # one labelled tick per probed eta (at most 6, evenly thinned), no minor labels: no overlap
-        step = max(1, math.ceil(len(etas) / 6))
-        ticks = etas[::step]
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xticklabels([f"{t:.2g}" for t in ticks], rotation=35, ha="right", fontsize=8)
-        ax.set_xlabel("eta (step size; eta = lr is the real step)")
-        ax.set_ylabel("deltaH")
-        ax.set_title(f"entropy change, {norm.replace('_', '-')}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def closeness(results: dict[str, Any], norm: str) -> dict[str, float]:
-    """Mean over the eta sweep of ``|truth - estimate|``, for the first-order prediction and
-    the covariance baseline (``first_order``, ``covariance``), and the ratio of the two."""
-    entries = results["entries"]
-    fo = sum(abs(e[norm]["difference"]["value"]) for e in entries) / len(entries)
-    cov = sum(abs(e[norm]["covariance_difference"]["value"]) for e in entries) / len(entries)
-    return {"first_order": fo, "covariance": cov, "covariance_over_first_order": cov / max(fo, 1e-300)}
-
-
-def summary_table(results: dict[str, Any], norm: str = "per_token"):
-    """A rich table: truth, first order, covariance baseline, paired differences, resample, ESS."""
-    from rich.table import Table
-
-    def fmt(e: dict | None) -> str:
-        return "-" if e is None else f"{e['value']:+.3e} ± {e['se']:.1e}"
-
-    def in_ci(d: dict) -> str:
-        return "yes" if d["ci"][0] <= 0 <= d["ci"][1] else "NO"
-
-    level = results["entries"][0][norm]["truth"]["level"]
-    table = Table(title=f"Entropy probe ({norm.replace('_', '-')}; ± SE, CI level {level})")
-    for col in (
-        "eta",
-        "deltaH true (SNIS)",
-        "first order",
-        "true - first order",
-        "0 in CI",
-        "covariance (Cui)",
-        "true - cov",
-        "0 in CI ",
-        "resample",
-        "ESS/N",
-    ):
-        table.add_column(col, justify="right")
-    for e in results["entries"]:
-        d, dc = e[norm]["difference"], e[norm]["covariance_difference"]
-        table.add_row(
-            f"{e['eta']:.2e}",
-            fmt(e[norm]["truth"]),
-            fmt(e[norm]["prediction"]),
-            fmt(d),
-            in_ci(d),
-            fmt(e[norm]["covariance"]),
-            fmt(dc),
-            in_ci(dc),
-            fmt(e[norm].get("resample")),
-            f"{e['weights']['ess_fraction']:.3f}",
-        )
-    return table
-
-
 OUTPUT_FILES = ("config.json", "probe.png", "results.json")  # renamed into place in this order
 
 
 def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> dict[str, Any]:
     """Load the policy named by ``cfg``, probe it and write ``results.json``, ``config.json``,
     ``probe.png``; print the summary table. Returns the results."""
-    from rich.console import Console
-    from transformers import AutoTokenizer
-
-    from lens_rl.models.families import load_causal_lm
-    from lens_rl.models.loading import local_folder
-    from lens_rl.utils.outputs import refuse_existing_outputs
 
     refuse_existing_outputs(
         cfg.output_dir, OUTPUT_FILES, cfg.overwrite_output_dir, "--overwrite_output_dir true"
@@ -596,8 +373,6 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
     console = Console(width=max(Console().width, 132))
     run_record = None
     if cfg.trl_checkpoint:
-        from lens_rl.probe.from_run import apply_run, read_run
-
         settings = read_run(cfg.trl_checkpoint)
         run_record = apply_run(cfg, settings)
         console.print(
@@ -616,9 +391,6 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
         model = load_causal_lm(cfg.model_name_or_path, dtype=torch.float32).to(device)
         subject = lm_subject(model, tok, cfg)
     else:
-        from lens_rl.data.dataset import ActivationDataset
-        from lens_rl.models.lens import ConsistencyLens
-
         base = load_causal_lm(cfg.model_name_or_path, dtype=torch.float32)
         if cfg.lens_path is not None:
             lens = ConsistencyLens.from_pretrained(cfg.lens_path, base=base, tokenizer=tok).to(device)
@@ -674,26 +446,5 @@ def run_entropy_probe(cfg: EntropyProbeConfig, show_progress: bool = True) -> di
     return results
 
 
-def load_trl_checkpoint(lens, checkpoint: str | Path) -> nn.Module:
-    """Load a ``scripts/rl_lens.py`` checkpoint's weights into ``lens``; return the module the
-    trainer's optimizer was built on (``LensPolicy(lens)``: decoder and encoder), so that its
-    ``optimizer.pt`` loads into :func:`~lens_rl.probe.update_vector.build_optimizer`'s groups."""
-    from safetensors.torch import load_file
-
-    from lens_rl.training.grpo_trainer import LensPolicy
-
-    path = Path(checkpoint) / "model.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: trl_checkpoint must be a checkpoint-N folder of rl_lens.py."
-        )
-    policy = LensPolicy(lens)
-    policy.load_state_dict(load_file(str(path)))
-    return policy
-
-
 def _versions() -> dict[str, str]:
-    import transformers
-    import trl
-
     return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}

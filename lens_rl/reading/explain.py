@@ -45,17 +45,16 @@ def _stats(lens, acts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, 
         ValueError: the lens records no statistics (naming its sidecar and how to add them), or
             records values that cannot be right.
     """
-    meta = getattr(lens, "meta", {}) or {}
     source = getattr(lens, "source_dir", None)
-    where = f"{source}/{LENS_CONFIG}" if source is not None else "the lens's meta"
-    stats = activation_stats(meta, acts[0].shape[-1], where)
+    where = f"{source}/{LENS_CONFIG}" if source is not None else "the lens's lens_config"
+    stats = activation_stats(lens.lens_config, acts[0].shape[-1], where)
     if stats is None:
         raise ValueError(
             f"{where} records no activation statistics (meta.train_mean and meta.train_var: a lens "
             "saved by an older lens_rl lacks them); FVE and NMSE are normalised by them. Record "
             "those of the lens's training split and save the lens again: `from lens_rl.data.dataset "
-            "import ActivationDataset; d = ActivationDataset(TRAIN_SPLIT_DIR); lens.meta.update("
-            "train_mean=d.mean.tolist(), train_var=d.var.tolist()); lens.save_pretrained(LENS_DIR)`, "
+            "import ActivationDataset; d = ActivationDataset(TRAIN_SPLIT_DIR); lens.lens_config.train_mean "
+            "= d.mean.tolist(); lens.lens_config.train_var = d.var.tolist(); lens.save_pretrained(LENS_DIR)`, "
             "or train the lens again."
         )
     return stats[0], stats[1], "train_mean"
@@ -82,9 +81,8 @@ def explain_ids(
     text, or is a list with one spec per text. ``batch_size`` rows (positions x ``k``) go
     through the decoder at once; the functional KL passes take at most ``max_kl_tokens`` tokens
     each (they compute full-vocabulary logits)."""
-    meta = getattr(lens, "meta", {}) or {}
-    layer = meta.get("layer") if layer is None else layer
-    t_text = meta.get("t_text") if t_text is None else t_text
+    layer = lens.lens_config.layer if layer is None else layer
+    t_text = lens.lens_config.t_text if t_text is None else t_text
     if layer is None:
         raise ValueError("The lens records no layer; pass layer= (the block whose output A is).")
     if t_text is None:

@@ -14,20 +14,28 @@ every N-th sample and the sums are reduced):
 The reconstruction arithmetic is :mod:`lens_rl.metrics`'s (:class:`~lens_rl.metrics.FVEAccumulator`
 for the split, :func:`~lens_rl.metrics.reconstruct` for each sample explanation's ``rel_error``:
 ``||A_train - A||^2 / ||A - train_mean||^2``).
+
+:class:`LensEvaluationMixin` is the ``evaluate()`` of both trainers (``LensSFTTrainer``,
+``LensGRPOTrainer``): :func:`evaluate_on_processes`, logged as ``eval_*`` with the sample
+explanations.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Subset
+from transformers import Trainer
 
 from lens_rl.data.dataset import materialize
 from lens_rl.metrics import FVEAccumulator, functional_kl, reconstruct
 from lens_rl.ops.distributions import entropy_from_logits
 from lens_rl.training.reports import evaluation_tables
 from lens_rl.training.sft_losses import lm_kl, round_trip
+from lens_rl.training.trackers import log_samples
 
 
 @torch.no_grad()
@@ -138,3 +146,60 @@ def evaluate_on_processes(
 
         Console().print(*evaluation_tables(metrics, samples, step=step))
     return metrics, samples
+
+
+class LensEvaluationMixin:
+    """``evaluate()`` for a lens trainer (a base before ``Trainer``/``GRPOTrainer``): the whole-set
+    lens evaluation (FVE, normalised MSE, functional and LM KL, baselines, sample explanations)
+    sharded over processes, logged as ``eval_*`` (through ``Trainer.log``: TRL's ``log`` would
+    flush its training metrics), the samples to the trackers and kept in ``last_samples``.
+
+    The trainer sets ``lens``, ``orig``, ``layer``, ``train_mean``, ``train_var`` and
+    ``prefix_ids`` and implements :meth:`eval_split`; ``explanations_file`` (a name in
+    ``output_dir``) also appends each evaluation's samples as JSON lines."""
+
+    explanations_file: str | None = None
+
+    def eval_split(self, eval_dataset=None):
+        """The dataset to evaluate (raises ``ValueError`` when there is none)."""
+        raise NotImplementedError
+
+    def num_eval_explanations(self) -> int:
+        """Sample explanations per evaluation: ``num_completions_to_print``."""
+        return self.args.num_completions_to_print
+
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Whole-set lens evaluation on every process's share of the validation split."""
+        dataset = self.eval_split(eval_dataset)
+        args = self.args
+        metrics, samples = evaluate_on_processes(
+            self.accelerator,
+            self.state.global_step,
+            self.lens,
+            self.orig,
+            dataset,
+            layer=self.layer,
+            t_text=args.t_text,
+            train_mean=self.train_mean,
+            train_var=self.train_var,
+            prefix_ids=self.prefix_ids.to(self.accelerator.device),
+            tokenizer=self.processing_class,
+            batch_size=args.per_device_eval_batch_size,
+            seed=args.seed + 7919,
+            resample_ablation=getattr(args, "resample_ablation", False),
+            num_explanations=self.num_eval_explanations(),
+        )
+        if self.explanations_file is not None and args.should_save and samples:
+            out = Path(args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            with (out / self.explanations_file).open("a") as f:
+                for s in samples:
+                    f.write(json.dumps({"step": self.state.global_step, **s}) + "\n")
+        self.last_samples = samples
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        Trainer.log(self, metrics)
+        log_samples(self, samples, self.state.global_step)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics

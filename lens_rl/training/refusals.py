@@ -4,7 +4,8 @@
 every TRL ``GRPOConfig`` field. A field either keeps its upstream meaning or appears in one of
 the tables below with the only value accepted and the reason; :func:`refuse_fields` raises a
 :class:`~lens_rl.config.ConfigError` for any other value, naming the field, the value and what
-to do instead. Nothing is silently ignored.
+to do instead. Nothing is silently ignored. Lens fields renamed away are refused the same way,
+naming the new field (:data:`RENAMED`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,26 @@ GRPO_REFUSED: dict[str, tuple[object, str]] = {
     "use_transformers_paged": (False, _ROLLOUTS),
     "vllm_importance_sampling_cap": (None, "deprecated by TRL: use vllm_importance_sampling_clip_max"),
 }
+
+
+# Lens fields renamed (old name -> new name), both stages. The old names stay declared on
+# ``LensStageArguments`` (default None) so a YAML key, a flag or a keyword using one is refused by
+# :func:`refuse_renamed` naming the new field, instead of argparse's bare "unrecognized argument".
+RENAMED: dict[str, str] = {
+    "lm_natural_prefix": "lm_prefix",  # the supervised stage's name of the frozen LM's prefix
+    "ref_kl_prefix": "lm_prefix",  # the RL stage's name of the same text
+    "num_explanations": "num_completions_to_print",  # TRL's name (GRPOConfig) for the same count
+}
+
+
+def refuse_renamed(cfg: object) -> None:
+    """Raise :class:`ConfigError` for the first field of :data:`RENAMED` given a value on ``cfg``,
+    naming the field that replaces it."""
+    cls = type(cfg).__name__
+    for old, new in RENAMED.items():
+        value = getattr(cfg, old, None)
+        if value is not None:
+            raise ConfigError(f"{cls}.{old} was renamed {new}: set {new}={value!r} instead.")
 
 
 def refuse_fields(cfg: object, table: dict[str, tuple[object, str]]) -> None:

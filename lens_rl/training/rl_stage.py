@@ -8,16 +8,14 @@ from typing import Any
 
 import torch
 
-from lens_rl.data.dataset import ActivationDataset
-from lens_rl.models.lens import ConsistencyLens, base_record
-from lens_rl.models.orig import OrigWrapper
 from lens_rl.training.evaluate import evaluate_lens
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.grpo_trainer import LensGRPOTrainer
-from lens_rl.training.guards import claim_output_dir, main_then_all, train_or_finish
+from lens_rl.training.guards import train_or_finish
 from lens_rl.training.reports import end_of_run_report
-from lens_rl.training.trackers import log_lens_artifact, stage_run
-from lens_rl.utils.launch import check_world_size, resolve_resume
+from lens_rl.training.stage import checkpoint_step, claimed_stage, load_stage_inputs, stage_lens
+from lens_rl.training.trackers import log_lens_artifact
+from lens_rl.utils.launch import check_world_size
 
 
 def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, Any]:
@@ -26,62 +24,20 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
     reconstruction reward; weigh them with ``reward_weights``."""
     from accelerate import PartialState
 
-    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-    state = PartialState(cpu=not torch.cuda.is_available())
-    check_world_size(state.num_processes)
-    lock = main_then_all(
-        lambda: claim_output_dir(cfg.output_dir, resume is not None, cfg.overwrite_output_dir), state
-    )
-    try:  # the folder is this run's until it returns (or fails); then free for a resume in-process
-        with stage_run():  # one stage, one tracker run
-            return _run_claimed(cfg, reward_funcs, state, resume)
-    finally:
-        if lock is not None:
-            lock.close()
+    def start() -> PartialState:
+        state = PartialState(cpu=not torch.cuda.is_available())
+        check_world_size(state.num_processes)
+        return state
+
+    with claimed_stage(cfg, start) as (state, resume):
+        return _run_claimed(cfg, reward_funcs, state, resume)
 
 
 def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: str | None) -> dict[str, Any]:
     """The body of :func:`run_rl` once the output folder is claimed."""
-    from transformers import AutoTokenizer
-
-    cfg.check_model_folders()  # local folders only: no Hub lookup for a mistyped path
-    tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
-    orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs()).to(state.device)
-    store = ActivationDataset(cfg.train_data)
-    vocab, d_model = orig.model.get_input_embeddings().weight.shape
-    store.check_compatible(d_model, vocab_size=vocab, model=orig.model)
-    val = ActivationDataset(cfg.val_data) if cfg.val_data else None
-    if val is not None:
-        val.check_compatible(d_model, store.layer, vocab, model=orig.model)
-    if cfg.sft_lens:
-        lens = ConsistencyLens.from_pretrained(cfg.sft_lens, base=orig.model, tokenizer=tok)
-        if lens.meta.get("layer") not in (None, store.layer):
-            raise ValueError(
-                f"{cfg.sft_lens} was trained at layer {lens.meta['layer']}, the data is layer {store.layer}."
-            )
-        lens.meta["t_text"] = cfg.t_text  # the sidecar records the length this stage trained
-        if lens.meta.get("train_mean") is None and lens.meta.get("train_var") is None:
-            # an older lens without statistics: record this stage's (what explaining it needs)
-            lens.meta.update(train_mean=store.mean.tolist(), train_var=store.var.tolist())
-        if cfg.peft_config is not None:  # LoRA adapters on a loaded lens
-            lens.add_lora(cfg.decoder_config.lora, cfg.encoder_config.lora)
-    else:
-        lens = ConsistencyLens.build(
-            orig.model,
-            tok,
-            cfg.decoder_config,
-            cfg.encoder_config,
-            share_base=True,
-            meta={
-                **base_record(orig.model, cfg.model_name_or_path),
-                "tokenizer_name_or_path": cfg.model_name_or_path,
-                "layer": store.layer,
-                "t_text": cfg.t_text,
-                "model_dtype": cfg.model_dtype,
-                "train_mean": store.mean.tolist(),
-                "train_var": store.var.tolist(),
-            },
-        )
+    inputs = load_stage_inputs(cfg, state.device)
+    tok, orig, store, val = inputs.tokenizer, inputs.orig, inputs.train, inputs.val
+    lens = stage_lens(cfg, inputs)
     lens.to(state.device)
     backend_name = cfg.rollout_backend
     if backend_name in ("auto", "vllm") and lens.decoder.n_patched:
@@ -123,9 +79,7 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
             state.print("rollouts: HF generator (vLLM is not installed)")
     state.print(f"rollout backend: {backend_name}")
 
-    prefix = torch.tensor(
-        [tok(cfg.ref_kl_prefix, add_special_tokens=False)["input_ids"]], device=state.device
-    )
+    prefix = torch.tensor([tok(cfg.lm_prefix, add_special_tokens=False)["input_ids"]], device=state.device)
 
     def evaluate() -> dict[str, float]:
         if val is None or not state.is_main_process:
@@ -158,7 +112,7 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
             f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
         )
         if resume:
-            step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+            step = checkpoint_step(resume)
             state.print(f"resuming from {resume} (step {step})")  # as the supervised stage says it
         train_or_finish(trainer, resume, log=state.print)
     finally:  # the engine's processes and its /dev/shm weight folder go, whether training ended or failed

@@ -18,52 +18,31 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from lens_rl.config import ConfigError, report_to_list, sub_config, validate_types
-from lens_rl.models.decoder import DecoderConfig
-from lens_rl.models.encoder import EncoderConfig
-from lens_rl.models.loading import ModelLoadingArguments
-from lens_rl.models.lora import PEFT_CONFIG_HELP, apply_peft_config
-from lens_rl.training.explain_args import ExplainArguments
-from lens_rl.training.guards import RunGuardArguments
-from lens_rl.training.refusals import (
-    TRAINING_ARGS_REFUSED,
-    refuse_fields,
-    refuse_sharded_parameters,
-    resolve_best_metric,
-)
+from lens_rl.config import ConfigError, validate_types
 from lens_rl.training.schedules import parse_schedule
+from lens_rl.training.stage_args import LensStageArguments
 
 
 @dataclass
-class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments, ExplainArguments):
-    """Supervised consistency-lens training (a ``TrainingArguments`` with lens fields).
+class LensSFTConfig(TrainingArguments, LensStageArguments):
+    """Supervised consistency-lens training (a ``TrainingArguments`` with lens fields; the fields
+    both stages share are :class:`~lens_rl.training.stage_args.LensStageArguments`').
 
     > Data: ``train_data``/``val_data`` are dump split folders (``.../layer_L/train``); or
     > ``on_the_fly`` names a dump YAML whose windows are used with activations computed live.
     > Losses: each weight is a schedule string over optimizer steps (``lens_rl.training.schedules``).
     """
 
-    # --- model and data
-    model_name_or_path: str = field(default="", metadata={"help": "Local folder of the original model."})
+    # --- model and data (model_name_or_path, train_data, val_data: LensStageArguments)
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Default: the model folder."})
-    train_data: str | None = field(default=None, metadata={"help": "Dump folder of the training split."})
-    val_data: str | None = field(default=None, metadata={"help": "Dump folder of the validation split."})
     on_the_fly: str | None = field(
         default=None,
         metadata={"help": "Dump YAML; compute its activations during training instead of reading dumps."},
-    )
-    decoder: dict | str = field(
-        default_factory=dict, metadata={"help": "DecoderConfig options (YAML mapping/JSON)."}
-    )
-    encoder: dict | str = field(
-        default_factory=dict, metadata={"help": "EncoderConfig options (YAML mapping/JSON)."}
     )
     share_base: bool = field(
         default=True,
         metadata={"help": "Decoder/encoder reuse the orig model's frozen weights when not trained."},
     )
-    peft_config: dict | str | None = field(default=None, metadata={"help": PEFT_CONFIG_HELP})
-    t_text: int = field(default=8, metadata={"help": "Tokens per explanation."})
 
     # --- losses (weights are schedules)
     mse_weight: str = field(default="1.0", metadata={"help": "Weight of the normalised reconstruction MSE."})
@@ -73,10 +52,6 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments,
     kl_weight: str = field(default="0.0", metadata={"help": "Weight of the functional KL at the next token."})
     entropy_weight: str = field(default="0.0", metadata={"help": "Weight of the decoder entropy bonus."})
     gumbel_tau: str = field(default="1.0", metadata={"help": "Gumbel-softmax temperature schedule."})
-    lm_natural_prefix: str = field(
-        default="<|endoftext|>short explanation of something:",
-        metadata={"help": "Text the original model reads before the explanation for the LM KL."},
-    )
     resample_ablation: bool = field(
         default=False, metadata={"help": "A_train = Â + stopgrad(A' - Â') (the A' residual trick)."}
     )
@@ -87,8 +62,12 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments,
     lr_base: float = field(default=0.1, metadata={"help": "LR multiplier of trainable base weights."})
 
     # --- outputs
-    num_explanations: int = field(
-        default=8, metadata={"help": "Sample explanations shown and saved per evaluation."}
+    num_completions_to_print: int = field(
+        default=8,
+        metadata={
+            "help": "Sample explanations printed and saved per evaluation (TRL's GRPOConfig name, "
+            "shared with the RL stage)."
+        },
     )
     plot: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
 
@@ -135,46 +114,30 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments,
             f.name for f in dataclasses.fields(TrainingArguments)
         }
         validate_types(self, only=own)
-        refuse_fields(self, TRAINING_ARGS_REFUSED)
-        resolve_best_metric(self)
-        self.report_to = report_to_list(self.report_to)
         if isinstance(self.resume_from_checkpoint, bool):
             self.resume_from_checkpoint = "true" if self.resume_from_checkpoint else None
-        cuda = torch.cuda.is_available()
-        if self.bf16 is None:
-            self.bf16 = bool(cuda and torch.cuda.is_bf16_supported())
-        if not cuda:
-            if self.bf16 or self.fp16:
-                raise ConfigError(
-                    "bf16/fp16 autocast of the lens needs a GPU here; on CPU the lens trains in fp32 "
-                    "(set bf16=false, fp16=false)."
-                )
-            # Without this, N processes started by `accelerate launch` on a CPU machine would each
-            # run alone (DistributedType.NO) instead of as one gloo group.
-            self.use_cpu = True
-        refuse_sharded_parameters(self)
+        if self.bf16 is None and torch.cuda.is_available():
+            self.bf16 = bool(torch.cuda.is_bf16_supported())
+        self.check_stage_before_parent()
         super().__post_init__()
         self._validate_lens()
 
     def _validate_lens(self) -> None:
         """Check sources, sizes, schedules and sub-configs; build the typed sub-configs."""
-        self.check_model_loading()
-        if not self.model_name_or_path:
-            raise ConfigError("LensSFTConfig.model_name_or_path is required (a local model folder).")
+        self.check_stage_after_parent()
         if bool(self.train_data) == bool(self.on_the_fly):
             raise ConfigError("Give exactly one of train_data (a dump folder) or on_the_fly (a dump YAML).")
         if self.val_data and self.on_the_fly:
             raise ConfigError("val_data is for dumps; with on_the_fly the YAML's val split is used.")
         if self.max_steps == 0:
             raise ConfigError("LensSFTConfig.max_steps must be >= 1 (or -1 to use num_train_epochs).")
-        for name in ("t_text", "per_device_train_batch_size", "gradient_accumulation_steps"):
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"LensSFTConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        self.check_run_guards()
-        self.check_explain()
-        for name in ("num_explanations",):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"LensSFTConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.num_completions_to_print < 0:
+            raise ConfigError(
+                f"LensSFTConfig.num_completions_to_print must be >= 0, got {self.num_completions_to_print}."
+            )
         for name in ("lr_projection", "lr_prompt", "lr_base"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"LensSFTConfig.{name} must be >= 0, got {getattr(self, name)}.")
@@ -194,11 +157,7 @@ class LensSFTConfig(TrainingArguments, ModelLoadingArguments, RunGuardArguments,
             raise ConfigError(f"LensSFTConfig.gumbel_tau must stay > 0, got {self.gumbel_tau!r}.")
         if all(self.schedules[n].max_value <= 0 for n in ("mse_weight", "lm_weight", "kl_weight")):
             raise ConfigError("All of mse_weight, lm_weight and kl_weight are 0: nothing would be trained.")
-        self.decoder_config = sub_config(self.decoder, DecoderConfig, "decoder")
-        self.encoder_config = sub_config(self.encoder, EncoderConfig, "encoder")
-        self.peft_config = apply_peft_config(
-            self.peft_config, self.decoder_config, self.encoder_config, encoder_trains=True
-        )
+        self.build_lens_configs(encoder_trains=True)
         if (
             self.resample_ablation
             and self.schedules["mse_weight"].max_value <= 0

@@ -12,7 +12,8 @@ overrides only what a lens needs:
   multipliers, which the Trainer's LR schedule scales together;
 - ``evaluate``: the whole-set lens evaluation (FVE, normalised MSE, functional and LM KL,
   baselines) sharded over processes, logged as ``eval_*`` and with sample explanations, both
-  printed as tables on the main process;
+  printed as tables on the main process (:class:`~lens_rl.training.evaluate.LensEvaluationMixin`,
+  shared with the RL trainer);
 - ``log``: adds the loss parts, schedule values and per-group learning rates.
 
 Everything else (DDP/DeepSpeed/FSDP through accelerate, gradient accumulation and clipping,
@@ -31,24 +32,21 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINER_STATE_NAME
 
-from lens_rl.config import parse_args
-from lens_rl.data.dataset import ActivationDataset, OnTheFlyDataset, materialize
-from lens_rl.data.dump import DumpConfig, dump_windows
-from lens_rl.models.hooks import resolve_layer
-from lens_rl.models.lens import ConsistencyLens, LensModule, base_record
+from lens_rl.data.dataset import materialize
+from lens_rl.models.lens import ConsistencyLens, LensModule
 from lens_rl.models.orig import OrigWrapper
 from lens_rl.ops.sampling import step_seed
-from lens_rl.training.evaluate import evaluate_on_processes
-from lens_rl.training.guards import NonFiniteGuard, claim_output_dir, main_then_all, train_or_finish
+from lens_rl.training.evaluate import LensEvaluationMixin
+from lens_rl.training.guards import NonFiniteGuard, train_or_finish
 from lens_rl.training.plots import plot_curves
 from lens_rl.training.reports import end_of_run_report
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_losses import StepWeights, sft_losses
-from lens_rl.training.trackers import log_lens_artifact, log_samples, stage_run
+from lens_rl.training.stage import checkpoint_step, claimed_stage, load_stage_inputs, stage_lens
+from lens_rl.training.trackers import log_lens_artifact
 from lens_rl.utils.files import iter_jsonl, write_jsonl
-from lens_rl.utils.launch import check_world_size, resolve_resume
+from lens_rl.utils.launch import check_world_size
 
 METRICS_FILE = "metrics.jsonl"
 EXPLANATIONS_FILE = "explanations.jsonl"
@@ -108,8 +106,10 @@ class _FinalEvaluationAfterSave(TrainerCallback):
         return control
 
 
-class LensSFTTrainer(Trainer):
+class LensSFTTrainer(LensEvaluationMixin, Trainer):
     """``transformers.Trainer`` for a consistency lens (see the module docstring)."""
+
+    explanations_file = EXPLANATIONS_FILE
 
     def __init__(
         self,
@@ -152,7 +152,7 @@ class LensSFTTrainer(Trainer):
         self.orig.to(device)
         self.feature_var = train_var.to(device)
         self.prefix_ids = torch.tensor(
-            [tokenizer(args.lm_natural_prefix, add_special_tokens=False)["input_ids"]], device=device
+            [tokenizer(args.lm_prefix, add_special_tokens=False)["input_ids"]], device=device
         )
 
     # ------------------------------------------------------------------ optimisation
@@ -237,87 +237,21 @@ class LensSFTTrainer(Trainer):
                 logs[f"lr/{name}"] = lr
         super().log(logs, start_time)
 
-    def evaluate(
-        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
-    ) -> dict[str, float]:
-        """Whole-set lens evaluation on every process's share of the validation split."""
+    def eval_split(self, eval_dataset=None):
+        """``eval_dataset`` if given, else the validation split."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs a validation split (val_data or on_the_fly).")
-        metrics, samples = evaluate_on_processes(
-            self.accelerator,
-            self.state.global_step,
-            self.lens,
-            self.orig,
-            dataset,
-            layer=self.layer,
-            t_text=self.args.t_text,
-            train_mean=self.train_mean,
-            train_var=self.train_var,
-            prefix_ids=self.prefix_ids,
-            tokenizer=self.processing_class,
-            batch_size=self.args.per_device_eval_batch_size,
-            seed=self.args.seed + 7919,
-            resample_ablation=self.args.resample_ablation,
-            num_explanations=self.args.num_explanations,
-        )
-        if self.args.should_save and samples:
-            out = Path(self.args.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            with (out / EXPLANATIONS_FILE).open("a") as f:
-                for s in samples:
-                    f.write(json.dumps({"step": self.state.global_step, **s}) + "\n")
-        self.last_samples = samples
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
-        self.log(metrics)
-        log_samples(self, samples, self.state.global_step)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+        return dataset
 
 
 # ---------------------------------------------------------------------- the stage end to end
-def _on_the_fly_data(cfg: LensSFTConfig, orig: OrigWrapper, tokenizer):
-
-    (dcfg,) = parse_args(
-        [DumpConfig], ["--config", cfg.on_the_fly, "--model_name_or_path", cfg.model_name_or_path]
-    )
-    splits = dump_windows(dcfg, tokenizer)
-    layer = resolve_layer(dcfg.layer, orig.n_layers, "layer", cfg.on_the_fly)
-    train = OnTheFlyDataset(splits["train"], layer)
-    val = OnTheFlyDataset(splits["val"], layer) if len(splits["val"]) else None
-    # Normalisation statistics from (up to) 512 training windows.
-    w = splits["train"]
-    acts = torch.cat(
-        [
-            orig.capture(w.input_ids[c].to(orig.model.device), layer, w.token_pos[c]).cpu()
-            for c in torch.arange(min(512, len(train))).split(64)
-        ]
-    ).double()
-    return train, val, layer, acts.mean(0).float(), acts.var(0, unbiased=False).float()
-
-
 def build_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None) -> LensSFTTrainer:
     """Load the orig model and the data, build a fresh lens and its trainer (checks run first:
-    the data is validated before anything trains)."""
-    from transformers import AutoTokenizer
-
+    the data is validated before anything trains; :mod:`lens_rl.training.stage`)."""
     check_world_size(cfg.world_size)
-    cfg.check_model_folders()  # local folders only: no Hub lookup for a mistyped path
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
-    d_model = orig.model.get_input_embeddings().weight.shape[1]
-    if cfg.train_data:
-        train = ActivationDataset(cfg.train_data)
-        layer = resolve_layer(train.layer, orig.n_layers, "layer", cfg.train_data)
-        val = ActivationDataset(cfg.val_data) if cfg.val_data else None
-        for ds in (train, val):
-            if ds is not None:
-                ds.check_compatible(
-                    d_model, train.layer, orig.model.get_input_embeddings().weight.shape[0], model=orig.model
-                )
-        train_mean, train_var = train.mean, train.var
-    else:
-        train, val, layer, train_mean, train_var = _on_the_fly_data(cfg, orig, tokenizer)
+    inputs = load_stage_inputs(cfg)
+    train, val = inputs.train, inputs.val
     if cfg.eval_strategy != "no" and val is None:
         raise ValueError(
             f"eval_strategy={getattr(cfg.eval_strategy, 'value', cfg.eval_strategy)!r} but the validation "
@@ -329,29 +263,18 @@ def build_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None
             f"The training set ({len(train)} samples) is smaller than one batch over all processes "
             f"({cfg.per_device_train_batch_size} x {cfg.world_size}); lower per_device_train_batch_size."
         )
-    meta = {
-        **base_record(orig.model, cfg.model_name_or_path),
-        "tokenizer_name_or_path": cfg.tokenizer_name_or_path or cfg.model_name_or_path,
-        "layer": layer,
-        "t_text": cfg.t_text,
-        "model_dtype": cfg.model_dtype,
-        "train_mean": train_mean.tolist(),
-        "train_var": train_var.tolist(),
-    }
-    lens = ConsistencyLens.build(
-        orig.model, tokenizer, cfg.decoder_config, cfg.encoder_config, cfg.share_base, meta
-    )
+    lens = stage_lens(cfg, inputs)
     lens.train()
     return LensSFTTrainer(
         cfg,
         lens,
-        orig,
-        tokenizer,
+        inputs.orig,
+        inputs.tokenizer,
         train,
         val,
-        layer=layer,
-        train_mean=train_mean,
-        train_var=train_var,
+        layer=inputs.layer,
+        train_mean=inputs.train_mean,
+        train_var=inputs.train_var,
         callbacks=[_MetricsFile(Path(cfg.output_dir) / METRICS_FILE), *(callbacks or [])],
     )
 
@@ -376,17 +299,12 @@ def run_sft(cfg: LensSFTConfig, callbacks: list[TrainerCallback] | None = None) 
     ``eval_`` prefix; empty without a validation split) and the trainer."""
     from accelerate import PartialState
 
-    out = Path(cfg.output_dir)
-    resume = resolve_resume(cfg.resume_from_checkpoint, out)
-    _ = cfg.device  # sets up the process group exactly as the Trainer will
-    state = PartialState()
-    lock = main_then_all(lambda: claim_output_dir(out, resume is not None, cfg.overwrite_output_dir), state)
-    try:  # the folder is this run's until it returns (or fails); one stage, one tracker run
-        with stage_run():
-            return _train_and_finish(cfg, out, resume, callbacks)
-    finally:
-        if lock is not None:
-            lock.close()
+    def start() -> PartialState:
+        _ = cfg.device  # sets up the process group exactly as the Trainer will
+        return PartialState()
+
+    with claimed_stage(cfg, start) as (_, resume):
+        return _train_and_finish(cfg, Path(cfg.output_dir), resume, callbacks)
 
 
 def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbacks) -> dict[str, Any]:
@@ -402,7 +320,7 @@ def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbac
     if acc.is_main_process:
         (out / "config.json").write_text(cfg.to_json_string())
         if resume:
-            step = json.loads((Path(resume) / TRAINER_STATE_NAME).read_text())["global_step"]
+            step = checkpoint_step(resume)
             _trim_logs(out, step)
             acc.print(f"resuming from {resume} (step {step})")
     acc.wait_for_everyone()

@@ -43,9 +43,10 @@ from trl.trainer.utils import nanstd
 
 from lens_rl.data.dataset import ActivationDataset
 from lens_rl.generation.rollouts import lens_rollouts
-from lens_rl.metrics import reconstruct
+from lens_rl.metrics import functional_kl, reconstruct
 from lens_rl.models.families import embed_tokens
 from lens_rl.models.lens import ConsistencyLens, LensModule
+from lens_rl.models.lora import merged_state_dict  # LoRA deltas merged, HF names
 from lens_rl.models.orig import OrigWrapper
 from lens_rl.ops.diagnostics import TokenScores, score_tokens
 from lens_rl.ops.importance import importance_weights, mismatch_stats, token_log_ratio
@@ -192,8 +193,6 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
                 reward, a_hat = reconstruction_reward(lens, a, ids, cur, trainer.var_mean)
                 w_kl = trainer.lens_args.functional_kl_reward
                 if w_kl > 0:
-                    from lens_rl.metrics import functional_kl
-
                     batch = {
                         "input_ids": trainer.store.input_ids[idx].long().to(device),
                         "token_pos": trainer.store.token_pos[idx].to(device),
@@ -248,7 +247,6 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
         step = self.state.global_step
         if getattr(self, "_vllm_synced_step", None) == step:
             return
-        from lens_rl.models.lora import merged_state_dict  # LoRA deltas merged, HF names
 
         seconds = self.vllm_backend.sync_weights(merged_state_dict(base).items())
         self._vllm_synced_step = step

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lens_rl.generation.vllm_backend import VLLMBackend
 from lens_rl.training.evaluate import evaluate_lens
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.grpo_trainer import LensGRPOTrainer
@@ -60,8 +61,6 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
     vllm = None
     if backend_name in ("auto", "vllm"):
         try:
-            from lens_rl.generation.vllm_backend import VLLMBackend
-
             vllm = VLLMBackend(
                 cfg.model_name_or_path,
                 cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib,

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         rl = run_rl(rl_cfg)
 
     table = Table(title="held-out explanations: context, the token at P, the lens's explanation")
-    for col in ("context", "token", "explanation", "rel. sq. error"):
+    for col in ("context", "token", "explanation", "rel. error"):
         table.add_column(col, overflow="fold")
     for s in getattr(trainer, "last_samples", []):
         table.add_row(

@@ -535,3 +535,33 @@ def test_sharded_parameters_are_refused_from_config_or_launcher(
         monkeypatch.setenv(k, str(zero3) if v == "ZERO3" else v)
     with pytest.raises(ConfigError, match=message):
         tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "run", **kw)
+
+
+def test_init_lens_warm_starts_from_a_saved_lens(tiny_model_dir, tiny_dump, tmp_path):
+    """``init_lens`` (continued supervised training) starts from the saved lens: its weights, and
+    its decoder/encoder configs (a trainable decoder base here, though the new run sets no
+    decoder option), with a fresh optimizer and schedule; decoder/encoder options beside it would
+    be ignored, so they are refused."""
+    trainable = {"decoder": {"trainable_base": True}}
+    run_sft(tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "first", max_steps=3, **trainable))
+    init = tmp_path / "first" / "lens"
+    saved = load_file(str(init / "lens.safetensors"))
+    assert any(k.startswith("decoder.base.") for k in saved)
+    # learning rate 0: nothing moves, so the lens the warm run saves is exactly the one it loaded
+    run_sft(
+        tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "still", init_lens=str(init), learning_rate=0.0)
+    )
+    still = load_file(str(tmp_path / "still" / "lens" / "lens.safetensors"))
+    assert set(still) == set(saved)
+    assert all(torch.equal(still[k], saved[k]) for k in saved)
+    # a fresh schedule: the warm run logs the first run's learning rates, step for step
+    run_sft(tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "warm", init_lens=str(init), max_steps=3))
+    lrs = {
+        name: [m["learning_rate"] for m in _metrics(tmp_path / name) if "learning_rate" in m]
+        for name in ("first", "warm")
+    }
+    assert len(lrs["warm"]) == 3 and lrs["warm"] == lrs["first"]
+    warm = load_file(str(tmp_path / "warm" / "lens" / "lens.safetensors"))
+    assert any(not torch.equal(warm[k], saved[k]) for k in saved)  # and it trained
+    with pytest.raises(ConfigError, match=r"init_lens=.* brings the lens's own decoder and encoder configs"):
+        tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "bad", init_lens=str(init), **trainable)

@@ -138,14 +138,15 @@ def lens_meta(cfg, inputs: StageInputs) -> LensConfig:
 
 
 def stage_lens(cfg, inputs: StageInputs) -> ConsistencyLens:
-    """The lens ``cfg.sft_lens`` names (RL stage), or a fresh one from ``decoder_config`` /
+    """The lens ``cfg.sft_lens`` (RL stage) or ``cfg.init_lens`` (a warm-started supervised
+    stage) names, or a fresh one from ``decoder_config`` /
     ``encoder_config`` (with ``share_base`` where the config has one, else shared).
 
     A loaded lens must be of the data's layer; its sidecar records this stage's ``t_text``, and
     this stage's statistics when it has none (an older lens); ``peft_config`` adds LoRA adapters.
     """
     orig, tok = inputs.orig, inputs.tokenizer
-    sft_lens = getattr(cfg, "sft_lens", None)
+    sft_lens = getattr(cfg, "sft_lens", None) or getattr(cfg, "init_lens", None)
     if not sft_lens:
         return ConsistencyLens.build(
             orig.model,

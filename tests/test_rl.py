@@ -468,3 +468,51 @@ def test_two_process_ddp_with_encoder_cotraining(tiny_model_dir, splits, tmp_pat
         assert len(table["data"]) == 2 * 8 * 2  # 2 processes x batch 8 x 2 accumulated micro-batches
     w = load_file(str(out / "lens" / "lens.safetensors"))["encoder.proj.weight"]
     assert (w - torch.eye(w.shape[0])).abs().max() > 1e-4
+
+
+def test_eval_fve_frozen_encoder_scores_with_the_starting_encoder(tiny_model_dir, splits, tmp_path):
+    """``eval_fve_frozen_encoder`` is ``eval_fve`` of the same explanations read by the encoder
+    the run started from: equal to ``eval_fve`` when the encoder does not train; with encoder
+    co-training, equal to an evaluation, recomputed here, of the trained decoder with the starting
+    encoder put back (the decoder's own gain, apart from the encoder's adaptation)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lens_rl.data.dataset import ActivationDataset
+    from lens_rl.models.lens import ConsistencyLens
+    from lens_rl.models.orig import OrigWrapper
+    from lens_rl.training.evaluate import evaluate_lens
+
+    common = {"max_steps": 2, "learning_rate": 1e-2, "val_data": str(splits["val"])}
+    common |= {"eval_strategy": "steps", "eval_steps": 2}
+
+    def last_eval(res):
+        return [h for h in res["log_history"] if "eval_fve" in h][-1]
+
+    still = last_eval(run_rl(_cfg(tiny_model_dir, splits, tmp_path / "still", **common)))
+    assert still["eval_fve_frozen_encoder"] == still["eval_fve"]
+    cfg = _cfg(tiny_model_dir, splits, tmp_path / "co", encoder_mse_weight=1.0, **common)
+    co = last_eval(run_rl(cfg))
+    assert abs(co["eval_fve_frozen_encoder"] - co["eval_fve"]) > 1e-6  # the encoder moved
+    # the trained decoder, with the encoder of the run that did not train it (the starting one)
+    lens = ConsistencyLens.from_pretrained(tmp_path / "co" / "lens")
+    start = ConsistencyLens.from_pretrained(tmp_path / "still" / "lens").encoder.state_dict()
+    lens.encoder.load_state_dict(start)
+    train, val = ActivationDataset(splits["train"]), ActivationDataset(splits["val"])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    metrics, _ = evaluate_lens(
+        lens,
+        OrigWrapper.from_pretrained(tiny_model_dir),
+        val,
+        layer=train.layer,
+        t_text=cfg.t_text,
+        train_mean=train.mean,
+        train_var=train.var,
+        prefix_ids=torch.tensor([tok(cfg.lm_prefix, add_special_tokens=False)["input_ids"]]),
+        tokenizer=tok,
+        batch_size=cfg.per_device_eval_batch_size,
+        seed=cfg.seed + 7919,
+        resample_ablation=False,
+    )
+    # same explanations (same seeds and decoder), one encoder: equal up to float64 summation order
+    assert abs(metrics["fve"] - co["eval_fve_frozen_encoder"]) < 1e-9

@@ -9,7 +9,10 @@ every N-th sample and the sums are reduced):
 - ``baseline_mean_fve`` / ``baseline_mean_nmse``: the trivial predictor "train mean of A";
 - ``kl_recon`` / ``kl_train``: functional KL of the next-token distribution with Â / A_train;
 - ``lm_kl``: KL(P_orig || P_dec) on the explanations;
-- ``entropy``: the decoder's mean next-token entropy.
+- ``entropy``: the decoder's mean next-token entropy;
+- ``fve_frozen_encoder`` (when ``frozen_encoder`` is given; the GRPO stage): ``fve`` with the
+  same explanations read by the encoder the run started from, i.e. the decoder's own gain,
+  apart from the encoder's adaptation to it (EasyNLA's frozen-reconstructor FVE).
 
 The reconstruction arithmetic is :mod:`lens_rl.metrics`'s (:class:`~lens_rl.metrics.FVEAccumulator`
 for the split, :func:`~lens_rl.metrics.reconstruct` for each sample explanation's ``rel_error``:
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 from transformers import Trainer
 
@@ -58,8 +62,12 @@ def evaluate_lens(
     num_processes: int = 1,
     reduce=None,
     device: torch.device | str = "cpu",
+    frozen_encoder: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Evaluate on every sample of ``dataset``; return (metrics, sample explanations)."""
+    """Evaluate on every sample of ``dataset``; return (metrics, sample explanations).
+
+    ``frozen_encoder``: encoder parameters (name -> tensor; those not given are the live
+    encoder's) to also score the explanations with, as ``fve_frozen_encoder``."""
     was_training = lens.training
     lens.eval()
     # Each process takes every N-th sample (a process may get none on a tiny set).
@@ -69,7 +77,9 @@ def evaluate_lens(
     acc = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
     d = train_mean.numel()
     # one predictor each: A_train (the lens), Â (differs only with resample ablation), train mean
-    fve = {name: FVEAccumulator(d, device) for name in ("train", "recon", "base")}
+    fve = {name: FVEAccumulator(d, device) for name in ("train", "recon", "base", "frozen")}
+    if frozen_encoder is not None:
+        frozen_encoder = {k: v.to(device) for k, v in frozen_encoder.items()}
     samples: list[dict[str, Any]] = []
     mean = train_mean.to(device)
     for i, batch in enumerate(loader):
@@ -81,6 +91,12 @@ def evaluate_lens(
         fve["train"].update(a_train, a)
         fve["recon"].update(a_hat, a)
         fve["base"].update(mean, a)
+        if frozen_encoder is not None:
+            cur = batch["input_ids"][torch.arange(a.shape[0], device=a.device), batch["token_pos"]]
+            a_frozen = functional_call(
+                lens.encoder, frozen_encoder, (gen.generated_text_embeddings,), {"current_token_ids": cur}
+            )
+            fve["frozen"].update(a_frozen, a)
         acc["kl_recon"] += functional_kl(orig, batch, layer, a_hat).double().sum()
         acc["kl_train"] += functional_kl(orig, batch, layer, a_train).double().sum()
         acc["lm_kl"] += lm_kl(orig, prefix_ids, gen.hard_token_ids, gen.raw_lm_logits).double().mean(1).sum()
@@ -119,6 +135,8 @@ def evaluate_lens(
         "entropy": acc["entropy"] / n,
         "num_samples": n,
     }
+    if frozen_encoder is not None:
+        metrics["fve_frozen_encoder"] = fve["frozen"].fve()
     lens.train(was_training)
     return {k: float(v) for k, v in metrics.items()}, samples
 
@@ -190,6 +208,7 @@ class LensEvaluationMixin:
             seed=args.seed + 7919,
             resample_ablation=getattr(args, "resample_ablation", False),
             num_explanations=self.num_eval_explanations(),
+            frozen_encoder=getattr(self, "frozen_encoder", None),
         )
         if self.explanations_file is not None and args.should_save and samples:
             out = Path(args.output_dir)

@@ -145,6 +145,14 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
         self.layer, self.train_mean, self.train_var = train_store.layer, train_store.mean, train_store.var
         self.val_store = val_store
         self.lens_args = args
+        # The encoder's trainable parameters as the run starts (the sft_lens's, also on resume:
+        # a checkpoint loads later): evaluations also score with them (eval_fve_frozen_encoder).
+        # Empty when the encoder does not train: the live encoder is the starting one.
+        self.frozen_encoder = (
+            {n: p.detach().clone() for n, p in lens.encoder.named_parameters() if p.requires_grad}
+            if args.encoder_mse_weight > 0
+            else {}
+        )
         self.var_mean = float(train_store.var.double().mean())
         self.vllm_backend = vllm_backend
         self._rollout_calls = 0

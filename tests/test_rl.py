@@ -128,6 +128,11 @@ def test_config_errors(tiny_model_dir, splits, tmp_path):
         _cfg(tiny_model_dir, splits, tmp_path, use_vllm="true")
     with pytest.raises(ConfigError, match="model_name_or_path is required"):
         _cfg("", splits, tmp_path)
+    # an sft_lens brings its own decoder/encoder configs: options beside it would be ignored
+    with pytest.raises(
+        ConfigError, match=r"sft_lens=.* brings the lens's own .*decoder=\{'trainable_base': True\}"
+    ):
+        _cfg(tiny_model_dir, splits, tmp_path, sft_lens=str(tmp_path), decoder='{"trainable_base": true}')
     cfg = _cfg(tiny_model_dir, splits, tmp_path, rollout_backend="vllm", decoder='{"patch_all_layers": true}')
     with pytest.raises(ValueError, match="cannot express multi-layer patching"):
         run_rl(cfg)

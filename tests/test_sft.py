@@ -565,3 +565,5 @@ def test_init_lens_warm_starts_from_a_saved_lens(tiny_model_dir, tiny_dump, tmp_
     assert any(not torch.equal(warm[k], saved[k]) for k in saved)  # and it trained
     with pytest.raises(ConfigError, match=r"init_lens=.* brings the lens's own decoder and encoder configs"):
         tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "bad", init_lens=str(init), **trainable)
+    with pytest.raises(ConfigError, match=r"init_lens=.* share_base=False would be ignored"):
+        tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "bad", init_lens=str(init), share_base=False)

@@ -123,6 +123,7 @@ class LensGRPOConfig(GRPOConfig, LensStageArguments):
             raise ConfigError(
                 f"eval_strategy={self.eval_strategy!r} needs val_data (the lens evaluates the val split)."
             )
+        self.refuse_fresh_lens_options("sft_lens")
         # LoRA: fills decoder/encoder lora for a fresh lens; rl_stage adds the
         # adapters to an sft_lens that has none.
         self.build_lens_configs(encoder_trains=self.encoder_mse_weight > 0)

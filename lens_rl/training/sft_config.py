@@ -165,12 +165,7 @@ class LensSFTConfig(TrainingArguments, LensStageArguments):
             raise ConfigError(f"LensSFTConfig.gumbel_tau must stay > 0, got {self.gumbel_tau!r}.")
         if all(self.schedules[n].max_value <= 0 for n in ("mse_weight", "lm_weight", "kl_weight")):
             raise ConfigError("All of mse_weight, lm_weight and kl_weight are 0: nothing would be trained.")
-        if self.init_lens and (self.decoder or self.encoder):
-            raise ConfigError(
-                f"LensSFTConfig.init_lens={self.init_lens!r} brings the lens's own decoder and encoder "
-                f"configs; decoder={self.decoder!r} / encoder={self.encoder!r} would be ignored. Remove "
-                "them (or train a fresh lens without init_lens)."
-            )
+        self.refuse_fresh_lens_options("init_lens")
         self.build_lens_configs(encoder_trains=True)
         if (
             self.resample_ablation

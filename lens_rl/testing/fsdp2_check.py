@@ -45,7 +45,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sft_loss(lens: ConsistencyLens, acts, cur, var, seed: int) -> torch.Tensor:
+def sft_round_trip_loss(lens: ConsistencyLens, acts, cur, var, seed: int) -> torch.Tensor:
     """The supervised reconstruction loss through the differentiable KV-cached generator."""
     g = torch.Generator().manual_seed(seed)
     gen = lens.decoder.generate_soft_kv_cached(acts, T_TEXT, generator=g, gumbel_tau=1.0)
@@ -53,7 +53,7 @@ def _sft_loss(lens: ConsistencyLens, acts, cur, var, seed: int) -> torch.Tensor:
     return reconstruct(a_hat, acts, train_var=var, dtype=torch.float32).nmse.mean()
 
 
-def _grpo_loss(lens: ConsistencyLens, acts, cur, var, tokens) -> torch.Tensor:
+def grpo_scorer_loss(lens: ConsistencyLens, acts, cur, var, tokens) -> torch.Tensor:
     """The GRPO scorer's quantities (log q through ``fwd_tokens``, the co-trained encoder's MSE)."""
     logq = lens.decoder.fwd_tokens(acts, tokens, policy=SamplingPolicy(temperature=1.0)).logprobs
     emb = embed_tokens(lens.decoder.base, tokens).detach()
@@ -88,8 +88,8 @@ def _worker(
         def loss(module_or_lens, share: slice, r: int):
             args = (acts[share], cur[share], var)
             if case == "sft":
-                return module_or_lens(_sft_loss, *args, 100 + r)
-            return module_or_lens(_grpo_loss, *args, tokens[share])
+                return module_or_lens(sft_round_trip_loss, *args, 100 + r)
+            return module_or_lens(grpo_scorer_loss, *args, tokens[share])
 
         state_equal = None
         full = full_state_dict(sharded)

@@ -1,0 +1,133 @@
+"""Per-rank bytes of parameters, gradients and optimizer state: DDP vs FSDP2 on the same lens.
+
+Each engine runs in ``world`` CPU processes over gloo on the quickstart's base (decoder and
+encoder bases trainable, as in the quickstart), takes one AdamW step on the GRPO scorer's loss
+(log q and the co-trained encoder's MSE: then the parameters, gradients and Adam moments all
+exist) and counts the bytes each rank holds, from the tensors themselves (a DTensor counts its
+local shard). The frozen original
+model is counted apart: neither engine shards it here (it stays a full replica).
+
+    python benchmarks/sharding_memory.py --out benchmarks/results/sharding_memory.json
+
+DDP is the baseline in the same run: the JSON gives each engine's bytes and its ratio to DDP's
+at the same world size. DeepSpeed ZeRO-2/3 are not measured: DeepSpeed is an opt-in extra
+(``EXTRAS=deepspeed make setup``) and ZeRO-3 is still refused by the stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoTokenizer
+
+from lens_rl.models.configuration import DecoderConfig, EncoderConfig
+from lens_rl.models.families import load_causal_lm
+from lens_rl.models.lens import ConsistencyLens, LensModule
+from lens_rl.models.sharding import fully_shard_lens
+from lens_rl.testing.fsdp2_check import grpo_scorer_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def _worker(rank: int, world: int, engine: str, model_dir: str, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        orig = load_causal_lm(model_dir).eval()
+        torch.manual_seed(0)
+        lens = ConsistencyLens.build(
+            orig, tok, DecoderConfig(trainable_base=True), EncoderConfig(trainable_base=True), share_base=True
+        )
+        module = LensModule(lens)
+        if engine == "fsdp2":
+            wrapped = fully_shard_lens(module, init_device_mesh("cpu", (world,)))
+        else:
+            wrapped = DistributedDataParallel(module)
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        g = torch.Generator().manual_seed(rank)
+        acts = torch.randn(4, orig.config.hidden_size, generator=g)
+        cur = torch.randint(0, len(tok), (4,), generator=g)
+        tokens = torch.randint(0, len(tok), (4, 8), generator=g)
+        var = torch.ones(orig.config.hidden_size)
+        wrapped(grpo_scorer_loss, acts, cur, var, tokens).backward()  # decoder and encoder both train
+        opt.step()
+        counts = {
+            "parameters": sum(_local_bytes(p) for p in params),
+            "gradients": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(
+                _local_bytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
+            ),
+            "frozen_lens": sum(_local_bytes(p) for p in module.parameters() if not p.requires_grad),
+            "orig_replica": sum(_local_bytes(p) for p in orig.parameters()),
+        }
+        counts["trainable_total"] = counts["parameters"] + counts["gradients"] + counts["optimizer"]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, counts)
+        if rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(engine: str, world: int, model_dir: Path) -> list[dict[str, int]]:
+    with tempfile.TemporaryDirectory() as d, socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        out = str(Path(d) / "counts.json")
+        torch.multiprocessing.spawn(_worker, args=(world, engine, str(model_dir), port, out), nprocs=world)
+        return json.loads(Path(out).read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model_dir", type=Path, default=ROOT / ".cache" / "lens_rl" / "base-llama-d128")
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sharding_memory.json")
+    a = p.parse_args()
+    if not (a.model_dir / "config.json").is_file():
+        raise SystemExit(f"{a.model_dir} has no config.json: run `make demo` first (it pretrains the base).")
+    rows = []
+    for world in a.worlds:
+        ddp = measure("ddp", world, a.model_dir)
+        for engine in ("ddp", "fsdp2"):
+            ranks = ddp if engine == "ddp" else measure(engine, world, a.model_dir)
+            worst = max(ranks, key=lambda c: c["trainable_total"])
+            row = {"engine": engine, "world": world, "per_rank": ranks, "max_rank": worst}
+            row["ratio_to_ddp"] = {
+                k: round(worst[k] / max(ddp[0][k], 1), 4)
+                for k in ("parameters", "gradients", "optimizer", "trainable_total")
+            }
+            rows.append(row)
+            print(
+                f"{engine:5s} world {world}: max per-rank trainable bytes {worst['trainable_total']:,} "
+                f"(ratio to DDP {row['ratio_to_ddp']['trainable_total']}); orig replica {worst['orig_replica']:,}"
+            )
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "model_dir": str(a.model_dir),
+        "rows": rows,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

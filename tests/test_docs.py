@@ -6,12 +6,15 @@ Pure text checks (no network, no model): external ``http(s)``/``mailto`` links a
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+
+from lens_rl.cli.demo import PLATEAU
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -177,3 +180,10 @@ def test_a_broken_link_is_caught(tmp_path: Path):
     problems = broken_links(page)
     assert len(problems) == 3, problems
     assert "nope.md" in problems[0] and "no-such-heading" in problems[1] and "not-a-heading" in problems[2]
+
+
+def test_demo_plateau_is_the_benchmark_figure():
+    """The plateau the demo prints is the converged run of benchmarks/rl_vs_sft.py (its JSON)."""
+    converged = json.loads((ROOT / "benchmarks" / "results" / "rl_vs_sft.json").read_text())["converged"]
+    assert PLATEAU["steps"] == converged["steps"]
+    assert PLATEAU["fve"] == round(converged["final"]["fve"], 3)

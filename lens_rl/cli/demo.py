@@ -33,6 +33,11 @@ from lens_rl.training.sft_trainer import run_sft
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Where the quickstart's supervised recipe plateaus on the default base (base_seed 0): the
+# converged run of benchmarks/rl_vs_sft.py (3,000 steps; benchmarks/results/rl_vs_sft.json,
+# "converged"; tests/test_docs.py checks the two agree). The demo's 400 steps stop well short.
+PLATEAU = {"fve": 0.753, "steps": 3000}
+
 
 def base_model_dir(cache_dir: str | Path, base_seed: int = 0) -> Path:
     """Where the quickstart caches the base pretrained with ``base_seed`` (seed 0: the default)."""
@@ -176,12 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     if rl is not None and rl["after"]:
         metrics.add_row("FVE after GRPO", f"{rl['after']['fve']:.3f}", "")
     console.print(metrics)
+    if args.base_seed == 0 and sft_cfg.max_steps < PLATEAU["steps"]:
+        console.print(
+            f"This lens ({sft_cfg.max_steps} steps) is short of its plateau: the same recipe reaches FVE "
+            f"{PLATEAU['fve']:.3f} on this base after {PLATEAU['steps']:,} steps (docs/when-rl-helps.md); "
+            f"`lens-rl demo --sft_steps {PLATEAU['steps']}` trains it there (10-20 minutes on 2 CPU cores)."
+        )
     summary = {
         "final": final,
         "seconds": round(time.perf_counter() - t0, 1),
         "run": str(out / "sft"),
         "base": {"path": str(model_dir), "weights_sha256": weights},
         "data": {split: str(path) for split, path in splits.items()},
+        "plateau": PLATEAU if args.base_seed == 0 else None,
     }
     if rl is not None:
         summary["rl"] = {

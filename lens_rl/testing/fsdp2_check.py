@@ -6,7 +6,10 @@ and keeps an unsharded copy. The sharded copy computes the loss on its 1/world s
 batch; the unsharded one computes the mean of the per-share losses, each with the noise its rank
 drew, so both are the same function of the parameters. Returned (from rank 0): the worst
 relative gradient difference (FSDP2 averages gradients over ranks), the loss difference, the
-worst parameter difference after one AdamW step, and whether the full state dict gathered from
+worst parameter difference after one SGD step of rate 1 (the update is the gradient itself, so a
+stale or misplaced shard shows as an O(gradient) error; Adam's first step, ``g / (|g| + eps)``,
+would amplify float32 rounding of tiny gradients past any useful bound) relative to the largest
+gradient entry, and whether the full state dict gathered from
 the shards equals the unsharded lens's.
 """
 
@@ -26,6 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoTokenizer
 
 from lens_rl.data.corpus import pydoc_topics
+from lens_rl.generation.rollouts import lens_rollouts
 from lens_rl.metrics import reconstruct
 from lens_rl.models.configuration import DecoderConfig, EncoderConfig
 from lens_rl.models.families import embed_tokens, load_causal_lm
@@ -35,7 +39,7 @@ from lens_rl.models.tokenizer import train_bpe_tokenizer
 from lens_rl.ops.sampling import SamplingPolicy
 from lens_rl.testing.tiny_models import build_tiny_model
 
-Case = Literal["sft", "grpo"]
+Case = Literal["sft", "grpo", "rollout"]
 ROWS, T_TEXT = 4, 4
 
 
@@ -61,6 +65,28 @@ def grpo_scorer_loss(lens: ConsistencyLens, acts, cur, var, tokens) -> torch.Ten
     return logq.mean() + reconstruct(a_hat, acts, train_var=var, dtype=torch.float32).nmse.mean()
 
 
+def rollout_tokens(lens: ConsistencyLens, acts, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's rollouts on the HF backend (the no-grad KV-cached generator, groups of 2):
+    token ids and the sampler's log q."""
+    out = lens_rollouts(lens.decoder, acts, 2, T_TEXT, policy=SamplingPolicy(temperature=1.0), seed=seed)
+    return out.token_ids, out.sampler_logqs
+
+
+def _rollout_case(sharded: LensModule, ref: LensModule, acts, rank: int, world: int) -> dict:
+    """The rollouts through the sharded module's forward equal the unsharded lens's, same seed."""
+    share = slice(rank * ROWS, (rank + 1) * ROWS)
+    with torch.no_grad():
+        ids, logq = sharded(rollout_tokens, acts[share], 7 + rank)
+        ref_ids, ref_logq = rollout_tokens(ref.lens, acts[share], 7 + rank)
+    same = torch.tensor([float(torch.equal(ids, ref_ids)), float((logq - ref_logq).abs().max())])
+    gathered = [torch.zeros(2) for _ in range(world)]
+    dist.all_gather(gathered, same)
+    return {
+        "tokens_equal": all(bool(t[0]) for t in gathered),
+        "logq_err": max(float(t[1]) for t in gathered),
+    }
+
+
 def _worker(
     rank: int, world: int, folder: str, port: int, arch: str, case: Case, trainable_base: bool
 ) -> None:
@@ -84,6 +110,12 @@ def _worker(
         tokens = torch.randint(0, len(tok), (ROWS * world, T_TEXT), generator=g)
         var = torch.rand(d, generator=g) + 0.5
         shares = [slice(r * ROWS, (r + 1) * ROWS) for r in range(world)]
+
+        if case == "rollout":
+            result = _rollout_case(sharded, ref, acts, rank, world)
+            if rank == 0:
+                (Path(folder) / "result.json").write_text(json.dumps(result))
+            return
 
         def loss(module_or_lens, share: slice, r: int):
             args = (acts[share], cur[share], var)
@@ -118,8 +150,11 @@ def _worker(
         n_ref = sum(1 for p in ref.parameters() if p.grad is not None and p.numel())
 
         params = [p for p in sharded.parameters() if p.requires_grad]
-        torch.optim.AdamW(params, lr=1e-2).step()
-        torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2).step()
+        max_grad = max(
+            float(p.grad.abs().max()) for p in ref.parameters() if p.grad is not None and p.numel()
+        )
+        torch.optim.SGD(params, lr=1.0).step()
+        torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1.0).step()
         step_err = 0.0
         for name, p in sharded.named_parameters():
             if p.requires_grad and p.numel():
@@ -131,7 +166,7 @@ def _worker(
                 "grads_compared": n_grads,
                 "grads_in_reference": n_ref,
                 "loss_err": float((mean - ref_loss.detach()).abs()),
-                "step_err": step_err,
+                "step_rel_err": step_err / max_grad,
                 "state_dict_equal": state_equal,
                 "tied": bool(model.config.tie_word_embeddings),
             }

@@ -235,18 +235,20 @@ def refuse_sharded_parameters(cfg) -> None:
     DeepSpeed config file; they reach the job as ``ACCELERATE_*`` environment variables and would
     bypass a check on the config alone).
 
-    Both shard parameters, while the lens reads whole weights outside the wrapped module: the
+    Both shard parameters, while the stages read whole weights outside the wrapped module: the
     frozen original model (which FSDP's RAM-efficient loading leaves unloaded on every rank but
-    the first), the soft-token embedding product of the generators, the rollouts and the scoring.
-    Measured on CPU: ZeRO-3 fails in the first step with an IndexError; ZeRO-1/2 and DDP are
-    exact (docs/deepspeed.md)."""
+    the first), the rollouts and the evaluations. (The supervised loss and the GRPO scorer run
+    inside ``LensModule.forward`` and do shard under FSDP2: docs/sharding.md.) Measured on CPU:
+    ZeRO-3 fails in the first step with an IndexError; ZeRO-1/2 and DDP are exact
+    (docs/deepspeed.md)."""
     kind = type(cfg).__name__
     if cfg.fsdp or _env_true("ACCELERATE_USE_FSDP"):
         how = f"fsdp={cfg.fsdp!r}" if cfg.fsdp else "accelerate launch --use_fsdp (ACCELERATE_USE_FSDP)"
         raise ConfigError(
-            f"{kind}: FSDP ({how}) is not supported: the lens reads whole weights outside the sharded "
-            "module (the frozen original model, the generators, rollouts and scoring). Use DDP, or "
-            "DeepSpeed ZeRO-1/2."
+            f"{kind}: FSDP ({how}) is not supported by the training stages yet: their rollouts and "
+            "evaluations read whole weights outside the wrapped module, and on a CPU-only machine "
+            "accelerate would run plain DDP instead. Use DDP, or DeepSpeed ZeRO-1/2. The lens modules "
+            "themselves shard with FSDP2 (lens_rl.models.sharding.fully_shard_lens; docs/sharding.md)."
         )
     stage, how = zero_stage(cfg.deepspeed), "deepspeed"
     if stage is None and _env_true("ACCELERATE_USE_DEEPSPEED"):

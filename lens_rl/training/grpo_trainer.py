@@ -423,7 +423,8 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
         """log q of the rollouts under the beta-KL reference, with the policy's temperature
         (truncation with beta > 0 is refused by the config: the KL is infinite):
         ``base_lm``, the frozen LM after the fixed text ``lm_prefix``; ``initial_policy``, the
-        decoder with the parameters it started from (``functional_call``: no second model)."""
+        decoder with the parameters it started from (a copy of its trainable tensors, swapped in by
+        ``functional_call``: no second model)."""
         args = self.lens_args
         if args.beta_reference == "initial_policy":
             module = self.accelerator.unwrap_model(self.model)

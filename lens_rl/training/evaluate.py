@@ -166,6 +166,11 @@ def evaluate_on_processes(
     return metrics, samples
 
 
+def _evaluate_through_module(lens, accelerator, step: int, orig, dataset, **kwargs):
+    """:func:`evaluate_on_processes` as ``model(fn, ...)`` runs it (``fn(lens, *args)``)."""
+    return evaluate_on_processes(accelerator, step, lens, orig, dataset, **kwargs)
+
+
 class LensEvaluationMixin:
     """``evaluate()`` for a lens trainer (a base before ``Trainer``/``GRPOTrainer``): the whole-set
     lens evaluation (FVE, normalised MSE, functional and LM KL, baselines, sample explanations)
@@ -192,10 +197,11 @@ class LensEvaluationMixin:
         """Whole-set lens evaluation on every process's share of the validation split."""
         dataset = self.eval_split(eval_dataset)
         args = self.args
-        metrics, samples = evaluate_on_processes(
+        # through the module's forward, as every weight read (FSDP2 gathers the root unit there)
+        metrics, samples = self.model(
+            _evaluate_through_module,
             self.accelerator,
             self.state.global_step,
-            self.lens,
             self.orig,
             dataset,
             layer=self.layer,

@@ -107,6 +107,22 @@ def _reference_logq(
     return torch.where(torch.isfinite(logq), logq, torch.full_like(logq, LOGQ_FLOOR))
 
 
+def _sample(
+    lens: ConsistencyLens,
+    acts: torch.Tensor,
+    group: int,
+    t_text: int,
+    policy: SamplingPolicy,
+    seed: int,
+    vllm_backend,
+):
+    """The rollouts (:func:`lens_rollouts`), run as ``model(_sample, ...)`` like every other read
+    of the lens's weights."""
+    return lens_rollouts(
+        lens.decoder, acts, group, t_text, policy=policy, seed=seed, vllm_backend=vllm_backend
+    )
+
+
 def _score_rollouts(
     lens: ConsistencyLens,
     acts: torch.Tensor,
@@ -271,15 +287,8 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
         if self.vllm_backend is not None:
             self._sync_vllm_weights()
         g = _group_size(idx)
-        out = lens_rollouts(
-            self.lens.decoder,
-            acts[::g],
-            g,
-            args.t_text,
-            policy=args.policy,
-            seed=seed,
-            vllm_backend=self.vllm_backend,
-        )
+        with torch.no_grad():  # through the module's forward, as every weight read (FSDP2 gathers there)
+            out = self.model(_sample, acts[::g], g, args.t_text, args.policy, seed, self.vllm_backend)
         return out.token_ids, out.sampler_logqs
 
     def _sync_vllm_weights(self) -> None:

@@ -45,7 +45,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from transformers import AutoTokenizer, TrainerCallback
+
+from lens_rl.config import packaged_config, parse_args
+from lens_rl.data.dataset import ActivationDataset
+from lens_rl.models.lens import ConsistencyLens
+from lens_rl.models.orig import OrigWrapper
+from lens_rl.training.evaluate import evaluate_lens
+from lens_rl.training.grpo_config import LensGRPOConfig
+from lens_rl.training.rl_stage import run_rl
+from lens_rl.training.sft_config import LensSFTConfig
+from lens_rl.training.sft_trainer import run_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "lens_rl"
@@ -126,33 +138,26 @@ def _flags(d: dict[str, str]) -> list[str]:
 
 
 # ---------------------------------------------------------------- worker (one arm, one seed)
+class WallClockBudget(TrainerCallback):
+    """Stop training once ``budget_s`` seconds have passed since it began (checked after each
+    optimizer step; ``seconds`` is the time the run actually trained)."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s = budget_s
+        self.seconds = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+        self.seconds = time.perf_counter() - self.t0
+        if self.seconds >= self.budget_s:
+            control.should_training_stop = True
+        return control
+
+
 def _worker(arm: str, seed: int, start_lens: Path, budget_s: float, out: Path) -> None:
     """Train one arm from ``start_lens`` for ``budget_s`` seconds, evaluate, write ``result.json``."""
-    import torch
-    from transformers import AutoTokenizer, TrainerCallback
-
-    from lens_rl.config import packaged_config, parse_args
-    from lens_rl.data.dataset import ActivationDataset
-    from lens_rl.models.lens import ConsistencyLens
-    from lens_rl.models.orig import OrigWrapper
-    from lens_rl.training.evaluate import evaluate_lens
-    from lens_rl.training.grpo_config import LensGRPOConfig
-    from lens_rl.training.rl_stage import run_rl
-    from lens_rl.training.sft_config import LensSFTConfig
-    from lens_rl.training.sft_trainer import run_sft
-
-    class WallClockBudget(TrainerCallback):
-        """Stop once ``budget_s`` seconds of training steps have passed."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.seconds = time.perf_counter() - self.t0
-            if self.seconds >= budget_s:
-                control.should_training_stop = True
-            return control
-
     splits = _splits()
     kind, fields = ARMS[arm]
     common = {
@@ -166,7 +171,7 @@ def _worker(arm: str, seed: int, start_lens: Path, budget_s: float, out: Path) -
         "disable_tqdm": "true",
         "logging_steps": "10",
     }
-    budget = WallClockBudget()
+    budget = WallClockBudget(budget_s)
     if kind == "sft":
         # The quickstart's supervised fields without decoder/encoder: the saved lens brings its own.
         recipe = yaml.safe_load(packaged_config("sft_quickstart.yaml").read_text())

@@ -12,6 +12,10 @@ Measured (this CPU, 2026-12-06, 1 and 2 threads): SFT gradients and post-step pa
 bounds (1e-5 relative to the largest gradient entry) are float32 rounding of a reduce-scatter's
 summation order with a wide margin, while a sum instead of a mean (factor 2), a missing rank's
 share or a stale shard would be off by O(1) of it.
+
+Each worker waits at a barrier before destroying its process group: without it, 3 of 20 rollout
+runs here aborted ("terminate called without an active exception", SIGABRT: one rank's gloo
+teardown racing the other's collectives); with it, 0 of 50 runs (rollouts, SFT; both families).
 """
 
 from __future__ import annotations

@@ -172,6 +172,9 @@ def _worker(
             }
             (Path(folder) / "result.json").write_text(json.dumps(result))
     finally:
+        # every rank's collectives done before the group goes (a rank tearing the group down while
+        # the other still runs an FSDP2 all-gather aborted the process now and then)
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -83,6 +83,7 @@ def _worker(rank: int, world: int, engine: str, model_dir: str, port: int, out: 
         if rank == 0:
             Path(out).write_text(json.dumps(gathered))
     finally:
+        dist.barrier()  # no rank tears the group down while another still runs a collective
         dist.destroy_process_group()
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from lens_rl.utils.launch import end_process_group
+
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the config and run the RL stage; returns metrics before and after. (``lens-rl grpo`` runs the same function.)"""
@@ -19,3 +21,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    end_process_group()  # every rank done before the group goes

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from lens_rl.utils.launch import end_process_group
+
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the config and train; returns the final evaluation metrics. (``lens-rl sft`` runs the same function.)"""
@@ -20,3 +22,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    end_process_group()  # every rank done before the group goes

@@ -3,6 +3,10 @@
 import sys
 
 from lens_rl.cli import main
+from lens_rl.utils.launch import end_process_group
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if rc == 0:  # every rank done before the group goes (a failed rank would leave the others waiting)
+        end_process_group()
+    sys.exit(rc)

@@ -55,6 +55,7 @@ from lens_rl.ops.sampling import SamplingPolicy, step_seed
 from lens_rl.training.evaluate import LensEvaluationMixin
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.guards import NonFiniteGuard
+from lens_rl.training.optim import optimizer_on_groups
 from lens_rl.training.rewards import (
     best_of_group,
     group_advantages,
@@ -537,15 +538,7 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
                 ]
                 if params:
                     groups.append({"params": params, "lr": lr, "weight_decay": wd})
-        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        kwargs = dict(kwargs)
-        if {"params", "model", "optimizer_dict"} & set(kwargs) or not isinstance(cls, type):
-            raise ValueError(
-                f"optim={self.args.optim!r} builds its own parameter groups, which would drop "
-                "encoder_learning_rate; use an AdamW/Adafactor/SGD-style optimizer."
-            )
-        kwargs.pop("lr", None)  # each group carries its own
-        self.optimizer = cls(groups, **kwargs)
+        self.optimizer = optimizer_on_groups(self, opt_model, groups, "encoder_learning_rate")
         return self.optimizer
 
     # ------------------------------------------------------------------ evaluation and logs

@@ -39,6 +39,7 @@ from lens_rl.models.orig import OrigWrapper
 from lens_rl.ops.sampling import step_seed
 from lens_rl.training.evaluate import LensEvaluationMixin
 from lens_rl.training.guards import NonFiniteGuard, train_or_finish
+from lens_rl.training.optim import optimizer_on_groups
 from lens_rl.training.plots import plot_curves
 from lens_rl.training.reports import end_of_run_report
 from lens_rl.training.sft_config import LensSFTConfig
@@ -161,15 +162,9 @@ class LensSFTTrainer(LensEvaluationMixin, Trainer):
         if self.optimizer is None:
             groups = param_groups(self.lens, self.args)
             self.group_names = [g.pop("name") for g in groups]
-            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            kwargs = dict(kwargs)
-            if {"params", "model", "optimizer_dict"} & set(kwargs) or not isinstance(cls, type):
-                raise ValueError(
-                    f"optim={self.args.optim!r} builds its own parameter groups, which would drop the "
-                    "lens's per-group learning rates; use an AdamW/Adafactor/SGD-style optimizer."
-                )
-            kwargs.pop("lr", None)  # each group carries its own
-            self.optimizer = cls(groups, **kwargs)
+            self.optimizer = optimizer_on_groups(
+                self, self.model, groups, "the lens's per-group learning rates"
+            )
         return self.optimizer
 
     def step_weights(self, step: int) -> StepWeights:

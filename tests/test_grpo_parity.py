@@ -43,6 +43,9 @@ def parts(tiny_model_dir, tiny_dump):
     return tok, orig, store
 
 
+ZERO3 = {"zero_optimization": {"stage": 3}}
+
+
 def _config(tmp_path, model_dir, data, **kw) -> LensGRPOConfig:
     """The tiny GRPO config sampling at top-p 0.9 and temperature 1.3. Nothing here trains:
     max_steps, logging_steps and disable_tqdm keep LensGRPOConfig's defaults."""
@@ -363,7 +366,17 @@ def test_every_refused_field_is_named(tmp_path, tiny_model_dir, tiny_dump):
         (dict(beta=0.1, top_p=0.9), "truncating policy"),
         (dict(eval_strategy="steps", eval_steps=1), "needs val_data"),
         (dict(fsdp="full_shard"), "fsdp"),
-        (dict(deepspeed={"zero_optimization": {"stage": 3}}), "ZeRO-3"),
+        (dict(deepspeed=ZERO3, rollout_backend="vllm"), r"rollout_backend: not supported under .*ZeRO-3"),
+        (
+            dict(deepspeed=ZERO3, beta=0.01, beta_reference="initial_policy", top_p=1.0),
+            r"beta_reference: not supported under DeepSpeed ZeRO-3",
+        ),
+        (
+            dict(
+                deepspeed=ZERO3, encoder_mse_weight=1.0, eval_strategy="steps", eval_steps=1, val_data="VAL"
+            ),
+            r"encoder_mse_weight: not supported under DeepSpeed ZeRO-3",
+        ),
         (dict(load_best_model_at_end=True), "load_best_model_at_end needs metric_for_best_model"),
         (
             dict(lr_scheduler_type="reduce_lr_on_plateau"),
@@ -383,12 +396,14 @@ def test_accepted_defaults(tmp_path, tiny_model_dir, tiny_dump):
     assert cfg.lens_importance_sampling is True and cfg.max_completion_length == T_TEXT
 
 
-def test_launcher_zero3_is_refused(tmp_path, tiny_model_dir, tiny_dump, monkeypatch):
+def test_launcher_zero3_refusals(tmp_path, tiny_model_dir, tiny_dump, monkeypatch):
     """`accelerate launch --use_deepspeed --zero_stage 3` reaches the job only as environment
-    variables; the config alone would not see it."""
+    variables; the config alone would not see it. ZeRO-3 parses; what it cannot run is refused."""
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert _config(tmp_path, tiny_model_dir, tiny_dump["train"]).output_dir
     with pytest.raises(
-        ConfigError, match=r"LensGRPOConfig: DeepSpeed ZeRO-3 \(accelerate launch --zero_stage"
+        ConfigError,
+        match=r"LensGRPOConfig.rollout_backend: not supported under DeepSpeed ZeRO-3 \(accelerate launch --zero_stage",
     ):
-        _config(tmp_path, tiny_model_dir, tiny_dump["train"])
+        _config(tmp_path, tiny_model_dir, tiny_dump["train"], rollout_backend="vllm")

@@ -505,36 +505,71 @@ def test_tensorboard_tracking(tiny_model_dir, tiny_dump, tmp_path):
     assert any("loss" in m and "mse" in m for m in _metrics(out))
 
 
+ZERO3 = {"zero_optimization": {"stage": 3}}
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
 @pytest.mark.parametrize(
     "kw, env, message",
     [
         (dict(fsdp="full_shard"), {}, r"FSDP \(fsdp='full_shard'\) is not supported"),
         ({}, {"ACCELERATE_USE_FSDP": "true"}, r"FSDP \(accelerate launch --use_fsdp"),
-        (dict(deepspeed={"zero_optimization": {"stage": 3}}), {}, r"ZeRO-3 \(deepspeed\) is not supported"),
         (
+            dict(deepspeed=ZERO3, peft_config=LORA),
             {},
-            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
-            r"ZeRO-3 \(accelerate launch --zero_stage",
+            r"LensSFTConfig.peft_config: not supported under DeepSpeed ZeRO-3 \(deepspeed\)",
         ),
         (
-            {},
+            dict(peft_config=LORA),
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            r"peft_config: not supported under DeepSpeed ZeRO-3 \(accelerate launch --zero_stage",
+        ),
+        (
+            dict(peft_config=LORA),
             {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ZERO3"},
-            "config file",
+            "ZeRO-3 \\(the DeepSpeed config file",
         ),
     ],
 )
 def test_sharded_parameters_are_refused_from_config_or_launcher(
     tiny_model_dir, tiny_dump, tmp_path, monkeypatch, kw, env, message
 ):
-    """FSDP and ZeRO-3 (measured: ZeRO-3 fails in the first step with an IndexError on CPU; FSDP's
-    RAM-efficient loading leaves rank 1's frozen original model unloaded) are refused when parsed,
-    whether the config or `accelerate launch` (its ACCELERATE_* environment) asks for them."""
+    """FSDP (measured: FSDP's RAM-efficient loading leaves rank 1's frozen original model
+    unloaded, and on CPU accelerate runs DDP instead) and what ZeRO-3 cannot run (LoRA keeps the
+    frozen base the lens shares with the original model) are refused when parsed, whether the
+    config or `accelerate launch` (its ACCELERATE_* environment) asks for them; ZeRO-3 itself
+    parses (tests/test_zero3.py runs it)."""
     zero3 = tmp_path / "zero3.json"
-    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    zero3.write_text(json.dumps(ZERO3))
     for k, v in env.items():
         monkeypatch.setenv(k, str(zero3) if v == "ZERO3" else v)
     with pytest.raises(ConfigError, match=message):
         tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "run", **kw)
+    if "deepspeed" in kw or env.get("ACCELERATE_USE_DEEPSPEED"):
+        kw.pop("peft_config")
+        assert tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "run", **kw).output_dir
+
+
+def test_zero3_refuses_a_lens_sharing_the_original_models_weights(tiny_model_dir, tiny_dump, tmp_path):
+    """A frozen base is the original model's own tensors; ZeRO-3 would partition them, so the
+    trainer refuses at start (before any engine is built), naming a shared tensor. Checked here
+    with an accelerator that reports ZeRO-3; the runs themselves are tests/test_zero3.py."""
+    from types import SimpleNamespace
+
+    from lens_rl.models.lens import LensModule
+    from lens_rl.training.stage import load_stage_inputs, stage_lens
+    from lens_rl.training.zero3 import prepare_zero3
+
+    cfg = tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "run")
+    inputs = load_stage_inputs(cfg)
+    lens = stage_lens(cfg, inputs)
+    zero3 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    with pytest.raises(
+        ConfigError, match=r"ZeRO-3 needs lens bases of their own: \d+ lens tensors \(e.g. lens\."
+    ):
+        prepare_zero3(zero3, LensModule(lens), inputs.orig)
+    ddp = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))
+    prepare_zero3(ddp, LensModule(lens), inputs.orig)  # nothing to do, nothing refused
 
 
 def test_init_lens_warm_starts_from_a_saved_lens(tiny_model_dir, tiny_dump, tmp_path):

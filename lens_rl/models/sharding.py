@@ -59,6 +59,33 @@ def fully_shard_lens(module: LensModule, mesh: DeviceMesh, reshard_after_forward
     return module
 
 
+def root_parameters(module: LensModule) -> list[nn.Parameter]:
+    """The lens's parameters outside every transformer block (embeddings, LM head, final norm,
+    projections, prompts), each once: FSDP2's root unit, and what ZeRO-3 must hold gathered for a
+    whole ``module(fn, ...)`` call (:func:`register_zero3_root_parameters`)."""
+    lens = module.lens
+    bases = {id(b): b for b in (lens.decoder.base, lens.encoder.base)}
+    in_blocks = {id(p) for b in bases.values() for blk in transformer_blocks(b) for p in blk.parameters()}
+    return [p for p in module.parameters() if id(p) not in in_blocks]
+
+
+def register_zero3_root_parameters(module: LensModule) -> int:
+    """Register :func:`root_parameters` as DeepSpeed ZeRO-3 *external parameters* of ``module``
+    (``deepspeed.zero.register_external_parameter``) and return how many: ZeRO-3 then gathers
+    them when ``module(fn, ...)`` starts and keeps them until it returns, in the forward and
+    the backward, so the generators, ``fwd_tokens`` and the encoder may read the embedding
+    table, the LM head and the projections directly, as FSDP2's root unit allows. The blocks'
+    weights are gathered by ZeRO-3's own hooks, block by block, as they are called.
+
+    Call it before the DeepSpeed engine is built (the trainers do, in ``__init__``)."""
+    import deepspeed  # optional dependency (EXTRAS=deepspeed): imported only under ZeRO-3
+
+    params = root_parameters(module)
+    for p in params:
+        deepspeed.zero.register_external_parameter(module, p)
+    return len(params)
+
+
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The whole (unsharded) state dict of a sharded module, on CPU, on rank 0; other ranks get
     an empty dict (a collective: call it on every rank). ``LensModule``'s own state-dict rules

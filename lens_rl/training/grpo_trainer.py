@@ -63,6 +63,7 @@ from lens_rl.training.rewards import (
     zero_std_groups,
 )
 from lens_rl.training.trackers import log_completions_text
+from lens_rl.training.zero3 import Zero3SaveMixin, prepare_zero3
 
 LOGQ_FLOOR = -1e4  # stands for log q = -inf (a token outside the policy's truncated support)
 
@@ -161,7 +162,7 @@ def _activation_index(n: int):
     return datasets.Dataset.from_dict({"index": np.arange(n, dtype=np.int64)})
 
 
-class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
+class LensGRPOTrainer(Zero3SaveMixin, LensEvaluationMixin, GRPOTrainer):
     """GRPO on TRL for a consistency-lens decoder (see the module docstring)."""
 
     def __init__(
@@ -226,6 +227,7 @@ class LensGRPOTrainer(LensEvaluationMixin, GRPOTrainer):
         finally:
             args.beta = beta
         self.beta = beta
+        prepare_zero3(self.accelerator, self.model, orig)  # nothing unless DeepSpeed ZeRO-3
         self.add_callback(NonFiniteGuard(args))
         self.prefix_ids = torch.tensor(
             [tokenizer(args.lm_prefix, add_special_tokens=False)["input_ids"]], dtype=torch.long

@@ -230,26 +230,59 @@ def _env_true(name: str) -> bool:
 
 
 def refuse_sharded_parameters(cfg) -> None:
-    """Refuse FSDP and DeepSpeed ZeRO-3, asked for in the config (``fsdp``, ``deepspeed``) or by
-    the launcher (``accelerate launch --use_fsdp`` / ``--use_deepspeed --zero_stage 3`` or a
-    DeepSpeed config file; they reach the job as ``ACCELERATE_*`` environment variables and would
-    bypass a check on the config alone).
+    """Refuse FSDP, and what ZeRO-3 does not support yet, asked for in the config (``fsdp``,
+    ``deepspeed``) or by the launcher (``accelerate launch --use_fsdp`` / ``--use_deepspeed
+    --zero_stage 3`` or a DeepSpeed config file; they reach the job as ``ACCELERATE_*``
+    environment variables and would bypass a check on the config alone).
 
-    Both shard parameters, while the stages read whole weights outside the wrapped module: the
-    frozen original model (which FSDP's RAM-efficient loading leaves unloaded on every rank but
-    the first), the rollouts and the evaluations. (The supervised loss and the GRPO scorer run
-    inside ``LensModule.forward`` and do shard under FSDP2: docs/sharding.md.) Measured on CPU:
-    ZeRO-3 fails in the first step with an IndexError; ZeRO-1/2 and DDP are exact
-    (docs/deepspeed.md)."""
+    FSDP: the stages do not wire accelerate's FSDP plugin yet, and on a CPU-only machine
+    accelerate runs plain DDP instead (the lens modules themselves shard under FSDP2:
+    docs/sharding.md). ZeRO-3 runs (:mod:`lens_rl.training.zero3`) except where a computation
+    swaps weights in with ``torch.func.functional_call`` (partitioned weights cannot be swapped),
+    or reads the decoder base outside the engine (the vLLM weight sync), or keeps the frozen base
+    (LoRA): each is refused here, naming the field. A lens whose base is the original model's
+    (frozen, shared) is refused when the trainer starts (:func:`lens_rl.training.zero3.prepare_zero3`)."""
     kind = type(cfg).__name__
     if cfg.fsdp or _env_true("ACCELERATE_USE_FSDP"):
         how = f"fsdp={cfg.fsdp!r}" if cfg.fsdp else "accelerate launch --use_fsdp (ACCELERATE_USE_FSDP)"
         raise ConfigError(
-            f"{kind}: FSDP ({how}) is not supported by the training stages yet: their rollouts and "
-            "evaluations read whole weights outside the wrapped module, and on a CPU-only machine "
-            "accelerate would run plain DDP instead. Use DDP, or DeepSpeed ZeRO-1/2. The lens modules "
-            "themselves shard with FSDP2 (lens_rl.models.sharding.fully_shard_lens; docs/sharding.md)."
+            f"{kind}: FSDP ({how}) is not supported by the training stages yet: accelerate's FSDP "
+            "plugin is not wired in, and on a CPU-only machine accelerate would run plain DDP instead. "
+            "Use DeepSpeed ZeRO-3 to shard the bases, or DDP / ZeRO-1/2. The lens modules themselves "
+            "shard with FSDP2 (lens_rl.models.sharding.fully_shard_lens; docs/sharding.md)."
         )
+    stage, how = sharding_stage(cfg)
+    if stage != 3:
+        return
+    unsupported = {
+        "rollout_backend": (
+            getattr(cfg, "rollout_backend", "hf") == "vllm",
+            "rollout_backend='vllm' (the weight sync reads the partitioned decoder base); use 'hf'",
+        ),
+        "beta_reference": (
+            getattr(cfg, "beta", 0.0) > 0 and getattr(cfg, "beta_reference", "base_lm") == "initial_policy",
+            "beta_reference='initial_policy' (functional_call swaps the starting weights in)",
+        ),
+        "encoder_mse_weight": (
+            getattr(cfg, "encoder_mse_weight", 0.0) > 0 and getattr(cfg, "eval_strategy", "no") != "no",
+            "with eval_strategy set, each evaluation's eval_fve_frozen_encoder swaps the starting "
+            "encoder in with functional_call; set eval_strategy='no' (the stage still evaluates the "
+            "saved lens before and after) or encoder_mse_weight=0",
+        ),
+        "peft_config": (
+            getattr(cfg, "peft_config", None) is not None,
+            "peft_config (LoRA keeps the frozen base, which the lens shares with the original model)",
+        ),
+    }
+    for name, (refused, why) in unsupported.items():
+        if refused:
+            raise ConfigError(f"{kind}.{name}: not supported under DeepSpeed ZeRO-3 ({how}): {why}.")
+
+
+def sharding_stage(cfg) -> tuple[int | None, str]:
+    """The DeepSpeed ZeRO stage a run will use (None: no DeepSpeed or no stage given) and where
+    it was asked for: the ``deepspeed`` field, else the launcher's environment (a DeepSpeed config
+    file, or ``--zero_stage``)."""
     stage, how = zero_stage(cfg.deepspeed), "deepspeed"
     if stage is None and _env_true("ACCELERATE_USE_DEEPSPEED"):
         env_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
@@ -258,9 +291,4 @@ def refuse_sharded_parameters(cfg) -> None:
         if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
             stage = zero_stage(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
             how = f"the DeepSpeed config file {os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']}"
-    if stage == 3:
-        raise ConfigError(
-            f"{kind}: DeepSpeed ZeRO-3 ({how}) is not supported: the lens reads whole weights outside "
-            "the partitioned module (the frozen original model, the generators, rollouts and scoring). "
-            "Use ZeRO-1/2."
-        )
+    return stage, how

@@ -10,13 +10,16 @@ import torch
 from transformers import TrainerCallback
 
 from lens_rl.generation.vllm_backend import VLLMBackend
+from lens_rl.models.lens import ConsistencyLens
 from lens_rl.training.evaluate import evaluate_lens
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.grpo_trainer import LensGRPOTrainer
 from lens_rl.training.guards import train_or_finish
+from lens_rl.training.refusals import sharding_stage
 from lens_rl.training.reports import end_of_run_report
 from lens_rl.training.stage import checkpoint_step, claimed_stage, load_stage_inputs, stage_lens
 from lens_rl.training.trackers import log_lens_artifact
+from lens_rl.training.zero3 import final_lens, save_lens
 from lens_rl.utils.launch import check_world_size
 
 
@@ -54,6 +57,9 @@ def _run_claimed(
             )
         backend_name = "hf"
         state.print("rollouts: HF generator (multi-layer patching is not expressible as vLLM prompt_embeds)")
+    if backend_name == "auto" and sharding_stage(cfg)[0] == 3:
+        backend_name = "hf"
+        state.print("rollouts: HF generator (the vLLM weight sync does not gather ZeRO-3's partitions)")
     if backend_name == "auto" and not torch.cuda.is_available():
         backend_name = "hf"
         state.print(
@@ -86,7 +92,7 @@ def _run_claimed(
 
     prefix = torch.tensor([tok(cfg.lm_prefix, add_special_tokens=False)["input_ids"]], device=state.device)
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(lens: ConsistencyLens) -> dict[str, float]:
         if val is None or not state.is_main_process:
             return {}
         metrics, _ = evaluate_lens(
@@ -107,7 +113,7 @@ def _run_claimed(
         )
         return metrics
 
-    before = evaluate()
+    before = evaluate(lens)
     try:
         trainer = LensGRPOTrainer(
             cfg, lens, orig, tok, store, reward_funcs=reward_funcs, vllm_backend=vllm, val_store=val
@@ -126,13 +132,15 @@ def _run_claimed(
         if vllm is not None:
             vllm.close()
     out = Path(cfg.output_dir)
-    if state.is_main_process:  # saved before the final evaluation: a failing evaluation loses nothing
-        out.mkdir(parents=True, exist_ok=True)
-        lens.save_pretrained(out / "lens")
-    after = evaluate()
+    # saved before the final evaluation: a failing evaluation loses nothing (a collective under ZeRO-3)
+    save_lens(trainer.accelerator, lens, out / "lens")
+    trained = (
+        final_lens(trainer.accelerator, lens, out / "lens", orig, tok) if state.is_main_process else lens
+    )
+    after = evaluate(trained)
     if state.is_main_process:
         title = f"held-out explanations after {trainer.state.global_step} GRPO steps"
-        end_of_run_report(cfg, lens, orig, val, tok, store.layer, out, title, trainer=trainer)
+        end_of_run_report(cfg, trained, orig, val, tok, store.layer, out, title, trainer=trainer)
         log_lens_artifact(trainer, out / "lens", after)
     result = {
         "backend": backend_name,

@@ -46,6 +46,7 @@ from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_losses import StepWeights, sft_losses
 from lens_rl.training.stage import checkpoint_step, claimed_stage, load_stage_inputs, stage_lens
 from lens_rl.training.trackers import log_lens_artifact
+from lens_rl.training.zero3 import Zero3SaveMixin, final_lens, prepare_zero3, save_lens
 from lens_rl.utils.files import iter_jsonl, write_jsonl
 from lens_rl.utils.launch import check_world_size
 
@@ -107,7 +108,7 @@ class _FinalEvaluationAfterSave(TrainerCallback):
         return control
 
 
-class LensSFTTrainer(LensEvaluationMixin, Trainer):
+class LensSFTTrainer(Zero3SaveMixin, LensEvaluationMixin, Trainer):
     """``transformers.Trainer`` for a consistency lens (see the module docstring)."""
 
     explanations_file = EXPLANATIONS_FILE
@@ -149,6 +150,7 @@ class LensSFTTrainer(LensEvaluationMixin, Trainer):
                 *(callbacks or []),
             ],
         )
+        prepare_zero3(self.accelerator, self.model, orig)  # nothing unless DeepSpeed ZeRO-3
         device = self.args.device
         self.orig.to(device)
         self.feature_var = train_var.to(device)
@@ -320,8 +322,7 @@ def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbac
             acc.print(f"resuming from {resume} (step {step})")
     acc.wait_for_everyone()
     train_or_finish(trainer, resume, log=acc.print)
-    if acc.is_main_process:
-        trainer.lens.save_pretrained(out / "lens")
+    save_lens(acc, trainer.lens, out / "lens")  # a collective under ZeRO-3
     acc.wait_for_everyone()
     final: dict[str, float] = {}
     if trainer.eval_dataset is not None:
@@ -332,7 +333,7 @@ def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbac
         title = f"held-out explanations after {trainer.state.global_step} supervised steps"
         end_of_run_report(
             cfg,
-            trainer.lens,
+            final_lens(acc, trainer.lens, out / "lens", trainer.orig, trainer.processing_class),
             trainer.orig,
             trainer.eval_dataset,
             trainer.processing_class,

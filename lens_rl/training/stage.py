@@ -31,6 +31,7 @@ from lens_rl.models.lens import ConsistencyLens, base_record
 from lens_rl.models.orig import OrigWrapper
 from lens_rl.training.guards import claim_output_dir, main_then_all
 from lens_rl.training.trackers import stage_run
+from lens_rl.training.zero3 import whole_models
 from lens_rl.utils.launch import resolve_resume
 
 
@@ -103,7 +104,8 @@ def load_stage_inputs(cfg, device: torch.device | str | None = None) -> StageInp
     tokenizer = AutoTokenizer.from_pretrained(
         getattr(cfg, "tokenizer_name_or_path", None) or cfg.model_name_or_path
     )
-    orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
+    with whole_models():  # under ZeRO-3 too: the original model is a replica on every process
+        orig = OrigWrapper.from_pretrained(cfg.model_name_or_path, **cfg.load_kwargs())
     if device is not None:
         orig = orig.to(device)
     if getattr(cfg, "on_the_fly", None):
@@ -156,7 +158,8 @@ def stage_lens(cfg, inputs: StageInputs) -> ConsistencyLens:
             getattr(cfg, "share_base", True),
             lens_meta(cfg, inputs),
         )
-    lens = ConsistencyLens.from_pretrained(sft_lens, base=orig.model, tokenizer=tok)
+    with whole_models():  # ZeRO-3: the engine partitions the lens later
+        lens = ConsistencyLens.from_pretrained(sft_lens, base=orig.model, tokenizer=tok)
     lc = lens.lens_config
     if lc.layer not in (None, inputs.layer):
         raise ValueError(f"{sft_lens} was trained at layer {lc.layer}, the data is layer {inputs.layer}.")

@@ -69,6 +69,21 @@ def root_parameters(module: LensModule) -> list[nn.Parameter]:
     return [p for p in module.parameters() if id(p) not in in_blocks]
 
 
+def detach_empty_parameters(module: nn.Module) -> list[str]:
+    """Turn every empty parameter of ``module`` (an empty soft prompt) into a plain tensor
+    attribute in place and return their names: DeepSpeed ZeRO-3 cannot partition an empty tensor
+    (its all-gather concatenates no pieces), as FSDP2 cannot reduce-scatter one. An empty
+    tensor neither trains nor is saved (:meth:`ConsistencyLens.state_dict` drops it)."""
+    names = []
+    for prefix, m in module.named_modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.numel() == 0:
+                del m._parameters[name]
+                setattr(m, name, p.detach())
+                names.append(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
 def register_zero3_root_parameters(module: LensModule) -> int:
     """Register :func:`root_parameters` as DeepSpeed ZeRO-3 *external parameters* of ``module``
     (``deepspeed.zero.register_external_parameter``) and return how many: ZeRO-3 then gathers

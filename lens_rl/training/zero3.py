@@ -30,7 +30,7 @@ from torch import nn
 from lens_rl.config import ConfigError
 from lens_rl.models.lens import ConsistencyLens, LensModule
 from lens_rl.models.orig import OrigWrapper
-from lens_rl.models.sharding import register_zero3_root_parameters
+from lens_rl.models.sharding import detach_empty_parameters, register_zero3_root_parameters
 
 
 @contextmanager
@@ -68,11 +68,7 @@ def prepare_zero3(accelerator, module: LensModule, orig: OrigWrapper) -> None:
             f"{shared[0]}) are the frozen original model's, which ZeRO-3 would partition. Train the "
             "bases (decoder and encoder trainable_base: true), or use ZeRO-1/2 or DDP for frozen bases."
         )
-    for m in module.modules():  # DeepSpeed cannot partition an empty tensor (an empty soft prompt)
-        for name, p in list(m._parameters.items()):
-            if p is not None and p.numel() == 0:
-                del m._parameters[name]
-                setattr(m, name, p.detach())  # a plain attribute: never trained, never saved
+    detach_empty_parameters(module)
     register_zero3_root_parameters(module)
 
 

@@ -92,7 +92,13 @@ def _deepspeed_config(stage: int) -> dict:
 
 
 def _worker(rank: int, world: int, engine: str, model_dir: str, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         tok = AutoTokenizer.from_pretrained(model_dir)
@@ -102,26 +108,24 @@ def _worker(rank: int, world: int, engine: str, model_dir: str, port: int, out: 
             orig, tok, DecoderConfig(trainable_base=True), EncoderConfig(trainable_base=True), share_base=True
         )
         module = LensModule(lens)
+        if engine == "fsdp2":  # fully_shard replaces the parameters: the optimizer comes after
+            wrapped = fully_shard_lens(module, init_device_mesh("cpu", (world,)))
+        elif engine == "ddp":
+            wrapped = DistributedDataParallel(module)
+        elif engine == "zero3":  # as the stages prepare the lens (lens_rl.training.zero3.prepare_zero3)
+            detach_empty_parameters(module)
+            register_zero3_root_parameters(module)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
-        if engine == "fsdp2":
-            wrapped = fully_shard_lens(module, init_device_mesh("cpu", (world,)))
-        elif engine.startswith("zero"):
+        if engine.startswith("zero"):
             import deepspeed  # optional: only these engines need it
 
-            if engine == "zero3":
-                detach_empty_parameters(module)
-                register_zero3_root_parameters(module)
-                params = [p for p in module.parameters() if p.requires_grad]
-                opt = torch.optim.AdamW(params, lr=1e-4)
             wrapped, opt, _, _ = deepspeed.initialize(
                 model=module,
                 optimizer=opt,
                 config=_deepspeed_config(int(engine[-1])),
                 dist_init_required=False,
             )
-        else:
-            wrapped = DistributedDataParallel(module)
         g = torch.Generator().manual_seed(rank)
         acts = torch.randn(4, orig.config.hidden_size, generator=g)
         cur = torch.randint(0, len(tok), (4,), generator=g)

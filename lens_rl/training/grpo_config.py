@@ -17,7 +17,7 @@ from trl import GRPOConfig
 
 from lens_rl.config import ConfigError
 from lens_rl.ops.sampling import SamplingPolicy
-from lens_rl.training.refusals import GRPO_REFUSED, deepspeed_config
+from lens_rl.training.refusals import GRPO_REFUSED, deepspeed_config, refuse_missing_deepspeed
 from lens_rl.training.rewards import REWARD_TYPES
 from lens_rl.training.stage_args import LensStageArguments
 
@@ -121,6 +121,7 @@ class LensGRPOConfig(GRPOConfig, LensStageArguments):
             )
         self.max_completion_length = self.t_text
         requested_beta = self.beta
+        refuse_missing_deepspeed(self)
         super().__post_init__()
         self.beta = requested_beta
         self.check_stage_after_parent()

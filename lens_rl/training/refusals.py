@@ -10,6 +10,7 @@ naming the new field (:data:`RENAMED`).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -277,6 +278,18 @@ def refuse_sharded_parameters(cfg) -> None:
     for name, (refused, why) in unsupported.items():
         if refused:
             raise ConfigError(f"{kind}.{name}: not supported under DeepSpeed ZeRO-3 ({how}): {why}.")
+
+
+def refuse_missing_deepspeed(cfg) -> None:
+    """A run asking for DeepSpeed (:func:`sharding_stage`) where it is not installed is refused,
+    saying how to install it. Called last before the upstream ``__post_init__`` (which would fail
+    with a bare package-metadata error), after every refusal that names a field."""
+    stage, how = sharding_stage(cfg)
+    if stage is not None and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            f"{type(cfg).__name__}: DeepSpeed ZeRO-{stage} ({how}) needs DeepSpeed, which is not "
+            "installed: EXTRAS=deepspeed make setup (or pip install 'lens_rl[deepspeed]')."
+        )
 
 
 def sharding_stage(cfg) -> tuple[int | None, str]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from lens_rl.config import ConfigError, validate_types
+from lens_rl.training.refusals import refuse_missing_deepspeed
 from lens_rl.training.schedules import parse_schedule
 from lens_rl.training.stage_args import LensStageArguments
 
@@ -127,6 +128,7 @@ class LensSFTConfig(TrainingArguments, LensStageArguments):
         if self.bf16 is None and torch.cuda.is_available():
             self.bf16 = bool(torch.cuda.is_bf16_supported())
         self.check_stage_before_parent()
+        refuse_missing_deepspeed(self)
         super().__post_init__()
         self._validate_lens()
 

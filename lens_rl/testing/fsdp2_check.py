@@ -11,6 +11,9 @@ stale or misplaced shard shows as an O(gradient) error; Adam's first step, ``g /
 would amplify float32 rounding of tiny gradients past any useful bound) relative to the largest
 gradient entry, and whether the full state dict gathered from
 the shards equals the unsharded lens's.
+
+``device="cuda"`` runs the same check over NCCL on CUDA, one process per GPU (``make gpu-check``
+runs it with as many processes as there are GPUs, up to 2).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _free_port() -> int:
 
 def sft_round_trip_loss(lens: ConsistencyLens, acts, cur, var, seed: int) -> torch.Tensor:
     """The supervised reconstruction loss through the differentiable KV-cached generator."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(acts.device).manual_seed(seed)
     gen = lens.decoder.generate_soft_kv_cached(acts, T_TEXT, generator=g, gumbel_tau=1.0)
     a_hat = lens.encoder(gen.generated_text_embeddings, current_token_ids=cur)
     return reconstruct(a_hat, acts, train_var=var, dtype=torch.float32).nmse.mean()
@@ -78,8 +81,10 @@ def _rollout_case(sharded: LensModule, ref: LensModule, acts, rank: int, world: 
     with torch.no_grad():
         ids, logq = sharded(rollout_tokens, acts[share], 7 + rank)
         ref_ids, ref_logq = rollout_tokens(ref.lens, acts[share], 7 + rank)
-    same = torch.tensor([float(torch.equal(ids, ref_ids)), float((logq - ref_logq).abs().max())])
-    gathered = [torch.zeros(2) for _ in range(world)]
+    same = torch.tensor(
+        [float(torch.equal(ids, ref_ids)), float((logq - ref_logq).abs().max())], device=acts.device
+    )
+    gathered = [torch.zeros(2, device=acts.device) for _ in range(world)]
     dist.all_gather(gathered, same)
     return {
         "tokens_equal": all(bool(t[0]) for t in gathered),
@@ -88,14 +93,16 @@ def _rollout_case(sharded: LensModule, ref: LensModule, acts, rank: int, world: 
 
 
 def _worker(
-    rank: int, world: int, folder: str, port: int, arch: str, case: Case, trainable_base: bool
+    rank: int, world: int, folder: str, port: int, arch: str, case: Case, trainable_base: bool, device: str
 ) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
     try:
-        mesh = init_device_mesh("cpu", (world,))
+        mesh = init_device_mesh(device, (world,))
         tok = AutoTokenizer.from_pretrained(Path(folder) / "tokenizer")
-        model = load_causal_lm(Path(folder) / "model").eval()
+        model = load_causal_lm(Path(folder) / "model").eval().to(device)
         configs = DecoderConfig(trainable_base=trainable_base), EncoderConfig(trainable_base=trainable_base)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the lens's fresh initialisation, the same on every rank
@@ -105,10 +112,10 @@ def _worker(
 
         g = torch.Generator().manual_seed(1)
         d = model.config.hidden_size
-        acts = torch.randn(ROWS * world, d, generator=g)
-        cur = torch.randint(0, len(tok), (ROWS * world,), generator=g)
-        tokens = torch.randint(0, len(tok), (ROWS * world, T_TEXT), generator=g)
-        var = torch.rand(d, generator=g) + 0.5
+        acts = torch.randn(ROWS * world, d, generator=g).to(device)
+        cur = torch.randint(0, len(tok), (ROWS * world,), generator=g).to(device)
+        tokens = torch.randint(0, len(tok), (ROWS * world, T_TEXT), generator=g).to(device)
+        var = (torch.rand(d, generator=g) + 0.5).to(device)
         shares = [slice(r * ROWS, (r + 1) * ROWS) for r in range(world)]
 
         if case == "rollout":
@@ -178,12 +185,15 @@ def _worker(
         dist.destroy_process_group()
 
 
-def fsdp2_vs_unsharded(arch: str, case: Case, trainable_base: bool = True, world: int = 2) -> dict:
-    """Run the check (see the module docstring) and return rank 0's figures."""
+def fsdp2_vs_unsharded(
+    arch: str, case: Case, trainable_base: bool = True, world: int = 2, device: str = "cpu"
+) -> dict:
+    """Run the check (see the module docstring) on ``device`` (``cpu``: gloo; ``cuda``: NCCL, one
+    GPU per process) and return rank 0's figures."""
     with tempfile.TemporaryDirectory() as folder:
         tok = train_bpe_tokenizer(pydoc_topics(), Path(folder) / "tokenizer", vocab_size=512)
         build_tiny_model(arch, Path(folder) / "model", len(tok), seed=0, eos_token_id=tok.eos_token_id)
         torch.multiprocessing.spawn(
-            _worker, args=(world, folder, _free_port(), arch, case, trainable_base), nprocs=world
+            _worker, args=(world, folder, _free_port(), arch, case, trainable_base, device), nprocs=world
         )
         return json.loads((Path(folder) / "result.json").read_text())

@@ -20,11 +20,14 @@ def accelerate_launch(
     env: dict[str, str] | None = None,
     deepspeed_zero: int | None = None,
     gradient_accumulation_steps: int = 1,
+    config_file: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """Launch ``scripts/<script>`` and assert it exits 0 (the tail of stderr is the message), or
     with ``expect_success=False`` that it exits non-zero. ``env`` adds environment variables;
     ``deepspeed_zero`` launches under DeepSpeed at that ZeRO stage (accelerate's own flags;
-    gradient clipping 1.0 and ``gradient_accumulation_steps`` as the script's must match)."""
+    gradient clipping 1.0 and ``gradient_accumulation_steps`` as the script's must match);
+    ``config_file`` launches with that accelerate config (from the repository root, in fp32: the
+    flags here override its ``mixed_precision``)."""
     cmd = [
         sys.executable,
         "-m",
@@ -36,7 +39,10 @@ def accelerate_launch(
         "--dynamo_backend",
         "no",
     ]
-    if deepspeed_zero is not None:  # on a CPU machine DeepSpeed's CPU accelerator runs over gloo
+    if config_file is not None:
+        cmd += ["--config_file", str(config_file), "--num_processes", str(num_processes)]
+        cmd += ["--main_process_port", str(port)]
+    elif deepspeed_zero is not None:  # on a CPU machine DeepSpeed's CPU accelerator runs over gloo
         cmd += ["--use_deepspeed", "--zero_stage", str(deepspeed_zero), "--gradient_clipping", "1.0"]
         cmd += ["--gradient_accumulation_steps", str(gradient_accumulation_steps)]
         cmd += [
@@ -59,6 +65,7 @@ def accelerate_launch(
         text=True,
         env=env,
         timeout=timeout,
+        cwd=ROOT,
     )
     if expect_success:
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]

@@ -131,7 +131,9 @@ def test_sft_zero3_matches_ddp_and_resumes_exactly(base, tmp_path):
         res = accelerate_launch(
             "sft_lens.py", _sft_args(model_dir, splits, runs[name], **kw), num_processes=2, port=port
         )
-        assert ("DistributedType.DEEPSPEED" in res.stdout) == ("deepspeed" in kw)
+        assert (
+            ("DistributedType.DEEPSPEED" in res.stdout) == ("deepspeed" in kw) == ("ZeRO-3: " in res.stdout)
+        )
     diff = _max_diff(runs["ds_sgd"], runs["ddp_sgd"])
     print(f"ZeRO-3 vs DDP, SFT with SGD, 4 steps: max |dw| = {diff:.2e}")
     assert diff < 5e-8
@@ -200,7 +202,7 @@ def test_grpo_zero3_matches_ddp(base, tmp_path):
     res = accelerate_launch(
         "rl_lens.py", rl_args(ds, deepspeed=_ds_file(tmp_path)), num_processes=2, port=29666
     )
-    assert "DistributedType.DEEPSPEED" in res.stdout
+    assert "DistributedType.DEEPSPEED" in res.stdout and "ZeRO-3: " in res.stdout
     accelerate_launch("rl_lens.py", rl_args(ddp), num_processes=2, port=29667)
     result = {
         name: json.loads((out / "final_metrics.json").read_text()) for name, out in (("ds", ds), ("ddp", ddp))
@@ -217,3 +219,22 @@ def test_grpo_zero3_matches_ddp(base, tmp_path):
     assert max((moved[k] - before[k]).abs().max().item() for k in moved) > 1e-3
     assert result["ds"]["before"]["fve"] == result["ddp"]["before"]["fve"]
     assert result["ds"]["after"]["fve"] == pytest.approx(result["ddp"]["after"]["fve"], abs=1e-4)
+
+
+def test_repository_zero3_config_launches(tiny_model_dir, tiny_dump, tmp_path):
+    """`accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml` (its DeepSpeed JSON
+    with "auto" values filled from the run's arguments), 2 processes, fp32: 2 SFT steps run under
+    DeepSpeed at stage 3 (the trainer says it registered the root tensors) and save a finite lens."""
+    from script_runner import ROOT
+
+    out = tmp_path / "yaml"
+    res = accelerate_launch(
+        "sft_lens.py",
+        _sft_args(tiny_model_dir, tiny_dump, out, max_steps=2, save_strategy="no"),
+        num_processes=2,
+        port=29668,
+        config_file=ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml",
+    )
+    assert "DistributedType.DEEPSPEED" in res.stdout and "ZeRO-3: " in res.stdout
+    lens = _weights(out)
+    assert lens and all(torch.isfinite(t).all() for t in lens.values())

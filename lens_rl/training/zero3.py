@@ -69,7 +69,11 @@ def prepare_zero3(accelerator, module: LensModule, orig: OrigWrapper) -> None:
             "bases (decoder and encoder trainable_base: true), or use ZeRO-1/2 or DDP for frozen bases."
         )
     detach_empty_parameters(module)
-    register_zero3_root_parameters(module)
+    n = register_zero3_root_parameters(module)
+    accelerator.print(
+        f"ZeRO-3: {n} root tensors of the lens (embeddings, LM head, norms, projections, prompts) are "
+        "gathered for each model(fn, ...) call; the original model is a replica on every process"
+    )
 
 
 @contextmanager

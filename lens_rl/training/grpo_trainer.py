@@ -63,7 +63,7 @@ from lens_rl.training.rewards import (
     zero_std_groups,
 )
 from lens_rl.training.trackers import log_completions_text
-from lens_rl.training.zero3 import Zero3SaveMixin, prepare_zero3
+from lens_rl.training.zero3 import Zero3SaveMixin, prepare_zero3, whole_weights
 
 LOGQ_FLOOR = -1e4  # stands for log q = -inf (a token outside the policy's truncated support)
 
@@ -306,7 +306,8 @@ class LensGRPOTrainer(Zero3SaveMixin, LensEvaluationMixin, GRPOTrainer):
         if getattr(self, "_vllm_synced_step", None) == step:
             return
 
-        seconds = self.vllm_backend.sync_weights(merged_state_dict(base).items())
+        with whole_weights(self.accelerator, base, everywhere=True):  # ZeRO-3: gathered first
+            seconds = self.vllm_backend.sync_weights(merged_state_dict(base).items())
         self._vllm_synced_step = step
         self._vllm_sync_seconds = seconds
 

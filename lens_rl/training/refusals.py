@@ -240,7 +240,7 @@ def refuse_sharded_parameters(cfg) -> None:
     accelerate runs plain DDP instead (the lens modules themselves shard under FSDP2:
     docs/sharding.md). ZeRO-3 runs (:mod:`lens_rl.training.zero3`) except where a computation
     swaps weights in with ``torch.func.functional_call`` (partitioned weights cannot be swapped),
-    or reads the decoder base outside the engine (the vLLM weight sync), or keeps the frozen base
+    or keeps the frozen base
     (LoRA): each is refused here, naming the field. A lens whose base is the original model's
     (frozen, shared) is refused when the trainer starts (:func:`lens_rl.training.zero3.prepare_zero3`)."""
     kind = type(cfg).__name__
@@ -256,10 +256,6 @@ def refuse_sharded_parameters(cfg) -> None:
     if stage != 3:
         return
     unsupported = {
-        "rollout_backend": (
-            getattr(cfg, "rollout_backend", "hf") == "vllm",
-            "rollout_backend='vllm' (the weight sync reads the partitioned decoder base); use 'hf'",
-        ),
         "beta_reference": (
             getattr(cfg, "beta", 0.0) > 0 and getattr(cfg, "beta_reference", "base_lm") == "initial_policy",
             "beta_reference='initial_policy' (functional_call swaps the starting weights in)",

@@ -15,7 +15,6 @@ from lens_rl.training.evaluate import evaluate_lens
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.grpo_trainer import LensGRPOTrainer
 from lens_rl.training.guards import train_or_finish
-from lens_rl.training.refusals import sharding_stage
 from lens_rl.training.reports import end_of_run_report
 from lens_rl.training.stage import checkpoint_step, claimed_stage, load_stage_inputs, stage_lens
 from lens_rl.training.trackers import log_lens_artifact
@@ -57,9 +56,6 @@ def _run_claimed(
             )
         backend_name = "hf"
         state.print("rollouts: HF generator (multi-layer patching is not expressible as vLLM prompt_embeds)")
-    if backend_name == "auto" and sharding_stage(cfg)[0] == 3:
-        backend_name = "hf"
-        state.print("rollouts: HF generator (the vLLM weight sync does not gather ZeRO-3's partitions)")
     if backend_name == "auto" and not torch.cuda.is_available():
         backend_name = "hf"
         state.print(

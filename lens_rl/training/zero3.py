@@ -77,13 +77,17 @@ def prepare_zero3(accelerator, module: LensModule, orig: OrigWrapper) -> None:
 
 
 @contextmanager
-def whole_weights(accelerator, lens: nn.Module) -> Iterator[None]:
-    """Inside: every parameter of ``lens`` is whole on the main process (a CPU copy set as its
-    ``.data``), restored on leaving. A collective: every process gathers module by module
-    (``deepspeed.zero.GatheredParameters``), so at most one module's weights are whole at once."""
+def whole_weights(accelerator, lens: nn.Module, everywhere: bool = False) -> Iterator[None]:
+    """Inside: every parameter of ``lens`` is whole on the main process (``everywhere``: on every
+    process), a CPU copy set as its ``.data``, restored on leaving. A collective: every process
+    gathers module by module (``deepspeed.zero.GatheredParameters``), so at most one module's
+    weights are whole on the device at once. Outside ZeRO-3, nothing happens."""
+    if not zero3_enabled(accelerator):
+        yield
+        return
     import deepspeed  # optional dependency: only under ZeRO-3
 
-    main = accelerator.is_main_process
+    keep = accelerator.is_main_process or everywhere  # this process holds the whole copies
     params = {id(p): p for p in lens.parameters()}
     whole: dict[int, torch.Tensor] = {}
     seen: set[int] = set()
@@ -93,13 +97,12 @@ def whole_weights(accelerator, lens: nn.Module) -> Iterator[None]:
         if not own:
             continue
         with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
-            if main:
+            if keep:
                 whole.update((id(p), p.data.detach().cpu().clone()) for p in own)
     placeholders = {k: params[k].data for k in whole}
     try:
-        if accelerator.is_main_process:
-            for k, t in whole.items():
-                params[k].data = t
+        for k, t in whole.items():
+            params[k].data = t
         yield
     finally:
         for k, t in placeholders.items():

@@ -64,9 +64,18 @@ def base(request, tiny_model_dir, tiny_dump):
     return request.getfixturevalue("gemma3_dir")
 
 
-def _ds_file(tmp_path) -> str:
-    """The ZeRO-3 config as the ``--deepspeed`` flag takes it (inline JSON)."""
-    return json.dumps(ZERO3)
+def _ds_file(tmp_path, offload: bool = False) -> str:
+    """The ZeRO-3 config as the ``--deepspeed`` flag takes it (inline JSON); ``offload``: the
+    parameters and the optimizer state offloaded to the CPU (with the Trainer's torch optimizer,
+    ``zero_force_ds_cpu_optimizer: false``, rather than DeepSpeed's compiled CPU Adam)."""
+    cfg = json.loads(json.dumps(ZERO3))
+    if offload:
+        cfg["zero_optimization"] |= {
+            "offload_optimizer": {"device": "cpu"},
+            "offload_param": {"device": "cpu"},
+        }
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    return json.dumps(cfg)
 
 
 def _sft_args(model_dir, splits, out, **kw) -> list[str]:
@@ -106,7 +115,8 @@ def _losses(out) -> list[float]:
 def test_sft_zero3_matches_ddp_and_resumes_exactly(base, tmp_path):
     """SFT, 4 steps at lr 1e-2, 2 processes.
 
-    - ZeRO-3 == DDP with SGD (and gradient checkpointing, which ZeRO-3 must re-gather for; DDP's
+    - ZeRO-3 == DDP with SGD, with and without parameter and optimizer offload to the CPU (and
+      gradient checkpointing, which ZeRO-3 must re-gather for; DDP's
       result is bit-identical without it): the weights after 4 steps within 5e-8 (3.7e-9 measured on the
       Llama and the Gemma-3: float32 rounding of weights ~0.08), so the gradients through the partitioned lens
       are DDP's. With Adam the same runs differ by up to 2e-4 (measured, in the elements whose
@@ -125,6 +135,16 @@ def test_sft_zero3_matches_ddp_and_resumes_exactly(base, tmp_path):
             dict(deepspeed=zero3, optim="sgd", save_strategy="no", gradient_checkpointing="true"),
         ),
         ("ddp_sgd", 29662, dict(optim="sgd", save_strategy="no", gradient_checkpointing="true")),
+        (
+            "ds_sgd_offload",
+            29660,
+            dict(
+                deepspeed=_ds_file(tmp_path, offload=True),
+                optim="sgd",
+                save_strategy="no",
+                gradient_checkpointing="true",
+            ),
+        ),
         ("ds_adam", 29663, dict(deepspeed=zero3)),
     ):
         runs[name] = tmp_path / name
@@ -135,8 +155,9 @@ def test_sft_zero3_matches_ddp_and_resumes_exactly(base, tmp_path):
             ("DistributedType.DEEPSPEED" in res.stdout) == ("deepspeed" in kw) == ("ZeRO-3: " in res.stdout)
         )
     diff = _max_diff(runs["ds_sgd"], runs["ddp_sgd"])
-    print(f"ZeRO-3 vs DDP, SFT with SGD, 4 steps: max |dw| = {diff:.2e}")
-    assert diff < 5e-8
+    offload = _max_diff(runs["ds_sgd_offload"], runs["ddp_sgd"])
+    print(f"ZeRO-3 vs DDP, SFT with SGD, 4 steps: max |dw| = {diff:.2e} ({offload:.2e} with CPU offload)")
+    assert diff < 5e-8 and offload < 5e-8
     assert _losses(runs["ds_sgd"]) == pytest.approx(_losses(runs["ddp_sgd"]), rel=1e-6)
 
     ds = runs["ds_adam"]

@@ -19,38 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from timing import run_logged, spread
+
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("fve", "baseline_mean_fve", "nmse", "kl_recon", "lm_kl")
-
-
-def _run(cmd: list[str], threads: int, log: Path) -> tuple[int, float]:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    return rc, time.perf_counter() - t0
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": round(statistics.fmean(values), 4),
-        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-        "min": round(min(values), 4),
-        "max": round(max(values), 4),
-        "n": len(values),
-    }
 
 
 def summarize(runs: list[dict], base_seeds: list[int]) -> dict:
@@ -61,18 +37,18 @@ def summarize(runs: list[dict], base_seeds: list[int]) -> dict:
         "runs": runs,
         "failed": [r for r in runs if r not in ok],
         "over_all_runs": {
-            m: _stats([r[m] for r in ok]) for m in (*METRICS, "fve_after_grpo") if ok and m in ok[0]
+            m: spread([r[m] for r in ok]) for m in (*METRICS, "fve_after_grpo") if ok and m in ok[0]
         },
         "per_base": {
-            str(b): _stats([r["fve"] for r in ok if r["base_seed"] == b])
+            str(b): spread([r["fve"] for r in ok if r["base_seed"] == b])
             for b in base_seeds
             if any(r["base_seed"] == b for r in ok)
         },
-        "lens_minus_baseline_fve": _stats([r["fve"] - r["baseline_mean_fve"] for r in ok]) if ok else None,
+        "lens_minus_baseline_fve": spread([r["fve"] - r["baseline_mean_fve"] for r in ok]) if ok else None,
     }
     gains = [r["fve_after_grpo"] - r["fve"] for r in ok if r.get("fve_after_grpo") is not None]
     if gains:
-        out["grpo_fve_change"] = {**_stats(gains), "runs_improved": sum(g > 0 for g in gains)}
+        out["grpo_fve_change"] = {**spread(gains), "runs_improved": sum(g > 0 for g in gains)}
     return out
 
 
@@ -109,7 +85,7 @@ def main() -> None:
             "from lens_rl.cli.demo import prepare_base_and_dump; "
             f"prepare_base_and_dump({args.cache_dir!r}, {b})"
         )
-        return _run([sys.executable, "-c", code], threads, work / f"pretrain_base{b}.log")
+        return run_logged([sys.executable, "-c", code], threads, work / f"pretrain_base{b}.log")
 
     with ThreadPoolExecutor(args.jobs) as pool:
         for b, (rc, _) in zip(args.base_seeds, pool.map(pretrain, args.base_seeds), strict=True):
@@ -122,7 +98,7 @@ def main() -> None:
         cmd = demo + ["--base_seed", str(b), "--seed", str(s), "--output_dir", str(out)]
         if args.rl_steps is not None:
             cmd += ["--rl_steps", str(args.rl_steps)]
-        rc, secs = _run(cmd, threads, work / f"base{b}_seed{s}.log")
+        rc, secs = run_logged(cmd, threads, work / f"base{b}_seed{s}.log")
         rec: dict = {
             "base_seed": b,
             "lens_seed": s,

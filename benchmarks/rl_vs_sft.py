@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +45,7 @@ from typing import Any
 
 import torch
 import yaml
+from timing import run_logged, spread
 from transformers import AutoTokenizer, TrainerCallback
 
 from lens_rl.config import packaged_config, parse_args
@@ -223,19 +222,6 @@ def _sft_steps(out: Path) -> int:
 
 
 # ---------------------------------------------------------------- driver
-def _run(cmd: list[str], threads: int, log: Path) -> tuple[int, float]:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    return rc, time.perf_counter() - t0
-
-
 def converge(work: Path, steps: int, every: int, threads: int) -> tuple[Path, list[tuple[int, float]], float]:
     """Phase 1: the supervised lens to its plateau (reused when complete); returns the lens, the
     (step, eval FVE) curve and the training seconds."""
@@ -256,7 +242,7 @@ def converge(work: Path, steps: int, every: int, threads: int) -> tuple[Path, li
         cmd = [sys.executable, "-m", "lens_rl.cli", "sft", "--config"]
         cmd += [str(ROOT / "lens_rl" / "configs" / "sft_quickstart.yaml"), *_flags(fields)]
         work.mkdir(parents=True, exist_ok=True)
-        rc, seconds = _run(cmd, threads, work / "converged.log")
+        rc, seconds = run_logged(cmd, threads, work / "converged.log")
         if rc:
             raise SystemExit(f"the converging SFT run failed: see {work / 'converged.log'}")
         (out / "seconds.txt").write_text(f"{seconds:.1f}")
@@ -265,15 +251,6 @@ def converge(work: Path, steps: int, every: int, threads: int) -> tuple[Path, li
     final = json.loads((out / "final_metrics.json").read_text())
     curve.append((steps, final["final"]["fve"] if "final" in final else final["fve"]))
     return out / "lens", sorted(set(curve)), float((out / "seconds.txt").read_text())
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": round(statistics.fmean(values), 4),
-        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-        "min": round(min(values), 4),
-        "max": round(max(values), 4),
-    }
 
 
 def _spread(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
@@ -390,7 +367,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--work", str(a.work), "--budget_s", str(a.budget_s)]
             cmd += ["--worker", arm, str(seed), str(start_lens)]
             out.parent.mkdir(parents=True, exist_ok=True)
-            rc, wall = _run(cmd, threads, a.work / f"{arm}-seed{seed}.log")
+            rc, wall = run_logged(cmd, threads, a.work / f"{arm}-seed{seed}.log")
             print(f"{arm} seed {seed}: rc {rc}, {wall:.0f} s", flush=True)
             if rc:
                 return None
@@ -409,7 +386,7 @@ def main() -> None:
         rs = [r for r in runs if r["arm"] == name]
         if rs:
             arms[name] = {"kind": rs[0]["kind"], "seeds": len(rs), "flags": ARMS[name][1]}
-            arms[name] |= {m: _stats([float(r[m]) for r in rs]) for m in METRICS}
+            arms[name] |= {m: spread([float(r[m]) for r in rs]) for m in METRICS}
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "threads_per_arm": threads, "jobs": a.jobs},

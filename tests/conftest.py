@@ -17,9 +17,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from lens_rl.data.corpus import pydoc_topics
+from lens_rl.data.dataset import ActivationDataset
 from lens_rl.data.dump import run_dump
+from lens_rl.models.orig import OrigWrapper
 from lens_rl.models.tokenizer import train_bpe_tokenizer
 from lens_rl.testing.configs import tiny_dump_config
 from lens_rl.testing.tiny_models import FAMILY_ARCHS, TINY_ARCHS, build_tiny_model
@@ -154,3 +157,14 @@ def tiny_tied_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer):
 def tiny_tied_dump(tiny_tied_model_dir, tmp_path_factory):
     """Activation dump of ``tiny_tied_model_dir`` after block 1 (128 train / 32 val windows)."""
     return _dump(tiny_tied_model_dir, tmp_path_factory, "tiny-tied-dump")
+
+
+@pytest.fixture(scope="module")
+def grpo_parts(tiny_model_dir, tiny_dump):
+    """What a LensGRPOTrainer is built from in the GRPO unit tests: ``(tokenizer, original model,
+    training store)`` of ``tiny_model_dir`` and its dump (one load per test module)."""
+    return (
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+        OrigWrapper.from_pretrained(tiny_model_dir),
+        ActivationDataset(tiny_dump["train"]),
+    )

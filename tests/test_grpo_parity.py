@@ -18,9 +18,7 @@ import pytest
 import torch
 
 from lens_rl.config import ConfigError
-from lens_rl.data.dataset import ActivationDataset
 from lens_rl.models.lens import ConsistencyLens
-from lens_rl.models.orig import OrigWrapper
 from lens_rl.testing.configs import tiny_grpo_config
 from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.grpo_trainer import LOGQ_FLOOR, LensGRPOTrainer
@@ -34,16 +32,6 @@ T_TEXT = 4
 LOSS_ATOL, GRAD_RTOL = 5e-6, 1e-5
 
 
-@pytest.fixture(scope="module")
-def parts(tiny_model_dir, tiny_dump):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    orig = OrigWrapper.from_pretrained(tiny_model_dir)
-    store = ActivationDataset(tiny_dump["train"])
-    return tok, orig, store
-
-
 ZERO3 = {"zero_optimization": {"stage": 3}}
 
 
@@ -54,8 +42,8 @@ def _config(tmp_path, model_dir, data, **kw) -> LensGRPOConfig:
     return tiny_grpo_config(model_dir, {"train": data}, tmp_path, **(fixed | kw))
 
 
-def _trainer(parts, cfg) -> LensGRPOTrainer:
-    tok, orig, store = parts
+def _trainer(grpo_parts, cfg) -> LensGRPOTrainer:
+    tok, orig, store = grpo_parts
     torch.manual_seed(0)  # the fresh lens's initialisation only
     lens = ConsistencyLens.build(orig.model, tok, cfg.decoder_config, cfg.encoder_config, share_base=True)
     return LensGRPOTrainer(cfg, lens, orig, tok, store)
@@ -171,7 +159,9 @@ IS_MODES = [None, "token_truncate", "sequence_mask"]
 
 @pytest.mark.parametrize("is_mode", IS_MODES, ids=lambda m: f"is-{m}")
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"iter{s[0]}-ga{s[1]}-spg{s[2]}")
-def test_loss_and_gradient_match_trl_formula(parts, tmp_path, tiny_model_dir, tiny_dump, schedule, is_mode):
+def test_loss_and_gradient_match_trl_formula(
+    grpo_parts, tmp_path, tiny_model_dir, tiny_dump, schedule, is_mode
+):
     num_iterations, ga, spg = schedule
     kw = dict(num_iterations=num_iterations, gradient_accumulation_steps=ga)
     if spg is not None:
@@ -181,7 +171,7 @@ def test_loss_and_gradient_match_trl_formula(parts, tmp_path, tiny_model_dir, ti
     else:
         kw["vllm_importance_sampling_mode"] = is_mode
     cfg = _config(tmp_path, tiny_model_dir, tiny_dump["train"], **kw)
-    trainer = _trainer(parts, cfg)
+    trainer = _trainer(grpo_parts, cfg)
     inputs = _rollout(trainer, 8 * cfg.steps_per_generation)
     # TRL's rule for keeping the rollout's log-probs
     needs_old = ga % (cfg.steps_per_generation * num_iterations) != 0 or is_mode is not None
@@ -220,7 +210,7 @@ def test_loss_and_gradient_match_trl_formula(parts, tmp_path, tiny_model_dir, ti
 @pytest.mark.parametrize("quantile", [1.0, 0.5], ids=lambda q: f"top_entropy_quantile-{q}")
 @pytest.mark.parametrize("ga", [1, 2], ids=lambda g: f"ga{g}")
 def test_entropy_bonus_and_high_entropy_mask_match_trl(
-    parts, tmp_path, tiny_model_dir, tiny_dump, quantile, ga
+    grpo_parts, tmp_path, tiny_model_dir, tiny_dump, quantile, ga
 ):
     """``entropy_coef`` and ``top_entropy_quantile`` act on H(q), the entropy of the policy the
     lens samples from (temperature and top-p), exactly as TRL's formulas act on its policy's
@@ -236,7 +226,7 @@ def test_entropy_bonus_and_high_entropy_mask_match_trl(
         gradient_accumulation_steps=ga,
         vllm_importance_sampling_correction=False,
     )
-    trainer = _trainer(parts, cfg)
+    trainer = _trainer(grpo_parts, cfg)
     inputs = _rollout(trainer, 8 * cfg.steps_per_generation)
     params = [p for p in trainer.lens.parameters() if p.requires_grad]
     trainer.current_gradient_accumulation_steps = ga
@@ -266,7 +256,7 @@ def test_entropy_bonus_and_high_entropy_mask_match_trl(
             assert (g - r).abs().max() <= GRAD_RTOL * scale, (loss_type, float((g - r).abs().max() / scale))
 
 
-def test_encoder_mse_is_scaled_for_accumulation(parts, tmp_path, tiny_model_dir, tiny_dump):
+def test_encoder_mse_is_scaled_for_accumulation(grpo_parts, tmp_path, tiny_model_dir, tiny_dump):
     """encoder_mse_weight adds w * MSE / GA (like TRL's own terms), from the same wrapped call."""
     losses = {}
     for ga in (1, 2):
@@ -278,7 +268,7 @@ def test_encoder_mse_is_scaled_for_accumulation(parts, tmp_path, tiny_model_dir,
                 gradient_accumulation_steps=ga,
                 encoder_mse_weight=w,
             )
-            trainer = _trainer(parts, cfg)
+            trainer = _trainer(grpo_parts, cfg)
             inputs = _rollout(trainer, 8 * cfg.steps_per_generation)
             trainer.current_gradient_accumulation_steps = ga
             losses[ga, w] = float(trainer._compute_loss(trainer.model, inputs))
@@ -288,10 +278,10 @@ def test_encoder_mse_is_scaled_for_accumulation(parts, tmp_path, tiny_model_dir,
                 assert losses[ga, w] - losses[ga, 0.0] == pytest.approx(w * mse / ga, rel=1e-5)
 
 
-def test_reference_kl_uses_the_policy_temperature(parts, tmp_path, tiny_model_dir, tiny_dump):
+def test_reference_kl_uses_the_policy_temperature(grpo_parts, tmp_path, tiny_model_dir, tiny_dump):
     """beta > 0: ref log-probs are the frozen LM's under the policy's temperature (log q_ref)."""
     cfg = _config(tmp_path, tiny_model_dir, tiny_dump["train"], beta=0.1, top_p=1.0, temperature=1.7)
-    trainer = _trainer(parts, cfg)
+    trainer = _trainer(grpo_parts, cfg)
     inputs = _rollout(trainer, 8)
     ids = inputs["completion_ids"]
     prefix = trainer.prefix_ids.expand(len(ids), -1)

@@ -14,14 +14,11 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
 from lens_rl.config import ConfigError
-from lens_rl.data.dataset import ActivationDataset
 from lens_rl.metrics import reconstruct
 from lens_rl.models.families import embed_tokens
 from lens_rl.models.lens import ConsistencyLens
-from lens_rl.models.orig import OrigWrapper
 from lens_rl.testing.configs import tiny_grpo_config
 from lens_rl.training.grpo_trainer import LensGRPOTrainer
 from lens_rl.training.rewards import best_of_group, reward_from_reconstruction, zero_std_groups
@@ -31,21 +28,13 @@ T_TEXT = 4
 GROUP = 4
 
 
-@pytest.fixture(scope="module")
-def parts(tiny_model_dir, tiny_dump):
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    orig = OrigWrapper.from_pretrained(tiny_model_dir)
-    store = ActivationDataset(tiny_dump["train"])
-    return tok, orig, store
-
-
 def _config(tmp_path, model_dir, dump, **kw):
     fixed = dict(t_text=T_TEXT, max_steps=-1, logging_steps=10, disable_tqdm=None)
     return tiny_grpo_config(model_dir, dump, tmp_path, **(fixed | kw))
 
 
-def _trainer(parts, cfg, reward_funcs=None) -> LensGRPOTrainer:
-    tok, orig, store = parts
+def _trainer(grpo_parts, cfg, reward_funcs=None) -> LensGRPOTrainer:
+    tok, orig, store = grpo_parts
     torch.manual_seed(0)  # the fresh lens's initialisation only
     lens = ConsistencyLens.build(orig.model, tok, cfg.decoder_config, cfg.encoder_config, share_base=True)
     return LensGRPOTrainer(cfg, lens, orig, tok, store, reward_funcs=reward_funcs)
@@ -101,10 +90,10 @@ def test_best_of_group_and_zero_std_groups():
 
 
 @pytest.mark.parametrize("reward_type", ["direction", "log_nmse"])
-def test_trainer_rewards_follow_reward_type(parts, tmp_path, tiny_model_dir, tiny_dump, reward_type):
+def test_trainer_rewards_follow_reward_type(grpo_parts, tmp_path, tiny_model_dir, tiny_dump, reward_type):
     """The rewards TRL's loss sees are the chosen variant of the rollouts' reconstructions,
     recomputed with torch's cosine_similarity / the NMSE formula written out."""
-    trainer = _trainer(parts, _config(tmp_path, tiny_model_dir, tiny_dump, reward_type=reward_type))
+    trainer = _trainer(grpo_parts, _config(tmp_path, tiny_model_dir, tiny_dump, reward_type=reward_type))
     index, out = _rollout(trainer)
     a_hat = _a_hat(trainer, index, out["completion_ids"])
     a, mu = trainer.store.A[torch.tensor(index)].float(), trainer.store.mean.float()
@@ -119,7 +108,7 @@ def test_trainer_rewards_follow_reward_type(parts, tmp_path, tiny_model_dir, tin
     assert got.std() > 1e-3  # the rollouts differ, so the check is not vacuous
 
 
-def test_zero_std_groups_are_left_out_of_the_loss(parts, tmp_path, tiny_model_dir, tiny_dump):
+def test_zero_std_groups_are_left_out_of_the_loss(grpo_parts, tmp_path, tiny_model_dir, tiny_dump):
     """A custom reward constant on the first group (the reconstruction reward weighted 0): that
     group's advantages are 0 either way; with the filter its rows leave the completion mask
     and the token count TRL normalises by."""
@@ -134,7 +123,7 @@ def test_zero_std_groups_are_left_out_of_the_loss(parts, tmp_path, tiny_model_di
         cfg = _config(
             tmp_path, tiny_model_dir, tiny_dump, filter_zero_std_groups=filt, reward_weights=[0.0, 1.0]
         )
-        trainer = _trainer(parts, cfg, reward_funcs=[first_group_flat])
+        trainer = _trainer(grpo_parts, cfg, reward_funcs=[first_group_flat])
         _, outs[filt] = _rollout(trainer)
     for out in outs.values():
         assert torch.all(out["advantages"][:GROUP] == 0) and out["advantages"][GROUP:].abs().sum() > 0
@@ -144,11 +133,11 @@ def test_zero_std_groups_are_left_out_of_the_loss(parts, tmp_path, tiny_model_di
     assert int(outs[False]["num_items_in_batch"]) == 2 * GROUP * T_TEXT
 
 
-def test_encoder_learns_from_the_best_rollout_of_each_group(parts, tmp_path, tiny_model_dir, tiny_dump):
+def test_encoder_learns_from_the_best_rollout_of_each_group(grpo_parts, tmp_path, tiny_model_dir, tiny_dump):
     """encoder_rollouts=best: the encoder's rows are each group's highest-reward rollout (argmax
     of the logged rewards), and its loss is their mean NMSE, recomputed here."""
     cfg = _config(tmp_path, tiny_model_dir, tiny_dump, encoder_mse_weight=1.0, encoder_rollouts="best")
-    trainer = _trainer(parts, cfg)
+    trainer = _trainer(grpo_parts, cfg)
     index, out = _rollout(trainer)
     rewards = torch.tensor(list(trainer._logs["rewards"]["reconstruction"])[-len(index) :]).view(-1, GROUP)
     expected = torch.zeros_like(rewards)
@@ -164,7 +153,7 @@ def test_encoder_learns_from_the_best_rollout_of_each_group(parts, tmp_path, tin
     assert abs(float(nmse[rows].mean()) - float(nmse.mean())) > 1e-4  # differs from the all-rows mean
 
 
-def test_initial_policy_reference_is_the_starting_decoder(parts, tmp_path, tiny_model_dir, tiny_dump):
+def test_initial_policy_reference_is_the_starting_decoder(grpo_parts, tmp_path, tiny_model_dir, tiny_dump):
     """beta_reference=initial_policy: after the decoder moves, the reference log q are those of a
     copy of the decoder taken before it moved (SamplingPolicy.log_probs on its logits), not the
     current ones and not the base LM's."""
@@ -177,7 +166,7 @@ def test_initial_policy_reference_is_the_starting_decoder(parts, tmp_path, tiny_
         top_p=1.0,
         temperature=1.3,
     )
-    trainer = _trainer(parts, cfg)
+    trainer = _trainer(grpo_parts, cfg)
     start = copy.deepcopy(trainer.lens)
     g = torch.Generator().manual_seed(1)
     moved = [p for p in trainer.lens.decoder.parameters() if p.requires_grad]
@@ -220,9 +209,9 @@ def test_encoder_learning_rate_is_its_own_group(tiny_model_dir, tiny_dump, tmp_p
     assert max(float((enc[k] - none[k]).abs().max()) for k in enc_keys) > 1e-4
 
 
-def test_optimizer_groups(parts, tmp_path, tiny_model_dir, tiny_dump):
+def test_optimizer_groups(grpo_parts, tmp_path, tiny_model_dir, tiny_dump):
     cfg = _config(tmp_path, tiny_model_dir, tiny_dump, encoder_mse_weight=1.0, encoder_learning_rate=5e-3)
-    trainer = _trainer(parts, cfg)
+    trainer = _trainer(grpo_parts, cfg)
     opt = trainer.create_optimizer()
     encoder = {id(p) for p in trainer.lens.encoder.parameters()}
     trainable = [p for p in trainer.lens.parameters() if p.requires_grad]

@@ -33,6 +33,7 @@ LOSS_ATOL, GRAD_RTOL = 5e-6, 1e-5
 
 
 ZERO3 = {"zero_optimization": {"stage": 3}}
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 
 def _config(tmp_path, model_dir, data, **kw) -> LensGRPOConfig:
@@ -357,7 +358,7 @@ def test_every_refused_field_is_named(tmp_path, tiny_model_dir, tiny_dump):
         (dict(beta=0.1, top_p=0.9), "truncating policy"),
         (dict(eval_strategy="steps", eval_steps=1), "needs val_data"),
         (dict(fsdp="full_shard"), "fsdp"),
-        (dict(deepspeed=ZERO3, rollout_backend="vllm"), r"rollout_backend: not supported under .*ZeRO-3"),
+        (dict(deepspeed=ZERO3, peft_config=LORA), r"peft_config: not supported under DeepSpeed ZeRO-3"),
         (
             dict(deepspeed=ZERO3, beta=0.01, beta_reference="initial_policy", top_p=1.0),
             r"beta_reference: not supported under DeepSpeed ZeRO-3",
@@ -401,6 +402,6 @@ def test_launcher_zero3_refusals(tmp_path, tiny_model_dir, tiny_dump, monkeypatc
             _config(tmp_path, tiny_model_dir, tiny_dump["train"])
     with pytest.raises(
         ConfigError,
-        match=r"LensGRPOConfig.rollout_backend: not supported under DeepSpeed ZeRO-3 \(accelerate launch --zero_stage",
+        match=r"LensGRPOConfig.peft_config: not supported under DeepSpeed ZeRO-3 \(accelerate launch --zero_stage",
     ):
-        _config(tmp_path, tiny_model_dir, tiny_dump["train"], rollout_backend="vllm")
+        _config(tmp_path, tiny_model_dir, tiny_dump["train"], peft_config=LORA)

@@ -5,7 +5,7 @@ the stage speaks the Hugging Face dialect: ``per_device_train_batch_size``,
 ``gradient_accumulation_steps``, ``max_steps``, ``learning_rate``, ``lr_scheduler_type``,
 ``warmup_steps``, ``logging_steps``, ``eval_strategy``/``eval_steps``, ``save_steps``,
 ``save_total_limit``, ``resume_from_checkpoint``, ``report_to``, ``seed``, ``optim``,
-``deepspeed`` (ZeRO-1/2; FSDP and ZeRO-3 are refused) ... keep their meaning. A few defaults differ from
+``deepspeed`` (ZeRO-1/2/3; FSDP is refused) ... keep their meaning. A few defaults differ from
 ``TrainingArguments`` (see the fields below, e.g. ``learning_rate`` 1e-3: the projections
 train from scratch); fields whose meaning cannot hold for a lens (the token-level evaluation
 loop, hub uploads, ...) are refused in ``__post_init__`` naming the field.

@@ -112,7 +112,7 @@ def _worker(rank: int, world: int, engine: str, model_dir: str, port: int, out: 
             wrapped = fully_shard_lens(module, init_device_mesh("cpu", (world,)))
         elif engine == "ddp":
             wrapped = DistributedDataParallel(module)
-        elif engine == "zero3":  # as the stages prepare the lens (lens_rl.training.zero3.prepare_zero3)
+        elif engine == "zero3":  # as the stages prepare the lens (lens_rl.training.sharded.prepare_zero3)
             detach_empty_parameters(module)
             register_zero3_root_parameters(module)
         params = [p for p in module.parameters() if p.requires_grad]

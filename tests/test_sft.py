@@ -562,8 +562,8 @@ def test_zero3_refuses_a_lens_sharing_the_original_models_weights(tiny_model_dir
     from types import SimpleNamespace
 
     from lens_rl.models.lens import LensModule
+    from lens_rl.training.sharded import prepare_sharding
     from lens_rl.training.stage import load_stage_inputs, stage_lens
-    from lens_rl.training.zero3 import prepare_zero3
 
     cfg = tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "run")
     inputs = load_stage_inputs(cfg)
@@ -572,9 +572,9 @@ def test_zero3_refuses_a_lens_sharing_the_original_models_weights(tiny_model_dir
     with pytest.raises(
         ConfigError, match=r"ZeRO-3 needs lens bases of their own: \d+ lens tensors \(e.g. lens\."
     ):
-        prepare_zero3(zero3, LensModule(lens), inputs.orig)
+        prepare_sharding(zero3, LensModule(lens), inputs.orig)
     ddp = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))
-    prepare_zero3(ddp, LensModule(lens), inputs.orig)  # nothing to do, nothing refused
+    prepare_sharding(ddp, LensModule(lens), inputs.orig)  # nothing to do, nothing refused
 
 
 def test_init_lens_warm_starts_from_a_saved_lens(tiny_model_dir, tiny_dump, tmp_path):

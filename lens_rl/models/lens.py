@@ -340,12 +340,24 @@ class ConsistencyLens(nn.Module):
                 seen[id(p)] = name
         return aliases
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write ``lens_config.json`` (the sidecar: configs, :meth:`sidecar_config`) and
-        ``lens.safetensors`` (trainable and lens-only tensors)."""
+        ``lens.safetensors`` (trainable and lens-only tensors). ``state_dict``: the tensors to write
+        instead of this lens's own, under the same names (a sharded engine's gathered copy, whose
+        keys must be exactly :meth:`state_dict`'s)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        if state_dict is not None:
+            own = set(self.state_dict()) - self._tied_aliases()
+            if set(state_dict) != own:
+                raise ValueError(
+                    f"save_pretrained(state_dict=...): keys differ from the lens's own (missing "
+                    f"{sorted(own - set(state_dict))[:3]}, unexpected {sorted(set(state_dict) - own)[:3]})."
+                )
+        sd = {
+            k: v.detach().cpu().contiguous().clone()
+            for k, v in (self.state_dict() if state_dict is None else state_dict).items()
+        }
         for alias in self._tied_aliases():
             sd.pop(alias, None)
         save_file(sd, str(path / LENS_WEIGHTS))

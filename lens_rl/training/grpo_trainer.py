@@ -62,8 +62,8 @@ from lens_rl.training.rewards import (
     reconstruction_reward,
     zero_std_groups,
 )
+from lens_rl.training.sharded import ShardedCheckpointMixin, prepare_sharding, whole_weights
 from lens_rl.training.trackers import log_completions_text
-from lens_rl.training.zero3 import Zero3SaveMixin, prepare_zero3, whole_weights
 
 LOGQ_FLOOR = -1e4  # stands for log q = -inf (a token outside the policy's truncated support)
 
@@ -162,7 +162,7 @@ def _activation_index(n: int):
     return datasets.Dataset.from_dict({"index": np.arange(n, dtype=np.int64)})
 
 
-class LensGRPOTrainer(Zero3SaveMixin, LensEvaluationMixin, GRPOTrainer):
+class LensGRPOTrainer(ShardedCheckpointMixin, LensEvaluationMixin, GRPOTrainer):
     """GRPO on TRL for a consistency-lens decoder (see the module docstring)."""
 
     def __init__(
@@ -227,7 +227,7 @@ class LensGRPOTrainer(Zero3SaveMixin, LensEvaluationMixin, GRPOTrainer):
         finally:
             args.beta = beta
         self.beta = beta
-        prepare_zero3(self.accelerator, self.model, orig)  # nothing unless DeepSpeed ZeRO-3
+        prepare_sharding(self.accelerator, self.model, orig, fsdp2=args.lens_fsdp2)  # ZeRO-3, FSDP2
         self.add_callback(NonFiniteGuard(args))
         self.prefix_ids = torch.tensor(
             [tokenizer(args.lm_prefix, add_special_tokens=False)["input_ids"]], dtype=torch.long

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import IO, Literal
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from lens_rl.config import ConfigError
@@ -90,8 +92,15 @@ class NonFiniteGuard(TrainerCallback):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
             return
-        norms = torch.stack(torch._foreach_norm([g.detach().float() for g in grads]))
-        if bool(torch.isfinite(norms).all()):
+        # FSDP2: each process checks its own shards, and all agree (the same decision everywhere)
+        sharded = any(isinstance(g, DTensor) for g in grads)
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        finite = torch.isfinite(torch.stack(torch._foreach_norm([g.detach().float() for g in local]))).all()
+        if sharded and dist.is_initialized():
+            flag = finite.float()
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.bool()
+        if bool(finite):
             return
         step = state.global_step + 1
         if self.policy == "skip" and self.skipped < self.max_skips:

@@ -231,30 +231,36 @@ def _env_true(name: str) -> bool:
 
 
 def refuse_sharded_parameters(cfg) -> None:
-    """Refuse FSDP, and what ZeRO-3 does not support yet, asked for in the config (``fsdp``,
-    ``deepspeed``) or by the launcher (``accelerate launch --use_fsdp`` / ``--use_deepspeed
+    """Refuse accelerate's FSDP, and what the sharded engines (DeepSpeed ZeRO-3, lens_rl's own
+    FSDP2: ``lens_fsdp2``) do not support yet, asked for in the config (``fsdp``, ``deepspeed``,
+    ``lens_fsdp2``) or by the launcher (``accelerate launch --use_fsdp`` / ``--use_deepspeed
     --zero_stage 3`` or a DeepSpeed config file; they reach the job as ``ACCELERATE_*``
     environment variables and would bypass a check on the config alone).
 
-    FSDP: the stages do not wire accelerate's FSDP plugin yet, and on a CPU-only machine
-    accelerate runs plain DDP instead (the lens modules themselves shard under FSDP2:
-    docs/sharding.md). ZeRO-3 runs (:mod:`lens_rl.training.zero3`) except where a computation
-    swaps weights in with ``torch.func.functional_call`` (partitioned weights cannot be swapped),
-    or keeps the frozen base
-    (LoRA): each is refused here, naming the field. A lens whose base is the original model's
-    (frozen, shared) is refused when the trainer starts (:func:`lens_rl.training.zero3.prepare_zero3`)."""
+    accelerate's FSDP plugin is not wired in, and on a CPU-only machine accelerate runs plain DDP
+    instead: ``lens_fsdp2`` shards with FSDP2 on any device. ZeRO-3 and FSDP2 run
+    (:mod:`lens_rl.training.sharded`) except where a computation swaps weights in with
+    ``torch.func.functional_call`` (sharded weights cannot be swapped) or keeps the frozen base
+    (LoRA), and (FSDP2) the vLLM weight sync: each is refused here, naming the field. A lens whose
+    base is the original model's (frozen, shared) is refused when the trainer starts
+    (:func:`lens_rl.training.sharded.prepare_sharding`)."""
     kind = type(cfg).__name__
     if cfg.fsdp or _env_true("ACCELERATE_USE_FSDP"):
         how = f"fsdp={cfg.fsdp!r}" if cfg.fsdp else "accelerate launch --use_fsdp (ACCELERATE_USE_FSDP)"
         raise ConfigError(
-            f"{kind}: FSDP ({how}) is not supported by the training stages yet: accelerate's FSDP "
-            "plugin is not wired in, and on a CPU-only machine accelerate would run plain DDP instead. "
-            "Use DeepSpeed ZeRO-3 to shard the bases, or DDP / ZeRO-1/2. The lens modules themselves "
-            "shard with FSDP2 (lens_rl.models.sharding.fully_shard_lens; docs/sharding.md)."
+            f"{kind}: accelerate's FSDP ({how}) is not supported by the training stages: its plugin is "
+            "not wired in, and on a CPU-only machine accelerate would run plain DDP instead. Set "
+            "lens_fsdp2: true (lens_rl shards the lens with FSDP2 itself, on CPU or GPU, launched as "
+            "plain multi-process: accelerate launch --multi_gpu), or use DeepSpeed ZeRO-3 "
+            "(docs/sharding.md)."
         )
     stage, how = sharding_stage(cfg)
-    if stage != 3:
+    fsdp2 = bool(getattr(cfg, "lens_fsdp2", False))
+    if fsdp2 and stage is not None:
+        raise ConfigError(f"{kind}.lens_fsdp2: FSDP2 and DeepSpeed ({how}) are two engines; choose one.")
+    if stage != 3 and not fsdp2:
         return
+    engine = f"DeepSpeed ZeRO-3 ({how})" if stage == 3 else "FSDP2 (lens_fsdp2)"
     unsupported = {
         "beta_reference": (
             getattr(cfg, "beta", 0.0) > 0 and getattr(cfg, "beta_reference", "base_lm") == "initial_policy",
@@ -270,10 +276,15 @@ def refuse_sharded_parameters(cfg) -> None:
             getattr(cfg, "peft_config", None) is not None,
             "peft_config (LoRA keeps the frozen base, which the lens shares with the original model)",
         ),
+        "rollout_backend": (
+            fsdp2 and getattr(cfg, "rollout_backend", "hf") == "vllm",
+            "rollout_backend='vllm' (the weight sync does not gather FSDP2's shards yet; ZeRO-3's does); "
+            "use 'hf'",
+        ),
     }
     for name, (refused, why) in unsupported.items():
         if refused:
-            raise ConfigError(f"{kind}.{name}: not supported under DeepSpeed ZeRO-3 ({how}): {why}.")
+            raise ConfigError(f"{kind}.{name}: not supported under {engine}: {why}.")
 
 
 def refuse_missing_deepspeed(cfg) -> None:

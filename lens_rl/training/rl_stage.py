@@ -16,9 +16,9 @@ from lens_rl.training.grpo_config import LensGRPOConfig
 from lens_rl.training.grpo_trainer import LensGRPOTrainer
 from lens_rl.training.guards import train_or_finish
 from lens_rl.training.reports import end_of_run_report
+from lens_rl.training.sharded import final_lens, save_lens
 from lens_rl.training.stage import checkpoint_step, claimed_stage, load_stage_inputs, stage_lens
 from lens_rl.training.trackers import log_lens_artifact
-from lens_rl.training.zero3 import final_lens, save_lens
 from lens_rl.utils.launch import check_world_size
 
 
@@ -56,6 +56,9 @@ def _run_claimed(
             )
         backend_name = "hf"
         state.print("rollouts: HF generator (multi-layer patching is not expressible as vLLM prompt_embeds)")
+    if backend_name == "auto" and cfg.lens_fsdp2:
+        backend_name = "hf"
+        state.print("rollouts: HF generator (the vLLM weight sync does not gather FSDP2's shards yet)")
     if backend_name == "auto" and not torch.cuda.is_available():
         backend_name = "hf"
         state.print(
@@ -128,11 +131,9 @@ def _run_claimed(
         if vllm is not None:
             vllm.close()
     out = Path(cfg.output_dir)
-    # saved before the final evaluation: a failing evaluation loses nothing (a collective under ZeRO-3)
-    save_lens(trainer.accelerator, lens, out / "lens")
-    trained = (
-        final_lens(trainer.accelerator, lens, out / "lens", orig, tok) if state.is_main_process else lens
-    )
+    # saved before the final evaluation: a failing evaluation loses nothing (a collective when sharded)
+    save_lens(trainer, out / "lens")
+    trained = final_lens(trainer, out / "lens", orig, tok) if state.is_main_process else lens
     after = evaluate(trained)
     if state.is_main_process:
         title = f"held-out explanations after {trainer.state.global_step} GRPO steps"

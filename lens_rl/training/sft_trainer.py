@@ -44,9 +44,9 @@ from lens_rl.training.plots import plot_curves
 from lens_rl.training.reports import end_of_run_report
 from lens_rl.training.sft_config import LensSFTConfig
 from lens_rl.training.sft_losses import StepWeights, sft_losses
+from lens_rl.training.sharded import ShardedCheckpointMixin, final_lens, prepare_sharding, save_lens
 from lens_rl.training.stage import checkpoint_step, claimed_stage, load_stage_inputs, stage_lens
 from lens_rl.training.trackers import log_lens_artifact
-from lens_rl.training.zero3 import Zero3SaveMixin, final_lens, prepare_zero3, save_lens
 from lens_rl.utils.files import iter_jsonl, write_jsonl
 from lens_rl.utils.launch import check_world_size
 
@@ -108,7 +108,7 @@ class _FinalEvaluationAfterSave(TrainerCallback):
         return control
 
 
-class LensSFTTrainer(Zero3SaveMixin, LensEvaluationMixin, Trainer):
+class LensSFTTrainer(ShardedCheckpointMixin, LensEvaluationMixin, Trainer):
     """``transformers.Trainer`` for a consistency lens (see the module docstring)."""
 
     explanations_file = EXPLANATIONS_FILE
@@ -150,7 +150,7 @@ class LensSFTTrainer(Zero3SaveMixin, LensEvaluationMixin, Trainer):
                 *(callbacks or []),
             ],
         )
-        prepare_zero3(self.accelerator, self.model, orig)  # nothing unless DeepSpeed ZeRO-3
+        prepare_sharding(self.accelerator, self.model, orig, fsdp2=args.lens_fsdp2)  # ZeRO-3, FSDP2
         device = self.args.device
         self.orig.to(device)
         self.feature_var = train_var.to(device)
@@ -322,7 +322,7 @@ def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbac
             acc.print(f"resuming from {resume} (step {step})")
     acc.wait_for_everyone()
     train_or_finish(trainer, resume, log=acc.print)
-    save_lens(acc, trainer.lens, out / "lens")  # a collective under ZeRO-3
+    save_lens(trainer, out / "lens")  # a collective under ZeRO-3 and FSDP2
     acc.wait_for_everyone()
     final: dict[str, float] = {}
     if trainer.eval_dataset is not None:
@@ -333,7 +333,7 @@ def _train_and_finish(cfg: LensSFTConfig, out: Path, resume: str | None, callbac
         title = f"held-out explanations after {trainer.state.global_step} supervised steps"
         end_of_run_report(
             cfg,
-            final_lens(acc, trainer.lens, out / "lens", trainer.orig, trainer.processing_class),
+            final_lens(trainer, out / "lens", trainer.orig, trainer.processing_class),
             trainer.orig,
             trainer.eval_dataset,
             trainer.processing_class,

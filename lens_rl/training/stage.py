@@ -30,8 +30,8 @@ from lens_rl.models.hooks import resolve_layer
 from lens_rl.models.lens import ConsistencyLens, base_record
 from lens_rl.models.orig import OrigWrapper
 from lens_rl.training.guards import claim_output_dir, main_then_all
+from lens_rl.training.sharded import whole_models
 from lens_rl.training.trackers import stage_run
-from lens_rl.training.zero3 import whole_models
 from lens_rl.utils.launch import resolve_resume
 
 

@@ -51,6 +51,16 @@ class LensStageArguments(ModelLoadingArguments, RunGuardArguments, ExplainArgume
     )
     peft_config: dict | str | None = field(default=None, metadata={"help": PEFT_CONFIG_HELP})
 
+    # --- sharding
+    lens_fsdp2: bool = field(
+        default=False,
+        metadata={
+            "help": "Shard the lens with torch's FSDP2 (fully_shard per transformer block, the lens as "
+            "root; lens_rl.models.sharding.fully_shard_lens) over all processes, CPU (gloo) or GPU: "
+            "needs trainable bases; the original model stays a replica. docs/sharding.md."
+        },
+    )
+
     # --- explanations
     t_text: int = field(default=8, metadata={"help": "Tokens per explanation (fixed length)."})
     lm_prefix: str = field(

@@ -517,14 +517,16 @@ class Decoder(nn.Module):
         return_hidden: bool = False,
         num_samples: int = 1,
     ) -> Generated:
-        """Rollout generator: KV-cached, in inference mode (no graph), same tokens as the others.
+        """Rollout generator: KV-cached, under ``no_grad`` (no graph), same tokens as the others.
 
         Samples from ``policy`` (temperature, top-k, top-p); ``logprobs`` are log q of the
         sampled tokens under that policy. With ``return_logits=False`` the returned
         ``raw_lm_logits`` is an empty ``(B, T, 0)`` tensor. The outputs are ordinary tensors
-        (cloned out of inference mode) so they can index into a later graph-carrying pass.
+        (copies) so they can index into a later graph-carrying pass. Not ``inference_mode``: under
+        FSDP2 the weights gathered inside it would become inference tensors, which the next
+        gathered pass outside it may not overwrite (measured: a RuntimeError in the GRPO scorer).
         """
-        with torch.inference_mode():
+        with torch.no_grad():
             out = self._generate(
                 activation,
                 max_length,

@@ -240,15 +240,14 @@ class LensGRPOTrainer(ShardedCheckpointMixin, LensEvaluationMixin, GRPOTrainer):
         def reconstruction(prompts, completions, completion_ids, index, **kwargs) -> list[float]:
             """The reconstruction reward (``reward_type``; default -||Â - A||^2 / (d * mean train
             variance): 0 is perfect, -1 is the mean predictor)."""
-            lens = trainer.lens
             device = trainer.accelerator.device
             idx = torch.tensor(index)
             a = trainer.store.A[idx].float().to(device)
             ids = torch.tensor(completion_ids, device=device)
             cur = trainer.store.input_ids[idx, trainer.store.token_pos[idx]].long().to(device)
-            with torch.no_grad():
-                reward, a_hat = reconstruction_reward(
-                    lens,
+            with torch.no_grad():  # through the module's forward, as every weight read (FSDP2)
+                reward, a_hat = trainer.model(
+                    reconstruction_reward,
                     a,
                     ids,
                     cur,

@@ -168,3 +168,20 @@ def grpo_parts(tiny_model_dir, tiny_dump):
         OrigWrapper.from_pretrained(tiny_model_dir),
         ActivationDataset(tiny_dump["train"]),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory, tokenizer):
+    """A tiny Gemma-3 with TIED embeddings and its tokenizer, and its dump: ``(folder, splits)``."""
+    path, model = _model_dir(tmp_path_factory, tokenizer, "gemma3_text", "tiny-gemma3-dir")
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    return path, _dump(path, tmp_path_factory, "tiny-gemma3-dump")
+
+
+@pytest.fixture(params=["llama-untied", "gemma3-tied"])
+def stage_base(request, tiny_model_dir, tiny_dump):
+    """``(model folder, dump splits)`` of an untied Llama and a tied Gemma-3 (the sharded-engine
+    stage tests run on both)."""
+    if request.param == "llama-untied":
+        return tiny_model_dir, tiny_dump
+    return request.getfixturevalue("tiny_gemma3_dir")

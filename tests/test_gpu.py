@@ -176,12 +176,13 @@ def test_fsdp2_lens_modules_on_cuda(case):
         assert r["grad_rel_err"] < 1e-6 and r["step_rel_err"] < 1e-6 and r["state_dict_equal"]
 
 
-def test_deepspeed_zero3_sft_and_grpo_steps(tiny_model_dir, tiny_dump, tmp_path):
-    """ZeRO-3 with bf16 under `accelerate launch` and the repository's ZeRO-3 config (one process
-    per GPU, up to 2), trainable bases: 2 supervised steps with a checkpoint at step 1 (its
-    gathered model.safetensors present and finite), then 1 GRPO step from the saved lens; both
-    lenses finite. The CPU tests (tests/test_zero3.py) check equality with DDP."""
-    pytest.importorskip("deepspeed")
+def _sharded_sft_and_grpo_steps(
+    model_dir, dump, tmp_path, launch_flags: list[str], extra: list[str], says: str
+):
+    """2 bf16 supervised steps with a checkpoint at step 1 (its gathered model.safetensors present
+    and finite), then 1 bf16 GRPO step from the saved lens, both under ``accelerate launch`` with
+    ``launch_flags`` (one process per GPU, up to 2) and trainable bases; both lenses finite, and
+    each run's output says ``says``."""
     import subprocess
     import sys
     from pathlib import Path
@@ -190,34 +191,28 @@ def test_deepspeed_zero3_sft_and_grpo_steps(tiny_model_dir, tiny_dump, tmp_path)
 
     root = Path(__file__).resolve().parents[1]
     nproc = str(min(2, torch.cuda.device_count()))
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(root / "configs" / "accelerate" / "deepspeed_zero3.yaml"),
-        "--num_processes",
-        nproc,
-    ]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags, "--num_processes", nproc]
     trainable = ["--decoder", '{"trainable_base": true}', "--encoder", '{"trainable_base": true}']
     sft, rl = tmp_path / "sft", tmp_path / "rl"
     runs = [
         (
             "sft_lens.py",
             [
-                *("--model_name_or_path", str(tiny_model_dir), "--train_data", str(tiny_dump["train"])),
+                *("--model_name_or_path", str(model_dir), "--train_data", str(dump["train"])),
                 *("--output_dir", str(sft), "--max_steps", "2", "--eval_strategy", "no"),
                 *("--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size", "8"),
                 *("--t_text", "4", "--plot", "false", "--bf16", "true", "--explain_texts", "0", *trainable),
+                *extra,
             ],
         ),
         (
             "rl_lens.py",
             [
-                *("--model_name_or_path", str(tiny_model_dir), "--sft_lens", str(sft / "lens")),
-                *("--train_data", str(tiny_dump["train"]), "--output_dir", str(rl), "--max_steps", "1"),
+                *("--model_name_or_path", str(model_dir), "--sft_lens", str(sft / "lens")),
+                *("--train_data", str(dump["train"]), "--output_dir", str(rl), "--max_steps", "1"),
                 *("--per_device_train_batch_size", "8", "--num_generations", "4", "--t_text", "4"),
                 *("--report_to", "none", "--save_strategy", "no", "--bf16", "true", "--explain_texts", "0"),
+                *extra,
             ],
         ),
     ]
@@ -230,9 +225,37 @@ def test_deepspeed_zero3_sft_and_grpo_steps(tiny_model_dir, tiny_dump, tmp_path)
             cwd=root,  # the accelerate config names its DeepSpeed JSON relative to the repository
         )
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-        assert "DistributedType.DEEPSPEED" in res.stdout
+        assert says in res.stdout
     ckpt = load_file(str(sft / "checkpoint-1" / "model.safetensors"))
     assert ckpt and all(torch.isfinite(t.float()).all() for t in ckpt.values())
     for out in (sft, rl):
         lens = load_file(str(out / "lens" / "lens.safetensors"))
         assert lens and all(torch.isfinite(t.float()).all() for t in lens.values())
+
+
+def test_deepspeed_zero3_sft_and_grpo_steps(tiny_model_dir, tiny_dump, tmp_path):
+    """ZeRO-3 with bf16 under the repository's ZeRO-3 accelerate config (see
+    :func:`_sharded_sft_and_grpo_steps`). The CPU tests (tests/test_zero3.py) check equality
+    with DDP."""
+    pytest.importorskip("deepspeed")
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "deepspeed_zero3.yaml"
+    _sharded_sft_and_grpo_steps(
+        tiny_model_dir, tiny_dump, tmp_path, ["--config_file", str(config)], [], "ZeRO-3: "
+    )
+
+
+def test_fsdp2_stage_sft_and_grpo_steps(tiny_model_dir, tiny_dump, tmp_path):
+    """lens_rl's FSDP2 (``lens_fsdp2``) on CUDA with bf16 autocast, NCCL (see
+    :func:`_sharded_sft_and_grpo_steps`). The CPU tests (tests/test_fsdp2_stages.py) check
+    equality with DDP."""
+    flags = ["--multi_gpu"] if torch.cuda.device_count() > 1 else []
+    _sharded_sft_and_grpo_steps(
+        tiny_model_dir,
+        tiny_dump,
+        tmp_path,
+        [*flags, "--mixed_precision", "bf16"],
+        ["--lens_fsdp2", "true"],
+        "FSDP2: ",
+    )

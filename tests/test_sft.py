@@ -526,6 +526,16 @@ LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
             r"peft_config: not supported under DeepSpeed ZeRO-3 \(accelerate launch --zero_stage",
         ),
         (
+            dict(lens_fsdp2=True, peft_config=LORA),
+            {},
+            r"LensSFTConfig.peft_config: not supported under FSDP2 \(lens_fsdp2\)",
+        ),
+        (
+            dict(lens_fsdp2=True, deepspeed=ZERO3),
+            {},
+            r"lens_fsdp2: FSDP2 and DeepSpeed \(deepspeed\) are two engines",
+        ),
+        (
             dict(peft_config=LORA),
             {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ZERO3"},
             "ZeRO-3 \\(the DeepSpeed config file",
@@ -535,18 +545,19 @@ LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 def test_sharded_parameters_are_refused_from_config_or_launcher(
     tiny_model_dir, tiny_dump, tmp_path, monkeypatch, kw, env, message
 ):
-    """FSDP (measured: FSDP's RAM-efficient loading leaves rank 1's frozen original model
-    unloaded, and on CPU accelerate runs DDP instead) and what ZeRO-3 cannot run (LoRA keeps the
-    frozen base the lens shares with the original model) are refused when parsed, whether the
-    config or `accelerate launch` (its ACCELERATE_* environment) asks for them; ZeRO-3 itself
-    parses (tests/test_zero3.py runs it)."""
+    """accelerate's FSDP (measured: FSDP's RAM-efficient loading leaves rank 1's frozen original
+    model unloaded, and on CPU accelerate runs DDP instead) and what ZeRO-3 and lens_rl's FSDP2
+    cannot run (LoRA keeps the frozen base the lens shares with the original model; both engines
+    at once) are refused when parsed, whether the config or `accelerate launch` (its
+    ACCELERATE_* environment) asks for them; ZeRO-3 itself parses (tests/test_zero3.py runs it,
+    tests/test_fsdp2_stages.py runs FSDP2)."""
     zero3 = tmp_path / "zero3.json"
     zero3.write_text(json.dumps(ZERO3))
     for k, v in env.items():
         monkeypatch.setenv(k, str(zero3) if v == "ZERO3" else v)
     with pytest.raises(ConfigError, match=message):
         tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "run", **kw)
-    if "deepspeed" in kw or env.get("ACCELERATE_USE_DEEPSPEED"):
+    if "peft_config" in kw and ("deepspeed" in kw or env.get("ACCELERATE_USE_DEEPSPEED")):
         kw.pop("peft_config")
         if importlib.util.find_spec("deepspeed") is not None:
             assert tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "run", **kw).output_dir
@@ -555,8 +566,8 @@ def test_sharded_parameters_are_refused_from_config_or_launcher(
                 tiny_sft_config(tiny_model_dir, tiny_dump, tmp_path / "run", **kw)
 
 
-def test_zero3_refuses_a_lens_sharing_the_original_models_weights(tiny_model_dir, tiny_dump, tmp_path):
-    """A frozen base is the original model's own tensors; ZeRO-3 would partition them, so the
+def test_sharding_refuses_a_lens_sharing_the_original_models_weights(tiny_model_dir, tiny_dump, tmp_path):
+    """A frozen base is the original model's own tensors; ZeRO-3 (or FSDP2) would shard them, so the
     trainer refuses at start (before any engine is built), naming a shared tensor. Checked here
     with an accelerator that reports ZeRO-3; the runs themselves are tests/test_zero3.py."""
     from types import SimpleNamespace
@@ -574,6 +585,8 @@ def test_zero3_refuses_a_lens_sharing_the_original_models_weights(tiny_model_dir
     ):
         prepare_sharding(zero3, LensModule(lens), inputs.orig)
     ddp = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))
+    with pytest.raises(ConfigError, match=r"FSDP2 needs lens bases of their own"):
+        prepare_sharding(ddp, LensModule(lens), inputs.orig, fsdp2=True)
     prepare_sharding(ddp, LensModule(lens), inputs.orig)  # nothing to do, nothing refused
 
 

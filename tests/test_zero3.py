@@ -19,13 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from script_runner import accelerate_launch
+from stage_runs import grpo_history, lens_weights, logged_losses, max_weight_diff, rl_args, sft_args
 
-from lens_rl.testing.tiny_models import build_tiny_model
 from lens_rl.utils.launch import resolve_resume
 
 pytestmark = pytest.mark.slow
 
-TRAINABLE = ["--decoder", '{"trainable_base": true}', "--encoder", '{"trainable_base": true}']
 ZERO3 = {
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     "gradient_clipping": 1.0,
@@ -39,29 +38,6 @@ ZERO3 = {
 def _needs_deepspeed():
     """Skip, saying why, without DeepSpeed (a fixture: the default run deselects these instead)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (EXTRAS=deepspeed make setup)")
-
-
-@pytest.fixture(scope="module")
-def gemma3_dir(tmp_path_factory, tokenizer):
-    """A tiny Gemma-3 with tied embeddings and its tokenizer, and its dump."""
-    from lens_rl.data.dump import run_dump
-    from lens_rl.testing.configs import tiny_dump_config
-
-    path = tmp_path_factory.mktemp("tiny-gemma3-dir")
-    model = build_tiny_model(
-        "gemma3_text", path, len(tokenizer), seed=0, n_layers=2, eos_token_id=tokenizer.eos_token_id
-    )
-    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    tokenizer.save_pretrained(path)
-    return path, run_dump(tiny_dump_config(path, tmp_path_factory.mktemp("tiny-gemma3-dump")))
-
-
-@pytest.fixture(params=["llama-untied", "gemma3-tied"])
-def base(request, tiny_model_dir, tiny_dump):
-    """(model folder, dump splits) of each family."""
-    if request.param == "llama-untied":
-        return tiny_model_dir, tiny_dump
-    return request.getfixturevalue("gemma3_dir")
 
 
 def _ds_file(tmp_path, offload: bool = False) -> str:
@@ -78,41 +54,7 @@ def _ds_file(tmp_path, offload: bool = False) -> str:
     return json.dumps(cfg)
 
 
-def _sft_args(model_dir, splits, out, **kw) -> list[str]:
-    args = {
-        "model_name_or_path": model_dir,
-        "train_data": splits["train"],
-        "val_data": splits["val"],
-        "output_dir": out,
-        "max_steps": 4,
-        "eval_strategy": "no",
-        "save_strategy": "steps",
-        "save_steps": 2,
-        "per_device_train_batch_size": 8,
-        "t_text": 4,
-        "plot": "false",
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "explain_texts": 0,
-    } | kw
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))] + TRAINABLE
-
-
-def _weights(out) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "lens" / "lens.safetensors"))
-
-
-def _max_diff(a_dir, b_dir) -> float:
-    a, b = _weights(a_dir), _weights(b_dir)
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def _losses(out) -> list[float]:
-    return [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
-
-
-def test_sft_zero3_matches_ddp_and_resumes_exactly(base, tmp_path):
+def test_sft_zero3_matches_ddp_and_resumes_exactly(stage_base, tmp_path):
     """SFT, 4 steps at lr 1e-2, 2 processes.
 
     - ZeRO-3 == DDP with SGD, with and without parameter and optimizer offload to the CPU (and
@@ -125,7 +67,7 @@ def test_sft_zero3_matches_ddp_and_resumes_exactly(base, tmp_path):
     - The saved lens is gathered whole from the partitions, and equals the checkpoint's
       ``model.safetensors`` (written by the trainer under ZeRO-3).
     - Adam, 2 steps + resume + 2 steps == 4 straight, bit for bit (engine state restored)."""
-    model_dir, splits = base
+    model_dir, splits = stage_base
     zero3 = _ds_file(tmp_path)
     runs = {}
     for name, port, kw in (
@@ -149,20 +91,20 @@ def test_sft_zero3_matches_ddp_and_resumes_exactly(base, tmp_path):
     ):
         runs[name] = tmp_path / name
         res = accelerate_launch(
-            "sft_lens.py", _sft_args(model_dir, splits, runs[name], **kw), num_processes=2, port=port
+            "sft_lens.py", sft_args(model_dir, splits, runs[name], **kw), num_processes=2, port=port
         )
         assert (
             ("DistributedType.DEEPSPEED" in res.stdout) == ("deepspeed" in kw) == ("ZeRO-3: " in res.stdout)
         )
-    diff = _max_diff(runs["ds_sgd"], runs["ddp_sgd"])
-    offload = _max_diff(runs["ds_sgd_offload"], runs["ddp_sgd"])
+    diff = max_weight_diff(runs["ds_sgd"], runs["ddp_sgd"])
+    offload = max_weight_diff(runs["ds_sgd_offload"], runs["ddp_sgd"])
     print(f"ZeRO-3 vs DDP, SFT with SGD, 4 steps: max |dw| = {diff:.2e} ({offload:.2e} with CPU offload)")
     assert diff < 5e-8 and offload < 5e-8
-    assert _losses(runs["ds_sgd"]) == pytest.approx(_losses(runs["ddp_sgd"]), rel=1e-6)
+    assert logged_losses(runs["ds_sgd"]) == pytest.approx(logged_losses(runs["ddp_sgd"]), rel=1e-6)
 
     ds = runs["ds_adam"]
     ckpt = load_file(str(ds / "checkpoint-4" / "model.safetensors"))
-    final = _weights(ds)
+    final = lens_weights(ds)
     assert {k.removeprefix("lens.") for k in ckpt} == set(final)
     assert all(torch.equal(ckpt[k], final[k.removeprefix("lens.")]) for k in ckpt)
     assert resolve_resume("true", ds) == str(ds / "checkpoint-4")
@@ -173,69 +115,49 @@ def test_sft_zero3_matches_ddp_and_resumes_exactly(base, tmp_path):
     shutil.copy(ds / "metrics.jsonl", resumed / "metrics.jsonl")
     res = accelerate_launch(
         "sft_lens.py",
-        _sft_args(model_dir, splits, resumed, deepspeed=zero3, resume_from_checkpoint="true"),
+        sft_args(model_dir, splits, resumed, deepspeed=zero3, resume_from_checkpoint="true"),
         num_processes=2,
         port=29664,
     )
     assert "resuming from" in res.stdout
-    assert _max_diff(ds, resumed) == 0.0
-    assert _losses(resumed) == _losses(ds)
+    assert max_weight_diff(ds, resumed) == 0.0
+    assert logged_losses(resumed) == logged_losses(ds)
 
 
-def test_grpo_zero3_matches_ddp(base, tmp_path):
+def test_grpo_zero3_matches_ddp(stage_base, tmp_path):
     """GRPO under ZeRO-3 (2 processes, accumulation 2, encoder co-trained, trainable bases, from a
     saved lens, HF rollouts through the partitioned decoder) takes the same steps as under DDP:
     rewards, losses and encoder MSE within 1e-5 relative (1e-6 measured on the Llama), weights
     within 5e-4 after 3 Adam steps at lr 1e-2 (2.1e-4 on the Llama, 4.5e-5 on the Gemma-3 measured; the weights move by ~2e-2;
     ZeRO-2's bound is 2e-4 at 4.3e-5 measured). The end-of-run evaluation reads the saved lens
     back: the held-out FVE after training equals DDP's to 1e-4."""
-    model_dir, splits = base
+    model_dir, splits = stage_base
     start = tmp_path / "sft"
     accelerate_launch(
-        "sft_lens.py", _sft_args(model_dir, splits, start, max_steps=1, save_strategy="no"), port=29665
+        "sft_lens.py", sft_args(model_dir, splits, start, max_steps=1, save_strategy="no"), port=29665
     )
-
-    def rl_args(out, **kw) -> list[str]:
-        args = {
-            "model_name_or_path": model_dir,
-            "sft_lens": start / "lens",
-            "train_data": splits["train"],
-            "val_data": splits["val"],
-            "output_dir": out,
-            "max_steps": 3,
-            "per_device_train_batch_size": 8,
-            "num_generations": 4,
-            "t_text": 4,
-            "rollout_backend": "hf",
-            "logging_steps": 1,
-            "report_to": "none",
-            "save_strategy": "no",
-            "seed": 0,
-            "learning_rate": 1e-2,
-            "encoder_mse_weight": 1.0,
-            "gradient_accumulation_steps": 2,
-            "explain_texts": 0,
-            "disable_tqdm": "true",
-        } | kw
-        return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
     ds, ddp = tmp_path / "rl_ds", tmp_path / "rl_ddp"
+    lens0 = start / "lens"
     res = accelerate_launch(
-        "rl_lens.py", rl_args(ds, deepspeed=_ds_file(tmp_path)), num_processes=2, port=29666
+        "rl_lens.py",
+        rl_args(model_dir, splits, lens0, ds, deepspeed=_ds_file(tmp_path)),
+        num_processes=2,
+        port=29666,
     )
     assert "DistributedType.DEEPSPEED" in res.stdout and "ZeRO-3: " in res.stdout
-    accelerate_launch("rl_lens.py", rl_args(ddp), num_processes=2, port=29667)
+    accelerate_launch("rl_lens.py", rl_args(model_dir, splits, lens0, ddp), num_processes=2, port=29667)
     result = {
         name: json.loads((out / "final_metrics.json").read_text()) for name, out in (("ds", ds), ("ddp", ddp))
     }
-    hist = {name: [h for h in r["log_history"] if "loss" in h] for name, r in result.items()}
+    hist = {name: grpo_history(out) for name, out in (("ds", ds), ("ddp", ddp))}
     assert len(hist["ds"]) == len(hist["ddp"]) == 3
     for key in ("reward", "loss", "lens/encoder_mse"):
         assert [h[key] for h in hist["ds"]] == pytest.approx([h[key] for h in hist["ddp"]], rel=1e-5)
-    diff = _max_diff(ds, ddp)
+    diff = max_weight_diff(ds, ddp)
     print(f"ZeRO-3 vs DDP, GRPO 3 steps: max |dw| = {diff:.2e}")
     assert diff < 5e-4
-    moved = _weights(ddp)
+    moved = lens_weights(ddp)
     before = load_file(str(start / "lens" / "lens.safetensors"))
     assert max((moved[k] - before[k]).abs().max().item() for k in moved) > 1e-3
     assert result["ds"]["before"]["fve"] == result["ddp"]["before"]["fve"]
@@ -251,13 +173,13 @@ def test_repository_zero3_config_launches(tiny_model_dir, tiny_dump, tmp_path):
     out = tmp_path / "yaml"
     res = accelerate_launch(
         "sft_lens.py",
-        _sft_args(tiny_model_dir, tiny_dump, out, max_steps=2, save_strategy="no"),
+        sft_args(tiny_model_dir, tiny_dump, out, max_steps=2, save_strategy="no"),
         num_processes=2,
         port=29668,
         config_file=ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml",
     )
     assert "DistributedType.DEEPSPEED" in res.stdout and "ZeRO-3: " in res.stdout
-    lens = _weights(out)
+    lens = lens_weights(out)
     assert lens and all(torch.isfinite(t).all() for t in lens.values())
 
 
@@ -274,32 +196,22 @@ def test_grpo_zero3_vllm_rollouts_sync_the_gathered_base(tiny_model_dir, tiny_du
     start = tmp_path / "sft"
     accelerate_launch(
         "sft_lens.py",
-        _sft_args(tiny_model_dir, tiny_dump, start, max_steps=1, save_strategy="no"),
+        sft_args(tiny_model_dir, tiny_dump, start, max_steps=1, save_strategy="no"),
         port=29669,
     )
     out = tmp_path / "rl"
-    args = {
-        "model_name_or_path": tiny_model_dir,
-        "sft_lens": start / "lens",
-        "train_data": tiny_dump["train"],
-        "output_dir": out,
-        "max_steps": 3,
-        "per_device_train_batch_size": 8,
-        "num_generations": 4,
-        "t_text": 4,
-        "rollout_backend": "vllm",
-        "top_p": 0.8,
-        "logging_steps": 1,
-        "report_to": "none",
-        "save_strategy": "no",
-        "learning_rate": 1e-2,
-        "explain_texts": 0,
-        "disable_tqdm": "true",
-        "deepspeed": _ds_file(tmp_path),
-    }
-    res = accelerate_launch(
-        "rl_lens.py", [x for k, v in args.items() for x in (f"--{k}", str(v))], num_processes=2, port=29670
+    args = rl_args(
+        tiny_model_dir,
+        tiny_dump,
+        start / "lens",
+        out,
+        rollout_backend="vllm",
+        top_p=0.8,
+        encoder_mse_weight=0.0,
+        gradient_accumulation_steps=1,
+        deepspeed=_ds_file(tmp_path),
     )
+    res = accelerate_launch("rl_lens.py", args, num_processes=2, port=29670)
     assert "ZeRO-3: " in res.stdout
     result = json.loads((out / "final_metrics.json").read_text())
     assert result["backend"] == "vllm" and result["num_processes"] == 2

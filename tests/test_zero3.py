@@ -19,7 +19,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from script_runner import accelerate_launch
-from stage_runs import grpo_history, lens_weights, logged_losses, max_weight_diff, rl_args, sft_args
+from stage_runs import (
+    grpo_history,
+    lens_weights,
+    logged_losses,
+    max_weight_diff,
+    rl_args,
+    sft_args,
+    vllm_rollouts_track_the_trainer,
+)
 
 from lens_rl.utils.launch import resolve_resume
 
@@ -193,31 +201,7 @@ def test_grpo_zero3_vllm_rollouts_sync_the_gathered_base(tiny_model_dir, tiny_du
     tensors (measured: an AssertionError in vLLM); without the sync, test_rl.py's single-process
     test measured 0.47 at step 2. Bound: 1e-5, as that test's."""
     pytest.importorskip("vllm")
-    start = tmp_path / "sft"
-    accelerate_launch(
-        "sft_lens.py",
-        sft_args(tiny_model_dir, tiny_dump, start, max_steps=1, save_strategy="no"),
-        port=29669,
+    ratios = vllm_rollouts_track_the_trainer(
+        tiny_model_dir, tiny_dump, tmp_path, (29669, 29670), "ZeRO-3: ", deepspeed=_ds_file(tmp_path)
     )
-    out = tmp_path / "rl"
-    args = rl_args(
-        tiny_model_dir,
-        tiny_dump,
-        start / "lens",
-        out,
-        rollout_backend="vllm",
-        top_p=0.8,
-        encoder_mse_weight=0.0,
-        gradient_accumulation_steps=1,
-        deepspeed=_ds_file(tmp_path),
-    )
-    res = accelerate_launch("rl_lens.py", args, num_processes=2, port=29670)
-    assert "ZeRO-3: " in res.stdout
-    result = json.loads((out / "final_metrics.json").read_text())
-    assert result["backend"] == "vllm" and result["num_processes"] == 2
-    logs = [h for h in result["log_history"] if "sampling/lens_is/log_ratio_abs_max" in h]
-    assert len(logs) == 3
-    print("ZeRO-3 + vLLM, max |log ratio| per step:", [h["sampling/lens_is/log_ratio_abs_max"] for h in logs])
-    assert all(h["sampling/lens_is/log_ratio_abs_max"] <= 1e-5 for h in logs)
-    assert all(h["sampling/lens_is/outside_support"] == 0 for h in logs)
-    assert all(h["sampling/vllm_sync_seconds"] > 0 for h in logs)
+    print("ZeRO-3 + vLLM, max |log ratio| per step:", ratios)

@@ -62,7 +62,7 @@ from lens_rl.training.rewards import (
     reconstruction_reward,
     zero_std_groups,
 )
-from lens_rl.training.sharded import ShardedCheckpointMixin, prepare_sharding, whole_weights
+from lens_rl.training.sharded import ShardedCheckpointMixin, full_tensors, prepare_sharding, whole_weights
 from lens_rl.training.trackers import log_completions_text
 
 LOGQ_FLOOR = -1e4  # stands for log q = -inf (a token outside the policy's truncated support)
@@ -306,7 +306,8 @@ class LensGRPOTrainer(ShardedCheckpointMixin, LensEvaluationMixin, GRPOTrainer):
             return
 
         with whole_weights(self.accelerator, base, everywhere=True):  # ZeRO-3: gathered first
-            seconds = self.vllm_backend.sync_weights(merged_state_dict(base).items())
+            state = full_tensors(merged_state_dict(base))  # FSDP2: the shards gathered, every process
+            seconds = self.vllm_backend.sync_weights(state.items())
         self._vllm_synced_step = step
         self._vllm_sync_seconds = seconds
 

@@ -241,7 +241,7 @@ def refuse_sharded_parameters(cfg) -> None:
     instead: ``lens_fsdp2`` shards with FSDP2 on any device. ZeRO-3 and FSDP2 run
     (:mod:`lens_rl.training.sharded`) except where a computation swaps weights in with
     ``torch.func.functional_call`` (sharded weights cannot be swapped) or keeps the frozen base
-    (LoRA), and (FSDP2) the vLLM weight sync: each is refused here, naming the field. A lens whose
+    (LoRA): each is refused here, naming the field. A lens whose
     base is the original model's (frozen, shared) is refused when the trainer starts
     (:func:`lens_rl.training.sharded.prepare_sharding`)."""
     kind = type(cfg).__name__
@@ -275,11 +275,6 @@ def refuse_sharded_parameters(cfg) -> None:
         "peft_config": (
             getattr(cfg, "peft_config", None) is not None,
             "peft_config (LoRA keeps the frozen base, which the lens shares with the original model)",
-        ),
-        "rollout_backend": (
-            fsdp2 and getattr(cfg, "rollout_backend", "hf") == "vllm",
-            "rollout_backend='vllm' (the weight sync does not gather FSDP2's shards yet; ZeRO-3's does); "
-            "use 'hf'",
         ),
     }
     for name, (refused, why) in unsupported.items():

@@ -56,9 +56,6 @@ def _run_claimed(
             )
         backend_name = "hf"
         state.print("rollouts: HF generator (multi-layer patching is not expressible as vLLM prompt_embeds)")
-    if backend_name == "auto" and cfg.lens_fsdp2:
-        backend_name = "hf"
-        state.print("rollouts: HF generator (the vLLM weight sync does not gather FSDP2's shards yet)")
     if backend_name == "auto" and not torch.cuda.is_available():
         backend_name = "hf"
         state.print(

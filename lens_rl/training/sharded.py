@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from lens_rl.config import ConfigError
@@ -165,6 +166,13 @@ def whole_weights(accelerator, lens: nn.Module, everywhere: bool = False) -> Ite
     finally:
         for k, t in placeholders.items():
             params[k].data = t
+
+
+def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every FSDP2 shard (a ``DTensor``) gathered into its whole tensor, on every
+    process (a collective, one tensor at a time in the dict's order, which is the same on every
+    process for a module's state dict); other tensors as they are."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
 
 
 class ShardedCheckpointMixin:

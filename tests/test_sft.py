@@ -536,6 +536,16 @@ LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
             r"lens_fsdp2: FSDP2 and DeepSpeed \(deepspeed\) are two engines",
         ),
         (
+            dict(
+                lens_fsdp2=True,
+                load_best_model_at_end=True,
+                metric_for_best_model="fve",
+                eval_strategy="steps",
+            ),
+            {},
+            r"load_best_model_at_end: not supported under FSDP2",
+        ),
+        (
             dict(peft_config=LORA),
             {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ZERO3"},
             "ZeRO-3 \\(the DeepSpeed config file",

@@ -272,6 +272,11 @@ def refuse_sharded_parameters(cfg) -> None:
             "encoder in with functional_call; set eval_strategy='no' (the stage still evaluates the "
             "saved lens before and after) or encoder_mse_weight=0",
         ),
+        "load_best_model_at_end": (
+            fsdp2 and bool(getattr(cfg, "load_best_model_at_end", False)),
+            "reloading the best checkpoint into FSDP2's shards is not wired (resuming is); the best "
+            "checkpoint stays in its folder",
+        ),
         "peft_config": (
             getattr(cfg, "peft_config", None) is not None,
             "peft_config (LoRA keeps the frozen base, which the lens shares with the original model)",

@@ -4,6 +4,7 @@ the tiny runs' command-line flags and the comparisons of their saved lenses."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -123,3 +124,34 @@ def vllm_rollouts_track_the_trainer(
     assert all(h["sampling/lens_is/outside_support"] == 0 for h in logs)
     assert all(h["sampling/vllm_sync_seconds"] > 0 for h in logs)
     return [h["sampling/lens_is/log_ratio_abs_max"] for h in logs]
+
+
+def resumed_from_step_2(
+    model_dir, splits, done: Path, tmp_path: Path, port: int, launch: dict | None = None, **kw
+) -> Path:
+    """A fresh output folder holding only ``done``'s checkpoint-2 and its metrics log, resumed
+    (``resume_from_checkpoint: true``, 2 processes, ``kw`` the engine's run arguments, ``launch``
+    extra :func:`accelerate_launch` arguments) to the end of :func:`sft_args`'s 4 steps; asserts
+    the run said it resumed. Returns the folder."""
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(done / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(done / "metrics.jsonl", resumed / "metrics.jsonl")
+    res = accelerate_launch(
+        "sft_lens.py",
+        sft_args(model_dir, splits, resumed, resume_from_checkpoint="true", **kw),
+        num_processes=2,
+        port=port,
+        **(launch or {}),
+    )
+    assert "resuming from" in res.stdout
+    return resumed
+
+
+def checkpoint_holds_the_lens(run: Path, step: int = 4) -> None:
+    """The run's last checkpoint's ``model.safetensors`` (keys ``lens.<name>``) equals its saved
+    lens, tensor for tensor (a sharded engine gathers both)."""
+    ckpt = load_file(str(run / f"checkpoint-{step}" / "model.safetensors"))
+    final = lens_weights(run)
+    assert {k.removeprefix("lens.") for k in ckpt} == set(final)
+    assert all(torch.equal(ckpt[k], final[k.removeprefix("lens.")]) for k in ckpt)

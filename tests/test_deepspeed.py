@@ -12,13 +12,13 @@ that); resume is bit-exact.
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from script_runner import accelerate_launch
+from stage_runs import grpo_history, logged_losses, max_weight_diff, resumed_from_step_2, rl_args, sft_args
 
 from lens_rl.utils.launch import resolve_resume
 
@@ -32,52 +32,18 @@ def _needs_deepspeed():
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (EXTRAS=deepspeed make setup)")
 
 
-TRAINABLE = ["--decoder", '{"trainable_base": true}', "--encoder", '{"trainable_base": true}']
-
-
-def _sft_args(model_dir, splits, out, **kw) -> list[str]:
-    base = {
-        "model_name_or_path": model_dir,
-        "train_data": splits["train"],
-        "val_data": splits["val"],
-        "output_dir": out,
-        "max_steps": 4,
-        "eval_strategy": "no",
-        "save_strategy": "steps",
-        "save_steps": 2,
-        "per_device_train_batch_size": 8,
-        "t_text": 4,
-        "plot": "false",
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "explain_texts": 0,
-    } | kw
-    return [x for k, v in base.items() for x in (f"--{k}", str(v))] + TRAINABLE
-
-
-def _max_diff(a_dir, b_dir) -> float:
-    a = load_file(str(a_dir / "lens" / "lens.safetensors"))
-    b = load_file(str(b_dir / "lens" / "lens.safetensors"))
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def _losses(out) -> list[float]:
-    return [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
-
-
 def test_sft_zero2_matches_ddp_and_resumes_exactly(tiny_model_dir, tiny_dump, tmp_path):
     """ZeRO-2 on 2 processes == DDP on 2 processes (2.8e-7 measured; bound 5e-6); its
     checkpoints (engine state in global_stepN/, no optimizer.pt) are recognised as complete, a
     truncated one is skipped, and 2 steps + resume + 2 steps == 4 straight, bit for bit."""
     ds, ddp = tmp_path / "ds", tmp_path / "ddp"
     res = accelerate_launch(
-        "sft_lens.py", _sft_args(tiny_model_dir, tiny_dump, ds), num_processes=2, port=29621, deepspeed_zero=2
+        "sft_lens.py", sft_args(tiny_model_dir, tiny_dump, ds), num_processes=2, port=29621, deepspeed_zero=2
     )
     assert "DistributedType.DEEPSPEED" in res.stdout
-    accelerate_launch("sft_lens.py", _sft_args(tiny_model_dir, tiny_dump, ddp), num_processes=2, port=29622)
-    assert _max_diff(ds, ddp) < 5e-6
-    assert _losses(ds) == pytest.approx(_losses(ddp), rel=1e-6)
+    accelerate_launch("sft_lens.py", sft_args(tiny_model_dir, tiny_dump, ddp), num_processes=2, port=29622)
+    assert max_weight_diff(ds, ddp) < 5e-6
+    assert logged_losses(ds) == pytest.approx(logged_losses(ddp), rel=1e-6)
 
     assert resolve_resume("true", ds) == str(ds / "checkpoint-4")
     cut = tmp_path / "cut"
@@ -86,20 +52,9 @@ def test_sft_zero2_matches_ddp_and_resumes_exactly(tiny_model_dir, tiny_dump, tm
     optim.write_bytes(b"")  # as a kill mid-save leaves it
     assert resolve_resume("true", cut) == str(cut / "checkpoint-2")
 
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(ds / "checkpoint-2", resumed / "checkpoint-2")
-    shutil.copy(ds / "metrics.jsonl", resumed / "metrics.jsonl")
-    res = accelerate_launch(
-        "sft_lens.py",
-        _sft_args(tiny_model_dir, tiny_dump, resumed, resume_from_checkpoint="true"),
-        num_processes=2,
-        port=29623,
-        deepspeed_zero=2,
-    )
-    assert "resuming from" in res.stdout
-    assert _max_diff(ds, resumed) == 0.0
-    assert _losses(resumed) == _losses(ds)
+    resumed = resumed_from_step_2(tiny_model_dir, tiny_dump, ds, tmp_path, 29623, {"deepspeed_zero": 2})
+    assert max_weight_diff(ds, resumed) == 0.0
+    assert logged_losses(resumed) == logged_losses(ds)
 
 
 def test_grpo_zero2_matches_ddp(tiny_model_dir, tiny_dump, tmp_path):
@@ -112,54 +67,30 @@ def test_grpo_zero2_matches_ddp(tiny_model_dir, tiny_dump, tmp_path):
     start = tmp_path / "sft"
     accelerate_launch(
         "sft_lens.py",
-        _sft_args(tiny_model_dir, tiny_dump, start, max_steps=1, save_strategy="no"),
+        sft_args(tiny_model_dir, tiny_dump, start, max_steps=1, save_strategy="no"),
         port=29624,
     )
     shutil.copytree(start / "lens", lens0)
     assert ConsistencyLens.from_pretrained(lens0).decoder is not None
 
-    def rl_args(out) -> list[str]:
-        args = {
-            "model_name_or_path": tiny_model_dir,
-            "sft_lens": lens0,
-            "train_data": tiny_dump["train"],
-            "output_dir": out,
-            "max_steps": 3,
-            "per_device_train_batch_size": 8,
-            "num_generations": 4,
-            "t_text": 4,
-            "rollout_backend": "hf",
-            "logging_steps": 1,
-            "report_to": "none",
-            "save_strategy": "no",
-            "seed": 0,
-            "learning_rate": 1e-2,
-            "encoder_mse_weight": 1.0,
-            "gradient_accumulation_steps": 2,
-            "explain_texts": 0,
-            "disable_tqdm": "true",
-        }
-        return [x for k, v in args.items() for x in (f"--{k}", str(v))]
-
     ds, ddp = tmp_path / "rl_ds", tmp_path / "rl_ddp"
     res = accelerate_launch(
         "rl_lens.py",
-        rl_args(ds),
+        rl_args(tiny_model_dir, tiny_dump, lens0, ds),
         num_processes=2,
         port=29625,
         deepspeed_zero=2,
         gradient_accumulation_steps=2,
     )
     assert "DistributedType.DEEPSPEED" in res.stdout
-    accelerate_launch("rl_lens.py", rl_args(ddp), num_processes=2, port=29626)
-    hist = {
-        name: [h for h in json.loads((out / "final_metrics.json").read_text())["log_history"] if "loss" in h]
-        for name, out in (("ds", ds), ("ddp", ddp))
-    }
+    accelerate_launch(
+        "rl_lens.py", rl_args(tiny_model_dir, tiny_dump, lens0, ddp), num_processes=2, port=29626
+    )
+    hist = {name: grpo_history(out) for name, out in (("ds", ds), ("ddp", ddp))}
     assert len(hist["ds"]) == len(hist["ddp"]) == 3
     for key in ("reward", "loss", "lens/encoder_mse"):
         assert [h[key] for h in hist["ds"]] == pytest.approx([h[key] for h in hist["ddp"]], rel=1e-5)
-    assert _max_diff(ds, ddp) < 2e-4
+    assert max_weight_diff(ds, ddp) < 2e-4
     moved = load_file(str(ddp / "lens" / "lens.safetensors"))
     before = load_file(str(lens0 / "lens.safetensors"))
     assert max((moved[k] - before[k]).abs().max().item() for k in moved) > 1e-3

@@ -11,17 +11,17 @@ tests/test_fsdp2.py.)
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file
 from script_runner import accelerate_launch
 from stage_runs import (
+    checkpoint_holds_the_lens,
     grpo_history,
     lens_weights,
     logged_losses,
     max_weight_diff,
+    resumed_from_step_2,
     rl_args,
     sft_args,
     vllm_rollouts_track_the_trainer,
@@ -57,23 +57,10 @@ def test_sft_fsdp2_matches_ddp_and_resumes_exactly(stage_base, tmp_path):
     assert diff < 1e-6
     assert logged_losses(fsdp2) == pytest.approx(logged_losses(ddp), rel=1e-6)
 
-    ckpt = load_file(str(fsdp2 / "checkpoint-4" / "model.safetensors"))
-    final = lens_weights(fsdp2)
-    assert {k.removeprefix("lens.") for k in ckpt} == set(final)
-    assert all(torch.equal(ckpt[k], final[k.removeprefix("lens.")]) for k in ckpt)
+    checkpoint_holds_the_lens(fsdp2)
     assert resolve_resume("true", fsdp2) == str(fsdp2 / "checkpoint-4")
 
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(fsdp2 / "checkpoint-2", resumed / "checkpoint-2")
-    shutil.copy(fsdp2 / "metrics.jsonl", resumed / "metrics.jsonl")
-    res = accelerate_launch(
-        "sft_lens.py",
-        sft_args(model_dir, splits, resumed, lens_fsdp2="true", resume_from_checkpoint="true"),
-        num_processes=2,
-        port=29683,
-    )
-    assert "resuming from" in res.stdout
+    resumed = resumed_from_step_2(model_dir, splits, fsdp2, tmp_path, 29683, lens_fsdp2="true")
     assert max_weight_diff(fsdp2, resumed) == 0.0
     assert logged_losses(resumed) == logged_losses(fsdp2)
 

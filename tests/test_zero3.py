@@ -13,17 +13,18 @@ Tolerances are measured here and stated at each assertion.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from script_runner import accelerate_launch
 from stage_runs import (
+    checkpoint_holds_the_lens,
     grpo_history,
     lens_weights,
     logged_losses,
     max_weight_diff,
+    resumed_from_step_2,
     rl_args,
     sft_args,
     vllm_rollouts_track_the_trainer,
@@ -111,23 +112,10 @@ def test_sft_zero3_matches_ddp_and_resumes_exactly(stage_base, tmp_path):
     assert logged_losses(runs["ds_sgd"]) == pytest.approx(logged_losses(runs["ddp_sgd"]), rel=1e-6)
 
     ds = runs["ds_adam"]
-    ckpt = load_file(str(ds / "checkpoint-4" / "model.safetensors"))
-    final = lens_weights(ds)
-    assert {k.removeprefix("lens.") for k in ckpt} == set(final)
-    assert all(torch.equal(ckpt[k], final[k.removeprefix("lens.")]) for k in ckpt)
+    checkpoint_holds_the_lens(ds)
     assert resolve_resume("true", ds) == str(ds / "checkpoint-4")
 
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(ds / "checkpoint-2", resumed / "checkpoint-2")
-    shutil.copy(ds / "metrics.jsonl", resumed / "metrics.jsonl")
-    res = accelerate_launch(
-        "sft_lens.py",
-        sft_args(model_dir, splits, resumed, deepspeed=zero3, resume_from_checkpoint="true"),
-        num_processes=2,
-        port=29664,
-    )
-    assert "resuming from" in res.stdout
+    resumed = resumed_from_step_2(model_dir, splits, ds, tmp_path, 29664, deepspeed=zero3)
     assert max_weight_diff(ds, resumed) == 0.0
     assert logged_losses(resumed) == logged_losses(ds)
 

@@ -57,6 +57,7 @@ from lens_rl.models.sharding import (
     fully_shard_lens,
     register_zero3_root_parameters,
 )
+from lens_rl.utils.files import replace_on_success
 
 OPTIMIZER_NAME, SCHEDULER_NAME = "optimizer.pt", "scheduler.pt"  # the Trainer's file names
 
@@ -207,9 +208,11 @@ class ShardedCheckpointMixin:
             return super()._save_optimizer_and_scheduler(output_dir)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_optimizer_state_dict(self.model, self.optimizer, options=options)  # a collective
-        if self.args.should_save:
-            torch.save(state, Path(output_dir) / OPTIMIZER_NAME)
-            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+        if self.args.should_save:  # renamed into place only once both are written
+            folder = Path(output_dir)
+            with replace_on_success(folder / OPTIMIZER_NAME, folder / SCHEDULER_NAME) as (opt, sched):
+                torch.save(state, opt)
+                torch.save(self.lr_scheduler.state_dict(), sched)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not fsdp2_enabled(self.model):

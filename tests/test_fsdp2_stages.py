@@ -18,13 +18,14 @@ from script_runner import accelerate_launch
 from stage_runs import (
     checkpoint_holds_the_lens,
     grpo_history,
+    grpo_vllm_run,
     lens_weights,
     logged_losses,
     max_weight_diff,
     resumed_from_step_2,
     rl_args,
     sft_args,
-    vllm_rollouts_track_the_trainer,
+    vllm_mismatch,
 )
 
 from lens_rl.utils.launch import resolve_resume
@@ -107,7 +108,10 @@ def test_grpo_fsdp2_vllm_rollouts_sync_the_gathered_base(tiny_model_dir, tiny_du
     them into its engine, so vLLM samples from the policy the trainer scores: max |log q_trainer -
     log q_vLLM| within 1e-5 per step (as test_rl.py's single-process sync test; measured below)."""
     pytest.importorskip("vllm")
-    ratios = vllm_rollouts_track_the_trainer(
-        tiny_model_dir, tiny_dump, tmp_path, (29687, 29688), "FSDP2: ", lens_fsdp2="true"
-    )
-    print("FSDP2 + vLLM, max |log ratio| per step:", ratios)
+    stdout, result = grpo_vllm_run(tiny_model_dir, tiny_dump, tmp_path, (29687, 29688), lens_fsdp2="true")
+    m = vllm_mismatch(result)
+    print("FSDP2 + vLLM:", m)
+    assert "FSDP2: " in stdout
+    assert result["backend"] == "vllm" and result["num_processes"] == 2
+    assert m["steps"] == 3 and m["max_log_ratio"] <= 1e-5 and m["outside_support"] == 0
+    assert m["min_sync_seconds"] > 0  # a sync at every step

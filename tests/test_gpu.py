@@ -177,12 +177,12 @@ def test_fsdp2_lens_modules_on_cuda(case):
 
 
 def _sharded_sft_and_grpo_steps(
-    model_dir, dump, tmp_path, launch_flags: list[str], extra: list[str], says: str
+    model_dir, dump, tmp_path, launch_flags: list[str], extra: list[str], nproc: int
 ):
-    """2 bf16 supervised steps with a checkpoint at step 1 (its gathered model.safetensors present
-    and finite), then 1 bf16 GRPO step from the saved lens, both under ``accelerate launch`` with
-    ``launch_flags`` (one process per GPU, up to 2) and trainable bases; both lenses finite, and
-    each run's output says ``says``."""
+    """2 bf16 supervised steps with a checkpoint at step 1, then 1 bf16 GRPO step from the saved
+    lens, both under ``accelerate launch`` with ``launch_flags`` (``nproc`` processes, one per GPU)
+    and trainable bases (each launch must exit 0). Returns the two runs' stdout and the tensors
+    of the checkpoint's model.safetensors and of both saved lenses."""
     import subprocess
     import sys
     from pathlib import Path
@@ -190,8 +190,14 @@ def _sharded_sft_and_grpo_steps(
     from safetensors.torch import load_file
 
     root = Path(__file__).resolve().parents[1]
-    nproc = str(min(2, torch.cuda.device_count()))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags, "--num_processes", nproc]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launch_flags,
+        "--num_processes",
+        str(nproc),
+    ]
     trainable = ["--decoder", '{"trainable_base": true}', "--encoder", '{"trainable_base": true}']
     sft, rl = tmp_path / "sft", tmp_path / "rl"
     runs = [
@@ -216,6 +222,7 @@ def _sharded_sft_and_grpo_steps(
             ],
         ),
     ]
+    stdouts = []
     for script, args in runs:
         res = subprocess.run(
             [*launch, str(root / "scripts" / script), *args],
@@ -225,37 +232,54 @@ def _sharded_sft_and_grpo_steps(
             cwd=root,  # the accelerate config names its DeepSpeed JSON relative to the repository
         )
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-        assert says in res.stdout
-    ckpt = load_file(str(sft / "checkpoint-1" / "model.safetensors"))
-    assert ckpt and all(torch.isfinite(t.float()).all() for t in ckpt.values())
-    for out in (sft, rl):
-        lens = load_file(str(out / "lens" / "lens.safetensors"))
-        assert lens and all(torch.isfinite(t.float()).all() for t in lens.values())
+        stdouts.append(res.stdout)
+    saved = {
+        "checkpoint-1": load_file(str(sft / "checkpoint-1" / "model.safetensors")),
+        "sft lens": load_file(str(sft / "lens" / "lens.safetensors")),
+        "rl lens": load_file(str(rl / "lens" / "lens.safetensors")),
+    }
+    return stdouts, saved
+
+
+def _nonfinite(saved: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """``file/tensor`` names holding NaN/inf, and ``file`` names holding no tensor."""
+    bad = [f for f, tensors in saved.items() if not tensors]
+    return bad + [
+        f"{f}/{k}" for f, ts in saved.items() for k, t in ts.items() if not torch.isfinite(t.float()).all()
+    ]
 
 
 def test_deepspeed_zero3_sft_and_grpo_steps(tiny_model_dir, tiny_dump, tmp_path):
-    """ZeRO-3 with bf16 under the repository's ZeRO-3 accelerate config (see
-    :func:`_sharded_sft_and_grpo_steps`). The CPU tests (tests/test_zero3.py) check equality
-    with DDP."""
+    """ZeRO-3 with bf16 under the repository's ZeRO-3 accelerate config, one process per GPU (up to
+    2; see :func:`_sharded_sft_and_grpo_steps`): both runs say they run ZeRO-3, and every saved
+    tensor (the checkpoint's gathered model.safetensors, both lenses) is finite. The CPU tests
+    (tests/test_zero3.py) check equality with DDP."""
     pytest.importorskip("deepspeed")
     from pathlib import Path
 
     config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "deepspeed_zero3.yaml"
-    _sharded_sft_and_grpo_steps(
-        tiny_model_dir, tiny_dump, tmp_path, ["--config_file", str(config)], [], "ZeRO-3: "
+    nproc = min(2, torch.cuda.device_count())
+    stdouts, saved = _sharded_sft_and_grpo_steps(
+        tiny_model_dir, tiny_dump, tmp_path, ["--config_file", str(config)], [], nproc
     )
+    assert all("ZeRO-3: " in out and "DistributedType.DEEPSPEED" in out for out in stdouts)
+    assert _nonfinite(saved) == []
 
 
 def test_fsdp2_stage_sft_and_grpo_steps(tiny_model_dir, tiny_dump, tmp_path):
-    """lens_rl's FSDP2 (``lens_fsdp2``) on CUDA with bf16 autocast, NCCL (see
-    :func:`_sharded_sft_and_grpo_steps`). The CPU tests (tests/test_fsdp2_stages.py) check
-    equality with DDP."""
-    flags = ["--multi_gpu"] if torch.cuda.device_count() > 1 else []
-    _sharded_sft_and_grpo_steps(
+    """lens_rl's FSDP2 (``lens_fsdp2``) on 2 GPUs over NCCL with bf16 autocast (see
+    :func:`_sharded_sft_and_grpo_steps`): both runs say they sharded, and every saved tensor is
+    finite. ``lens_fsdp2`` refuses a single process, so this needs 2 GPUs. The CPU tests
+    (tests/test_fsdp2_stages.py) check equality with DDP."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"lens_fsdp2 needs 2 processes, one per GPU; {torch.cuda.device_count()} GPU here")
+    stdouts, saved = _sharded_sft_and_grpo_steps(
         tiny_model_dir,
         tiny_dump,
         tmp_path,
-        [*flags, "--mixed_precision", "bf16"],
+        ["--multi_gpu", "--mixed_precision", "bf16"],
         ["--lens_fsdp2", "true"],
-        "FSDP2: ",
+        2,
     )
+    assert all("FSDP2: the lens is sharded over 2 processes" in out for out in stdouts)
+    assert _nonfinite(saved) == []

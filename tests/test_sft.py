@@ -578,7 +578,8 @@ def test_sharded_parameters_are_refused_from_config_or_launcher(
 
 def test_sharding_refuses_a_lens_sharing_the_original_models_weights(tiny_model_dir, tiny_dump, tmp_path):
     """A frozen base is the original model's own tensors; ZeRO-3 (or FSDP2) would shard them, so the
-    trainer refuses at start (before any engine is built), naming a shared tensor. Checked here
+    trainer refuses at start (before any engine is built), naming a shared tensor; FSDP2 with one
+    process (nothing to shard over) is refused too. Checked here
     with an accelerator that reports ZeRO-3; the runs themselves are tests/test_zero3.py."""
     from types import SimpleNamespace
 
@@ -594,9 +595,14 @@ def test_sharding_refuses_a_lens_sharing_the_original_models_weights(tiny_model_
         ConfigError, match=r"ZeRO-3 needs lens bases of their own: \d+ lens tensors \(e.g. lens\."
     ):
         prepare_sharding(zero3, LensModule(lens), inputs.orig)
-    ddp = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))
+    ddp = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None), num_processes=2)
     with pytest.raises(ConfigError, match=r"FSDP2 needs lens bases of their own"):
         prepare_sharding(ddp, LensModule(lens), inputs.orig, fsdp2=True)
+    alone = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None), num_processes=1)
+    with pytest.raises(
+        ConfigError, match=r"lens_fsdp2 shards the lens over the run's processes, and this run has one"
+    ):
+        prepare_sharding(alone, LensModule(lens), inputs.orig, fsdp2=True)
     prepare_sharding(ddp, LensModule(lens), inputs.orig)  # nothing to do, nothing refused
 
 

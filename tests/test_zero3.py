@@ -21,13 +21,14 @@ from script_runner import accelerate_launch
 from stage_runs import (
     checkpoint_holds_the_lens,
     grpo_history,
+    grpo_vllm_run,
     lens_weights,
     logged_losses,
     max_weight_diff,
     resumed_from_step_2,
     rl_args,
     sft_args,
-    vllm_rollouts_track_the_trainer,
+    vllm_mismatch,
 )
 
 from lens_rl.utils.launch import resolve_resume
@@ -189,7 +190,12 @@ def test_grpo_zero3_vllm_rollouts_sync_the_gathered_base(tiny_model_dir, tiny_du
     tensors (measured: an AssertionError in vLLM); without the sync, test_rl.py's single-process
     test measured 0.47 at step 2. Bound: 1e-5, as that test's."""
     pytest.importorskip("vllm")
-    ratios = vllm_rollouts_track_the_trainer(
-        tiny_model_dir, tiny_dump, tmp_path, (29669, 29670), "ZeRO-3: ", deepspeed=_ds_file(tmp_path)
+    stdout, result = grpo_vllm_run(
+        tiny_model_dir, tiny_dump, tmp_path, (29669, 29670), deepspeed=_ds_file(tmp_path)
     )
-    print("ZeRO-3 + vLLM, max |log ratio| per step:", ratios)
+    m = vllm_mismatch(result)
+    print("ZeRO-3 + vLLM:", m)
+    assert "ZeRO-3: " in stdout
+    assert result["backend"] == "vllm" and result["num_processes"] == 2
+    assert m["steps"] == 3 and m["max_log_ratio"] <= 1e-5 and m["outside_support"] == 0
+    assert m["min_sync_seconds"] > 0  # a sync at every step

@@ -521,8 +521,9 @@ class Decoder(nn.Module):
 
         Samples from ``policy`` (temperature, top-k, top-p); ``logprobs`` are log q of the
         sampled tokens under that policy. With ``return_logits=False`` the returned
-        ``raw_lm_logits`` is an empty ``(B, T, 0)`` tensor. The outputs are ordinary tensors
-        (copies) so they can index into a later graph-carrying pass. Not ``inference_mode``: under
+        ``raw_lm_logits`` is an empty ``(B, T, 0)`` tensor. The outputs are ordinary tensors (no
+        copy needed, as there was out of ``inference_mode``), so they can index into a later
+        graph-carrying pass. Not ``inference_mode``: under
         FSDP2 the weights gathered inside it would become inference tensors, which the next
         gathered pass outside it may not overwrite (measured: a RuntimeError in the GRPO scorer).
         """
@@ -538,11 +539,9 @@ class Decoder(nn.Module):
                 return_hidden=return_hidden,
                 num_samples=num_samples,
             )
-        if not return_logits:
-            out.raw_lm_logits = out.raw_lm_logits[..., :0]
-        return Generated(
-            **{f.name: (v.clone() if (v := getattr(out, f.name)) is not None else None) for f in fields(out)}
-        )
+        if not return_logits:  # a fresh empty tensor: a view would keep the whole logits alive
+            out.raw_lm_logits = out.raw_lm_logits.new_empty((*out.raw_lm_logits.shape[:-1], 0))
+        return out
 
     def forward(self, activation: torch.Tensor, tokens: torch.Tensor, **kwargs) -> FwdTokensOutput:
         """Alias of :meth:`fwd_tokens`, so ``torch.func.functional_call`` can override parameters."""

@@ -40,6 +40,14 @@ def transformer_blocks(base: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def lens_blocks(module: LensModule) -> list[nn.Module]:
+    """The transformer blocks of the lens's decoder and encoder bases (a base shared by both,
+    once): FSDP2's per-block units; everything else is the root."""
+    lens = module.lens
+    bases = {id(b): b for b in (lens.decoder.base, lens.encoder.base)}
+    return [block for base in bases.values() for block in transformer_blocks(base)]
+
+
 def fully_shard_lens(module: LensModule, mesh: DeviceMesh, reshard_after_forward: bool = True) -> LensModule:
     """Apply FSDP2 to a lens in place and return it: ``fully_shard`` on every transformer block of
     the decoder and encoder bases (a base shared by both, once), then on ``module`` as the root.
@@ -49,11 +57,8 @@ def fully_shard_lens(module: LensModule, mesh: DeviceMesh, reshard_after_forward
     the sharding (``ignored_params``): FSDP2 cannot reduce-scatter them."""
     if not isinstance(module, LensModule):
         raise TypeError(f"fully_shard_lens takes a LensModule, not {type(module).__name__}.")
-    lens = module.lens
-    bases = {id(b): b for b in (lens.decoder.base, lens.encoder.base)}
-    for base in bases.values():
-        for block in transformer_blocks(base):
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for block in lens_blocks(module):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     empty = {p for p in module.parameters() if p.numel() == 0}
     fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=empty or None)
     return module
@@ -63,9 +68,7 @@ def root_parameters(module: LensModule) -> list[nn.Parameter]:
     """The lens's parameters outside every transformer block (embeddings, LM head, final norm,
     projections, prompts), each once: FSDP2's root unit, and what ZeRO-3 must hold gathered for a
     whole ``module(fn, ...)`` call (:func:`register_zero3_root_parameters`)."""
-    lens = module.lens
-    bases = {id(b): b for b in (lens.decoder.base, lens.encoder.base)}
-    in_blocks = {id(p) for b in bases.values() for blk in transformer_blocks(b) for p in blk.parameters()}
+    in_blocks = {id(p) for block in lens_blocks(module) for p in block.parameters()}
     return [p for p in module.parameters() if id(p) not in in_blocks]
 
 

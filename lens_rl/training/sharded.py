@@ -125,6 +125,12 @@ def prepare_sharding(accelerator, module: LensModule, orig: OrigWrapper, fsdp2: 
             "gathered for each model(fn, ...) call; the original model is a replica on every process"
         )
     elif fsdp2:
+        if accelerator.num_processes < 2:
+            raise ConfigError(
+                "lens_fsdp2 shards the lens over the run's processes, and this run has one (nothing to "
+                "shard, and no process group to shard over): launch 2 or more (accelerate launch "
+                "--multi_gpu --num_processes N), or drop lens_fsdp2."
+            )
         _refuse_shared_with_orig(module, orig, "FSDP2")
         detach_empty_parameters(module)  # every trainable tensor a DTensor (clipping, the guard)
         device = accelerator.device

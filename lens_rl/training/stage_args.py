@@ -57,7 +57,7 @@ class LensStageArguments(ModelLoadingArguments, RunGuardArguments, ExplainArgume
         metadata={
             "help": "Shard the lens with torch's FSDP2 (fully_shard per transformer block, the lens as "
             "root; lens_rl.models.sharding.fully_shard_lens) over all processes, CPU (gloo) or GPU: "
-            "needs trainable bases; the original model stays a replica. docs/sharding.md."
+            "needs 2+ processes and trainable bases; the original model stays a replica. docs/sharding.md."
         },
     )
 
